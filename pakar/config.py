@@ -1,0 +1,100 @@
+"""Model configuration: one typed dataclass and the named presets.
+
+Field names are Hugging Face Qwen3-MoE's (`hidden_size`, `num_experts`, `moe_intermediate_size`, ...)
+so that export writes them to `config.json` unchanged. Only the last three fields are pakar's own
+(training-time load balancing; they do not change the architecture).
+
+Presets (the vocabulary comes from the tokenizer at train time; 8192 is the default):
+  tiny     trains in seconds on a 2-core CPU; tests and the embedded demo
+  small    minutes on a CPU; meaningful on a few MB of text
+  default  the seed's: 22 layers, 16 heads, d_model 1024, 16 experts, top-1;
+           moe_intermediate_size 1408 puts active parameters at ~167M (the seed's "~150-200M")
+  3b       the seed's "larger model: 3B config": ~2.9B total, ~0.4B active
+Run `pakar info --config NAME` for the computed parameter, FLOP and memory figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pakar import PakarError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    hidden_size: int = 1024
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4  # grouped-query attention: heads share K/V in groups
+    head_dim: int = 64
+    num_experts: int = 16
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int = 1408
+    # With top-1, renormalising the chosen probability would make it always 1.0 and cut the router
+    # off from the language-model gradient (Switch Transformer gating), so the default is False.
+    norm_topk_prob: bool = False
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # load balancing (training only)
+    router_aux_loss_coef: float = 0.01  # Switch auxiliary loss; 1.0 x coef under uniform routing
+    router_z_loss_coef: float = 0.001  # ST-MoE router z-loss: keeps router logits small
+    expert_bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free balancing; 0 = off (e.g. 0.001)
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise PakarError(f"invalid model config: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
+                     "moe_intermediate_size", "max_position_embeddings"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        need(self.num_attention_heads % self.num_key_value_heads == 0,
+             f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+             f"num_key_value_heads ({self.num_key_value_heads})")
+        need(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        need(self.num_experts_per_tok <= self.num_experts,
+             f"num_experts_per_tok (top-k = {self.num_experts_per_tok}) must be <= num_experts ({self.num_experts})")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "expert_bias_update_rate"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def replace(self, **changes) -> "ModelConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise PakarError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                        max_position_embeddings=512),
+    "small": ModelConfig(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=384,
+                         max_position_embeddings=1024),
+    "default": ModelConfig(),
+    "3b": ModelConfig(hidden_size=1536, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
+                      head_dim=128, num_experts=32, num_experts_per_tok=2, moe_intermediate_size=768,
+                      max_position_embeddings=4096),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A copy of preset `name` with `overrides` applied (e.g. vocab_size from the tokenizer)."""
+    if name not in PRESETS:
+        raise PakarError(f"unknown --config {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,223 @@
+"""The decoder-only MoE transformer, architecturally identical to Hugging Face's Qwen3-MoE.
+
+embed_tokens -> num_hidden_layers x [x + attn(RMSNorm(x)); x + moe(RMSNorm(x))] -> norm -> lm_head
+
+- Attention: grouped-query attention with Qwen3's per-head RMSNorm on queries and keys (before the
+  rotary embedding), rotary embeddings in the rotate-half layout, causal scaled-dot-product attention.
+- The feed-forward is the sparse MoE block in pakar/moe.py.
+- Parameter names are Qwen3-MoE's minus the leading "model." (pakar/hf.py adds it), so export is a rename.
+- Single-device code: no torch.distributed, no tokenizer. Parallelism wraps this module from outside.
+- Generation-ready: forward() takes an optional KVCache, per-row position ids and a key-padding mask
+  (left-padded batches), and can compute logits for the last position only.
+
+Shape legend: B batch, T new tokens, S cached+new tokens, D hidden, H query heads, G key/value heads,
+K head_dim, V vocabulary, L layers, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from pakar.config import ModelConfig
+from pakar.moe import MoE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 like the reference, then scale in the input dtype
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x_BHTK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x_BHTK * cos.to(x_BHTK.dtype) + rotate_half(x_BHTK) * sin.to(x_BHTK.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for all layers; `pos` tokens are filled (the same for every row:
+    batches of different prompt lengths are left-padded and masked)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor):
+        end = self.pos + k_BGTK.shape[2]
+        self.k[layer, :, :, self.pos:end] = k_BGTK
+        self.v[layer, :, :, self.pos:end] = v_BGTK
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        D, HK, GK = config.hidden_size, self.n_head * self.head_dim, self.n_kv * self.head_dim
+        self.q_proj = nn.Linear(D, HK, bias=False)
+        self.k_proj = nn.Linear(D, GK, bias=False)
+        self.v_proj = nn.Linear(D, GK, bias=False)
+        self.o_proj = nn.Linear(HK, D, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x_BTD, cos, sin, kv_cache: KVCache | None, mask, is_causal: bool):
+        B, T, _ = x_BTD.shape
+        q = self.q_norm(self.q_proj(x_BTD).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, K), (B, G, T, K)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config)
+
+    def forward(self, x_BTD, cos, sin, kv_cache=None, mask=None, is_causal=True):
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, kv_cache, mask, is_causal)
+        h_BTD, balance_loss, z_loss = self.mlp(self.post_attention_layernorm(x_BTD))
+        return x_BTD + h_BTD, balance_loss, z_loss
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only
+    loss: torch.Tensor | None  # cross-entropy over targets != -100 ("mean" or "sum" per loss_reduction)
+    aux_loss: torch.Tensor  # coefficient-weighted load-balancing + z-loss, averaged over layers: add it to loss
+    balance_loss: torch.Tensor  # unweighted Switch loss, mean over layers (1.0 = perfectly uniform)
+    z_loss: torch.Tensor  # unweighted router z-loss, mean over layers
+    expert_counts: torch.Tensor  # (L, E) tokens routed to each expert in this call (detached)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.activation_checkpointing = False  # recompute each block in backward to save memory
+        cos, sin = self._rope_tables(config.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def _rope_tables(self, n: int):
+        K = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, K, 2, dtype=torch.int64).float() / K))
+        freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: (n, K)
+        return emb.cos(), emb.sin()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """The whole initialisation scheme, in one place:
+        - embeddings, attention projections, router and expert input projections (gate/up):
+          normal(0, initializer_range)
+        - residual-branch outputs (attention o_proj, expert down_proj): normal(0, initializer_range /
+          sqrt(2 * num_hidden_layers)), GPT-2 style, so the residual stream's variance does not grow
+          with depth
+        - lm_head (when untied): normal(0, initializer_range)
+        - every RMSNorm weight: 1; expert selection biases: 0
+        """
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj")):
+                p.normal_(0.0, out_std, generator=generator)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for layer in self.layers:
+            layer.mlp.gate.expert_bias.zero_()
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.layers]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T) int64
+        targets: torch.Tensor | None = None,  # (B, T) int64, -100 = ignore
+        *,
+        kv_cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,  # (B, T); default: continue from kv_cache.pos
+        attention_mask: torch.Tensor | None = None,  # (B, S) bool, False = padding key
+        last_only: bool = False,  # logits for the last position only (generation)
+        loss_reduction: str = "mean",  # "mean" or "sum" over the counted targets
+    ) -> ModelOutput:
+        B, T = input_ids.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        S = start + T
+        if S > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {S} tokens exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        if position_ids is None:
+            cos, sin = self.rope_cos[start:S][None, None], self.rope_sin[start:S][None, None]
+        else:
+            cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
+
+        # The fast causal kernel covers plain training and the first prefill; otherwise an explicit
+        # (B|1, 1, T, S) mask: query i sits at absolute position start+i. Every query may always see
+        # itself, so a padding row never becomes all -inf (which would put NaNs into the values).
+        mask, is_causal = None, T > 1 and start == 0 and attention_mask is None
+        if attention_mask is not None or (start > 0 and T > 1):
+            q_pos = torch.arange(start, S, device=input_ids.device)[:, None]
+            k_pos = torch.arange(S, device=input_ids.device)[None, :]
+            mask = (k_pos <= q_pos)[None, None]
+            if attention_mask is not None:
+                mask = (mask & attention_mask[:, None, None, :].bool()) | (k_pos == q_pos)
+
+        x = self.embed_tokens(input_ids)
+        balance, zl = [], []
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, b, z = checkpoint(layer, x, cos, sin, kv_cache, mask, is_causal, use_reentrant=False)
+            else:
+                x, b, z = layer(x, cos, sin, kv_cache, mask, is_causal)
+            balance.append(b)
+            zl.append(z)
+        if kv_cache is not None:
+            kv_cache.pos = S
+        x = self.norm(x[:, -1:] if last_only else x)
+        logits = self.lm_head(x)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100, reduction=loss_reduction)
+        balance_loss, z_loss = torch.stack(balance).mean(), torch.stack(zl).mean()
+        aux_loss = self.config.router_aux_loss_coef * balance_loss + self.config.router_z_loss_coef * z_loss
+        counts = torch.stack([layer.mlp.last_counts for layer in self.layers])
+        return ModelOutput(logits, loss, aux_loss, balance_loss, z_loss, counts)
