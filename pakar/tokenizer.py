@@ -1,0 +1,342 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) and the ChatML chat template.
+
+API:
+    train_tokenizer(documents, vocab_size) -> Tokenizer        BPE from an iterable of strings
+    train_on_corpus(specs, vocab_size, log) -> (Tokenizer, CorpusStats, heldout: list[str])
+    Tokenizer: encode, encode_batch, decode, vocab_size, eot_id, im_start_id, im_end_id,
+               to_json/from_json, save/load (tokenizer.json), token_byte_lengths(), sha256()
+    CHAT_TEMPLATE (Jinja), render_chat(messages, add_generation_prompt), encode_chat(tok, messages)
+
+Design choices:
+
+- Qwen2's recipe: NFC normalisation, the GPT-4-style split regex with single digits (numbers are
+  split digit by digit, as in Qwen2), then byte-level BPE over the 256 byte symbols, so every string
+  is encodable and nothing is ever unknown. The vocabulary counts the 256 bytes, the learned merges
+  and 3 special tokens; a small corpus may stop short of the requested size (reported).
+- Special tokens sit at ids 0, 1, 2: <|endoftext|> (document separator in the shards), <|im_start|>,
+  <|im_end|> (ChatML). Plain text never produces them: `tokenizers` matches added tokens inside
+  input text even with add_special_tokens=False, so the wrapper sets `encode_special_tokens = True`,
+  which encodes a literal "<|im_end|>" in a document as ordinary byte-level tokens. Special ids
+  appear only where code puts them (the shard writer, encode_chat).
+- Training streams documents in batches through `train_from_iterator`. A corpus bigger than
+  TRAIN_MAX_BYTES (256 MB of text) is sampled uniformly by document hash: BPE merges settle long
+  before that, and training memory and time stay bounded. Held-out documents (the validation split of
+  pakar.corpus.is_val) are never trained on, so the compression report is honest.
+- token_byte_lengths: a byte-level token's string has one character per byte, so its UTF-8 length
+  is its string length (0 for specials). Summed over token ids it gives the bytes of the NFC text,
+  the denominator of bits per byte.
+- sha256 is over canonical JSON (sorted keys), so it identifies the tokenizer, not its formatting.
+- Chat (ChatML, Qwen2's template without tools and without a default system prompt): each message is
+  "<|im_start|>{role}\\n{content}<|im_end|>\\n", plus "<|im_start|>assistant\\n" for a generation
+  prompt. encode_chat inserts the markers as special ids and encodes roles and contents as plain
+  text, each piece separately; that is exactly what a model sees when it answers after
+  "<|im_start|>assistant\\n". The loss mask covers each assistant content and its <|im_end|>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import tokenizers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+
+from pakar import PakarError
+from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_path, is_val,
+                          iter_documents, resolve_sources)
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+DEFAULT_VOCAB = 8192
+# Qwen2's pre-tokenizer split: contractions, letter runs with one leading non-letter, single digits,
+# punctuation runs, newlines, other whitespace
+SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+TRAIN_MAX_BYTES = 256_000_000
+TRAIN_BATCH_DOCS = 256
+HELDOUT_MAX_BYTES = 4_000_000  # held-out text kept for the compression report
+SEED_WORD_VOCAB = 4754  # the seed's word-level vocabulary, for comparison
+
+
+class Tokenizer:
+    """A trained byte-level BPE tokenizer. Wraps a `tokenizers.Tokenizer` (`.hf`)."""
+
+    def __init__(self, hf: tokenizers.Tokenizer):
+        found = tuple(hf.id_to_token(i) for i in range(len(SPECIAL_TOKENS)))
+        if found != SPECIAL_TOKENS:
+            raise PakarError(f"tokenizer: expected special tokens {SPECIAL_TOKENS} at ids 0-2, found {found}")
+        hf.encode_special_tokens = True  # literal "<|im_end|>" in text -> ordinary tokens (not serialised)
+        self.hf = hf
+        self.eot_id, self.im_start_id, self.im_end_id = 0, 1, 2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encodes in parallel on all cores (Rust threads, the GIL released); skips offset tracking."""
+        return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def to_json(self) -> str:
+        return self.hf.to_str()
+
+    @classmethod
+    def from_json(cls, s: str) -> Tokenizer:
+        return cls(tokenizers.Tokenizer.from_str(s))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes tokenizer.json atomically (shard caches key on it, a torn file must not exist)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PakarError(f"{path}: no such tokenizer file") from None
+        except Exception as e:  # `tokenizers` raises a bare Exception on malformed JSON
+            if isinstance(e, PakarError):
+                raise PakarError(f"{path}: {e}") from None
+            raise PakarError(f"{path}: not a tokenizer.json ({e})") from None
+
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each token id stands for (0 for special tokens)."""
+        lengths = [0] * self.vocab_size
+        for token, i in self.hf.get_vocab(with_added_tokens=True).items():
+            lengths[i] = 0 if i < len(SPECIAL_TOKENS) else len(token)
+        return lengths
+
+    def sha256(self) -> str:
+        canonical = json.dumps(json.loads(self.to_json()), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _empty_bpe() -> tokenizers.Tokenizer:
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -> Tokenizer:
+    """Byte-level BPE with `vocab_size` tokens (bytes, merges and the 3 specials) from a stream of text."""
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
+        raise PakarError(f"--vocab-size {vocab_size}: must be at least {MIN_VOCAB} "
+                         f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    n_docs = 0
+
+    def batches() -> Iterator[list[str]]:
+        nonlocal n_docs
+        batch = []
+        for doc in documents:
+            batch.append(doc)
+            if len(batch) == TRAIN_BATCH_DOCS:
+                n_docs += len(batch)
+                yield batch
+                batch = []
+        n_docs += len(batch)
+        if batch:
+            yield batch
+
+    hf = _empty_bpe()
+    hf.train_from_iterator(batches(), trainer)
+    if not n_docs:
+        raise PakarError("no documents to train the tokenizer on")
+    return Tokenizer(hf)
+
+
+def train_on_corpus(specs, vocab_size: int = DEFAULT_VOCAB, log=print,
+                    stats: CorpusStats | None = None) -> tuple[Tokenizer, CorpusStats, list[str]]:
+    """Trains on a corpus's training documents (sampled above TRAIN_MAX_BYTES); returns the tokenizer,
+    the corpus stats and up to HELDOUT_MAX_BYTES of held-out documents (never trained on)."""
+    stats = CorpusStats() if stats is None else stats
+    sources = resolve_sources(specs)
+    # estimate the text size from the files (gzip text shrinks ~4x) to set a uniform sampling rate
+    estimate = sum(p.stat().st_size * (4 if p.suffix.lower() == ".gz" else 1) for p in sources)
+    keep_ppm = round(min(1.0, TRAIN_MAX_BYTES / max(estimate, 1)) * 1_000_000)
+    heldout: list[str] = []
+    heldout_bytes = trained_bytes = 0
+
+    def training_docs() -> Iterator[str]:
+        nonlocal heldout_bytes, trained_bytes
+        for doc in iter_documents(sources, stats):
+            h = doc_hash(doc)
+            if is_val(h, VAL_FRACTION):
+                if heldout_bytes < HELDOUT_MAX_BYTES:
+                    heldout.append(doc)
+                    heldout_bytes += len(doc)
+            elif (h >> 32) % 1_000_000 < keep_ppm and trained_bytes < TRAIN_MAX_BYTES:  # independent bits
+                trained_bytes += len(doc)
+                yield doc
+
+    t0 = time.time()
+    tokenizer = train_tokenizer(training_docs(), vocab_size)
+    sampled = f", a {keep_ppm / 1e4:.1f}% sample" if keep_ppm < 1_000_000 else ""
+    log(f"tokenizer: {tokenizer.vocab_size:,} tokens trained on {trained_bytes / 1e6:,.1f} MB{sampled} of "
+        f"{stats.summary()} in {time.time() - t0:.1f} s")
+    if tokenizer.vocab_size < vocab_size:
+        log(f"note: the corpus supports only {tokenizer.vocab_size:,} of the {vocab_size:,} tokens asked for")
+    return tokenizer, stats, heldout
+
+
+# --- chat -------------------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+ROLES = ("system", "user", "assistant")
+
+
+def validate_messages(messages) -> None:
+    """PakarError naming the first problem: not a non-empty list, a bad role, or empty content."""
+    if not isinstance(messages, list) or not messages:
+        raise PakarError("chat record: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise PakarError(f"chat message {i}: expected an object with 'role' and 'content'")
+        if m.get("role") not in ROLES:
+            raise PakarError(f"chat message {i}: role {m.get('role')!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise PakarError(f"chat message {i} ({m['role']}): 'content' must be a non-empty string")
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The ChatML text of a conversation; identical to rendering CHAT_TEMPLATE."""
+    validate_messages(messages)
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict],
+                add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids of render_chat(messages) and a loss mask, True exactly on each assistant message's
+    content tokens and its <|im_end|>. Content is plain text: a literal "<|im_end|>" in it stays text."""
+    validate_messages(messages)
+    newline = tokenizer.encode("\n")
+    ids: list[int] = []
+    mask: list[bool] = []
+    for m in messages:
+        header = [tokenizer.im_start_id, *tokenizer.encode(m["role"] + "\n")]
+        body = [*tokenizer.encode(m["content"]), tokenizer.im_end_id]
+        trained = m["role"] == "assistant"
+        ids += header + body + newline
+        mask += [False] * len(header) + [trained] * len(body) + [False] * len(newline)
+    if add_generation_prompt:
+        prompt = [tokenizer.im_start_id, *tokenizer.encode("assistant\n")]
+        ids += prompt
+        mask += [False] * len(prompt)
+    return ids, mask
+
+
+# --- pakar tokenizer --------------------------------------------------------------------------------
+
+_WORD_RE = re.compile(r"\w+|[^\w\s]")  # a word-level tokenizer: words and punctuation marks
+
+
+def compression_report(tokenizer: Tokenizer, heldout: list[str], word_counts: Counter) -> dict:
+    """Bytes per token and tokens per (whitespace) word on held-out text, for the BPE and for a
+    word-level vocabulary of the most frequent training words (same size, and the seed's 4,754)."""
+    n_bytes = sum(len(d.encode("utf-8")) for d in heldout)
+    n_words = sum(len(d.split()) for d in heldout)
+    n_tokens = sum(map(len, tokenizer.encode_batch(heldout)))
+    report = {"heldout_documents": len(heldout), "heldout_bytes": n_bytes, "heldout_words": n_words,
+              "bpe": {"vocab_size": tokenizer.vocab_size, "bytes_per_token": n_bytes / max(n_tokens, 1),
+                      "tokens_per_word": n_tokens / max(n_words, 1), "unknown_rate": 0.0}}
+    pieces = [p for d in heldout for p in _WORD_RE.findall(d)]
+    for name, size in (("word_level", tokenizer.vocab_size), ("word_level_seed", SEED_WORD_VOCAB)):
+        vocab = {w for w, _ in word_counts.most_common(size - 1)}  # one id left for <unk>
+        unknown = sum(p not in vocab for p in pieces)
+        report[name] = {"vocab_size": size, "bytes_per_token": n_bytes / max(len(pieces), 1),
+                        "tokens_per_word": len(pieces) / max(n_words, 1),
+                        "unknown_rate": unknown / max(len(pieces), 1)}
+    return report
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Train a byte-level BPE tokenizer on a corpus "
+                                     "and report its compression on held-out documents.")
+    parser.add_argument("--data", nargs="+", metavar="SPEC",
+                        help="text/JSONL files (.gz ok), folders or globs (default: the embedded sample corpus)")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB,
+                        help=f"tokens, including 256 bytes and 3 special tokens (default {DEFAULT_VOCAB})")
+    parser.add_argument("--out", default=".", help="folder for tokenizer.json (default: current folder)")
+    parser.add_argument("--json", action="store_true", help="also print the report as one JSON object, last")
+    args = parser.parse_args(argv)
+    if args.data is None:
+        print(f"no --data given: using the embedded sample corpus {embedded_sample_path()}")
+    specs = args.data or [embedded_sample_path()]
+
+    # count words of the training text as it streams by, for the word-level comparison (first 64 MB)
+    word_counts: Counter = Counter()
+    counted = 0
+
+    def counting(docs):
+        nonlocal counted
+        for doc in docs:
+            if counted < 64_000_000:
+                word_counts.update(_WORD_RE.findall(doc))
+                counted += len(doc)
+            yield doc
+
+    global train_tokenizer
+    plain_train = train_tokenizer
+    try:  # route the training stream through the word counter without a second pass over the corpus
+        train_tokenizer = lambda docs, vocab_size: plain_train(counting(docs), vocab_size)  # noqa: E731
+        tokenizer, stats, heldout = train_on_corpus(specs, args.vocab_size)
+    finally:
+        train_tokenizer = plain_train
+    out = Path(args.out) / "tokenizer.json"
+    tokenizer.save(out)
+    for w in stats.warnings():
+        print(f"warning: {w}")
+    print(f"wrote {out}")
+
+    report = {"tokenizer": str(out), "vocab_size": tokenizer.vocab_size, "corpus": stats.summary()}
+    if heldout:
+        report |= compression_report(tokenizer, heldout, word_counts)
+        print(f"held-out text: {report['heldout_documents']:,} documents, {report['heldout_bytes'] / 1e6:.2f} MB, "
+              f"{report['heldout_words']:,} words")
+        for name, label in (("bpe", "byte-level BPE"), ("word_level", "word-level"),
+                            ("word_level_seed", "word-level (seed)")):
+            r = report[name]
+            print(f"  {label:<18} {r['vocab_size']:>7,} tokens  {r['bytes_per_token']:5.2f} bytes/token  "
+                  f"{r['tokens_per_word']:5.2f} tokens/word  {100 * r['unknown_rate']:5.2f}% unknown")
+        print("  (word-level counts words and punctuation marks as tokens; unknown words become <unk>, "
+              "so its text cannot be recovered)")
+    else:
+        print("held-out text: none (corpus too small for a held-out document); no compression report")
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,562 @@
+"""Training: the seed's `python train.py --epochs 5 --batch 2 --config default --seq-len 256`.
+
+One loop function, read top to bottom: per optimizer step, evaluate (when due) -> save (when due) ->
+step -> log. Choices:
+- The run directory (`--out`, default ".") holds tokenizer.json, the token cache (data/), training.log,
+  metrics.jsonl and checkpoints/ (model_epoch{N}.pt at each epoch end, state.pt to resume).
+- Batches are a pure function of (seed, epoch, step, rank) (pakar.data.BatchLoader), so resuming needs
+  only the loop counters, and `--resume` reproduces an uninterrupted run bit for bit on a CPU.
+- Gradient accumulation normalises explicitly: every micro-batch's summed cross-entropy is divided by
+  the number of counted targets in the whole optimizer step (all micro-batches, all ranks), so 4
+  micro-batches of B equal one batch of 4B even when a loss mask makes their token counts differ.
+  The MoE auxiliary losses are averaged over micro-batches; expert loads for bias balancing are summed.
+- AdamW (fused where the device supports it), linear warmup then cosine or warmup-stable-decay (WSD)
+  to `--min-lr-ratio` of the peak; weight decay only on matrices (not norms, embeddings, router bias).
+- Precision: bf16 autocast on CUDA, float32 on CPU unless `--dtype bfloat16`.
+- Only rank 0 writes logs and checkpoints; the distributed wrapping lives in pakar.distributed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pakar import PakarError
+from pakar.checkpoint import FORMAT, atomic_save, model_checkpoint, safe_load
+from pakar.config import PRESETS, ModelConfig, get_config
+from pakar.model import Transformer
+from pakar.moe import update_expert_bias
+
+# Peak dense bf16 tensor throughput (FLOP/s) of common accelerators, for MFU in the log.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                  "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
+DEFAULT_LR = {"tiny": 3e-3, "small": 1.5e-3, "default": 3e-4, "3b": 2e-4}
+SAMPLE_PROMPT = "Indonesia adalah"
+
+
+@dataclass
+class TrainArgs:
+    epochs: int = 1
+    batch: int = 8  # sequences per device per micro-step
+    config: str = "small"
+    seq_len: int = 256
+    data: list[str] | None = None  # None: the embedded sample corpus
+    out: str = "."
+    grad_accum: int = 1
+    lr: float | None = None  # None: the preset's default
+    min_lr_ratio: float = 0.1
+    warmup: int | None = None  # optimizer steps; None: 5% of the run, at most 200
+    schedule: str = "cosine"  # cosine | wsd
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule is fitted to it)
+    time_limit: float | None = None  # minutes; save the state and stop when reached
+    eval_every: int = 0  # optimizer steps; 0 = only at epoch ends
+    eval_tokens: int = 2**20  # at most this many validation tokens per evaluation
+    save_every: int = 200  # optimizer steps between resumable states (and at every epoch end)
+    log_every: int = 10
+    resume: bool = False
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    vocab_size: int = 8192  # when a tokenizer has to be trained
+    activation_checkpointing: bool = False
+    compile: bool = False
+    init_from: str | None = None  # start from this checkpoint's weights and tokenizer (fine-tuning)
+    sample_prompt: str = SAMPLE_PROMPT
+    deepspeed: bool = False
+    deepspeed_config: str | None = None
+    fsdp: bool = False
+
+    def __post_init__(self):
+        checks = [("epochs", self.epochs >= 1), ("batch", self.batch >= 1), ("seq-len", self.seq_len >= 8),
+                  ("grad-accum", self.grad_accum >= 1), ("log-every", self.log_every >= 1),
+                  ("save-every", self.save_every >= 0), ("eval-every", self.eval_every >= 0),
+                  ("eval-tokens", self.eval_tokens >= 1)]
+        for flag, ok in checks:
+            if not ok:
+                raise PakarError(f"--{flag} has an invalid value: {getattr(self, flag.replace('-', '_'))}")
+        if self.config not in PRESETS:
+            raise PakarError(f"unknown --config {self.config!r}; choose one of: {', '.join(PRESETS)}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise PakarError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise PakarError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise PakarError(f"--lr must be > 0, got {self.lr}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise PakarError(f"--max-steps must be >= 1, got {self.max_steps}")
+
+    # Fields that change what the next step computes: a resumed run must keep them.
+    RESUME_KEYS = ("config", "batch", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup", "schedule",
+                   "weight_decay", "grad_clip", "seed", "dtype", "init_from")
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float, schedule: str) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "wsd":  # stable at the peak, then a linear decay over the last 20%
+        decay_start = max(warmup, int(total * 0.8))
+        if step < decay_start:
+            return peak
+        frac = (step - decay_start) / max(1, total - decay_start)
+        return peak * (1 - (1 - min_ratio) * frac)
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PakarError(f"--device {name!r} is not a device name (try cpu, cuda, cuda:0)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PakarError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
+    return device
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """None = plain float32. bf16 autocast is the default on CUDA, float32 the default on a CPU."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+class RunLog:
+    """training.log (human lines) and metrics.jsonl (one JSON object per record), rank 0 only.
+    Console output goes through tqdm.write so it does not break the progress bar."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.text = open(run_dir / "training.log", "a", encoding="utf-8") if enabled else None
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+
+    def say(self, msg: str, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.text.write(f"{stamp} | {msg}\n")
+        self.text.flush()
+        if console:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stdout)
+
+    def record(self, **fields) -> None:
+        if self.enabled:
+            self.jsonl.write(json.dumps(fields) + "\n")
+            self.jsonl.flush()
+
+    def close(self) -> None:
+        for f in (self.text, self.jsonl):
+            if f:
+                f.close()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+             "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callable | None = None,
+          save_epoch: Callable | None = None, meta: dict | None = None) -> dict:
+    """Train and return a summary dict. Extension points for fine-tuning (pakar.finetune):
+    `data` (an object with .steps_per_epoch, .get(epoch, step) -> (x, y) with y = -100 where not
+    counted, and .evaluate(model, **kw) -> dict), `tokenizer`, `customize_model(model) -> model`
+    (e.g. wrap with LoRA adapters; only parameters left trainable are optimised), `save_epoch(model,
+    path_stem, meta)` to write epoch checkpoints differently (e.g. adapters only), `meta` added to
+    every checkpoint's meta."""
+    from pakar import distributed as D
+
+    ctx = D.setup(args)
+    device = ctx.device if ctx.device is not None else resolve_device(args.device)
+    run_dir = Path(args.out)
+    ck_dir = run_dir / "checkpoints"
+    if ctx.is_main:
+        ck_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(run_dir, ctx.is_main)
+    amp = autocast_dtype(args.dtype, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain run on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data and tokenizer ----
+    init_ckpt = safe_load(args.init_from) if args.init_from else None
+    if data is None:
+        from pakar.data import BatchLoader, prepare
+        from pakar.tokenizer import Tokenizer
+
+        if init_ckpt is not None and tokenizer is None:
+            tokenizer = Tokenizer.from_json(init_ckpt["tokenizer"])
+        tokenizer, tokens = D.run_on_main_first(ctx, lambda: prepare(
+            args.data, run_dir, vocab_size=args.vocab_size, tokenizer=tokenizer,
+            log=(lambda m: log.say(m)) if ctx.is_main else (lambda m: None)))
+        data = TokenStreamData(tokens, BatchLoader(tokens.train, args.batch, args.seq_len, args.seed,
+                                                   ctx.rank, ctx.world_size), tokenizer, args)
+    token_bytes = tokenizer.token_byte_lengths()
+
+    # ---- model ----
+    if init_ckpt is not None:
+        model_cfg = ModelConfig.from_dict(init_ckpt["config"])
+        if args.seq_len > model_cfg.max_position_embeddings:
+            raise PakarError(f"--seq-len {args.seq_len} exceeds the checkpoint's context of "
+                             f"{model_cfg.max_position_embeddings} tokens")
+    else:
+        model_cfg = get_config(args.config, vocab_size=tokenizer.vocab_size)
+        if args.seq_len > model_cfg.max_position_embeddings:
+            model_cfg = model_cfg.replace(max_position_embeddings=args.seq_len)
+    torch.manual_seed(args.seed)
+    model = Transformer(model_cfg)
+    if init_ckpt is not None:
+        model.load_state_dict(init_ckpt["model"])
+    if customize_model is not None:
+        model = customize_model(model)
+    model.to(device)
+    model.activation_checkpointing = args.activation_checkpointing
+    if args.compile:
+        for layer in model.layers:
+            layer.compile()
+    raw_model = model
+
+    steps_per_epoch = data.steps_per_epoch // args.grad_accum
+    if steps_per_epoch < 1:
+        raise PakarError(f"the corpus gives {data.steps_per_epoch} micro-batches per epoch, fewer than "
+                         f"--grad-accum {args.grad_accum}; use more data or a smaller --batch/--grad-accum")
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    warmup = args.warmup if args.warmup is not None else max(1, min(200, total_steps // 20))
+    peak_lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.config, 3e-4)
+    if init_ckpt is not None and args.lr is None:
+        peak_lr /= 10  # fine-tuning: a lower default than pretraining
+
+    optimizer = make_optimizer(model, peak_lr, args.weight_decay, device)
+    model, optimizer = ctx.wrap(model, optimizer)
+
+    # ---- resume ----
+    state_path = ck_dir / "state.pt"
+    epoch, step_in_epoch, step, tokens_seen, elapsed = 0, 0, 0, 0, 0.0
+    args_dict = dataclasses.asdict(args)
+    if args.resume:
+        if not state_path.is_file():
+            raise PakarError(f"--resume: no saved state at {state_path}; start without --resume")
+        state = safe_load(state_path)
+        saved = state["train_args"]
+        changed = [k for k in TrainArgs.RESUME_KEYS if saved.get(k) != args_dict.get(k)]
+        if state["world_size"] != ctx.world_size:
+            changed.append(f"world size (saved with {state['world_size']} processes, now {ctx.world_size})")
+        if state["config"] != model_cfg.to_dict():
+            changed.append("model config")
+        if state["meta"].get("data_key") != data.key:
+            changed.append("training data or tokenizer")
+        if changed:
+            raise PakarError("cannot resume: the run was saved with different settings: "
+                             + ", ".join(k.replace("_", "-") if "_" in k or k.isalpha() else k for k in changed)
+                             + "; use the same flags, or start a new run in another --out")
+        ctx.load_state(model, optimizer, state)
+        loop = state["loop"]
+        epoch, step_in_epoch, step = loop["epoch"], loop["step_in_epoch"], loop["step"]
+        tokens_seen, elapsed = loop["tokens_seen"], loop["elapsed"]
+        set_rng_state(state["rng"])
+        log.say(f"resumed from {state_path} at epoch {epoch + 1}, step {step} ({step_in_epoch} into the epoch)")
+
+    def checkpoint_meta(**extra) -> dict:
+        return {"epoch": epoch, "step": step, "config_name": args.config, "data_key": data.key,
+                **(meta or {}), **extra}
+
+    def save_state(reason: str) -> None:
+        full = ctx.full_state(model, optimizer)  # collective under FSDP/DeepSpeed: every rank calls it
+        if ctx.is_main:
+            obj = model_checkpoint(full["model"], model_cfg, tokenizer.to_json(), **checkpoint_meta())
+            obj.update(optimizer=full["optimizer"], train_args=args_dict, world_size=ctx.world_size,
+                       rng=rng_state(), loop={"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
+                                              "tokens_seen": tokens_seen, "elapsed": elapsed})
+            atomic_save(obj, state_path)
+            log.say(f"saved resumable state at step {step} ({reason}): {state_path}", console=False)
+        ctx.barrier()
+
+    def validate(tag: str) -> dict:
+        res = data.evaluate(model, token_bytes=token_bytes, device=device, autocast_dtype=amp,
+                            max_tokens=args.eval_tokens)
+        bpb = res.get("bits_per_byte")
+        log.say(f"validation ({tag}) | loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
+                f"bpb {bpb:.4f} | {res['tokens']:,} tokens" if bpb is not None else
+                f"validation ({tag}) | loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | {res['tokens']:,} tokens")
+        log.record(kind="val", step=step, epoch=epoch + 1, loss=res["loss"], perplexity=res["perplexity"],
+                   bits_per_byte=bpb, tokens=res["tokens"])
+        return res
+
+    # ---- the loop ----
+    from pakar.info import train_flops_per_token
+
+    flops_per_token = train_flops_per_token(model_cfg, args.seq_len)
+    peak = peak_flops(device)
+    tokens_per_step = args.batch * args.seq_len * args.grad_accum * ctx.world_size
+    log.say(f"training {args.config} ({sum(p.numel() for p in raw_model.parameters()):,} parameters) on "
+            f"{device} {'bf16 autocast' if amp else 'float32'}, {ctx.world_size} process(es) | "
+            f"{args.epochs} epoch(s) x {steps_per_epoch} steps of {tokens_per_step:,} tokens | "
+            f"lr {peak_lr:g}, warmup {warmup}, {args.schedule}")
+    pbar = None
+    if ctx.is_main:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                    disable=None)
+    t_start = time.perf_counter() - elapsed
+    t_window, tok_window = time.perf_counter(), 0
+    history, last_val = [], None
+    stop_reason = None
+    model.train()
+    try:
+        while epoch < args.epochs and stop_reason is None:
+            while step_in_epoch < steps_per_epoch:
+                if step >= total_steps:
+                    stop_reason = f"reached --max-steps {args.max_steps}"
+                    break
+                if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit * 60:
+                    stop_reason = f"reached --time-limit {args.time_limit:g} min"
+                    break
+                if args.eval_every and step > 0 and step % args.eval_every == 0:
+                    last_val = validate(f"step {step}")
+                    model.train()
+                if args.save_every and step > 0 and step % args.save_every == 0:
+                    save_state(f"every {args.save_every} steps")
+
+                # one optimizer step over grad_accum micro-batches
+                lr = lr_at(step, total_steps, warmup, peak_lr, args.min_lr_ratio, args.schedule)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                micro = [data.get(epoch, step_in_epoch * args.grad_accum + m) for m in range(args.grad_accum)]
+                n_targets = ctx.all_reduce_sum(torch.tensor(float(sum(int((y != -100).sum()) for _, y in micro))))
+                loss_sum = aux_sum = bal_sum = z_sum = 0.0
+                loads = None
+                for m, (x, y) in enumerate(micro):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with ctx.no_sync(model, last=m == len(micro) - 1), \
+                            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        out = model(x, y, loss_reduction="sum")
+                        loss = out.loss / n_targets.clamp(min=1) * ctx.world_size + out.aux_loss / len(micro)
+                    ctx.backward(model, loss)
+                    loss_sum += out.loss.detach()
+                    aux_sum += out.aux_loss.detach() / len(micro)
+                    bal_sum += out.balance_loss.detach() / len(micro)
+                    z_sum += out.z_loss.detach() / len(micro)
+                    loads = out.expert_counts if loads is None else loads + out.expert_counts
+                grad_norm = ctx.clip_and_step(model, optimizer, args.grad_clip)
+                if model_cfg.expert_bias_update_rate > 0:
+                    update_expert_bias(raw_model.moe_layers(), ctx.all_reduce_sum(loads.float()),
+                                       model_cfg.expert_bias_update_rate)
+                step += 1
+                step_in_epoch += 1
+                tokens_seen += tokens_per_step
+                tok_window += tokens_per_step
+
+                # log (the only host-device synchronisation of the step, every log_every steps)
+                loss_val = (ctx.all_reduce_sum(torch.as_tensor(loss_sum, dtype=torch.float32)) / n_targets).item()
+                history.append(loss_val)
+                if step % args.log_every == 0 or step_in_epoch == steps_per_epoch or step == total_steps:
+                    now = time.perf_counter()
+                    tps = tok_window / max(now - t_window, 1e-9)
+                    t_window, tok_window = now, 0
+                    mfu = tps * flops_per_token / peak if peak else None
+                    from pakar.moe import expert_load_stats
+
+                    imbalance = expert_load_stats(ctx.all_reduce_sum(loads.float()))["max_over_mean"]
+                    gn = float(grad_norm)
+                    log.say(f"epoch {epoch + 1}/{args.epochs} | step {step}/{total_steps} | loss {loss_val:.4f} | "
+                            f"aux {float(aux_sum):.4f} (balance {float(bal_sum):.3f}, z {float(z_sum):.3f}) | "
+                            f"lr {lr:.2e} | grad norm {gn:.3f} | {tps:,.0f} tok/s"
+                            + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+                            + f" | expert imbalance {imbalance:.2f}", console=pbar is None or pbar.disable)
+                    log.record(kind="train", step=step, epoch=epoch + 1, loss=loss_val, aux=float(aux_sum),
+                               balance=float(bal_sum), z=float(z_sum), lr=lr, grad_norm=gn, tokens_per_s=tps,
+                               mfu=mfu, imbalance=imbalance, tokens_seen=tokens_seen)
+                else:
+                    log.record(kind="train", step=step, epoch=epoch + 1, loss=loss_val, lr=lr)
+                if pbar is not None:
+                    pbar.set_postfix_str(f"epoch {epoch + 1}/{args.epochs} loss {loss_val:.3f} "
+                                         f"{tokens_per_step * pbar.format_dict.get('rate', 0) or 0:,.0f} tok/s")
+                    pbar.update(1)
+            else:
+                # epoch end: validate, sample, save model_epoch{N}.pt and the resumable state
+                elapsed = time.perf_counter() - t_start
+                last_val = validate(f"epoch {epoch + 1}")
+                if ctx.is_main and data.can_sample:
+                    log.say(f"sample (epoch {epoch + 1}): {sample_text(raw_model, tokenizer, args.sample_prompt, device)!r}")
+                epoch, step_in_epoch = epoch + 1, 0
+                full = ctx.full_state(model, None)
+                if ctx.is_main:
+                    path = ck_dir / f"model_epoch{epoch}.pt"
+                    m = checkpoint_meta(val_loss=last_val["loss"], val_bpb=last_val.get("bits_per_byte"))
+                    if save_epoch is not None:
+                        path = save_epoch(raw_model, full["model"], ck_dir / f"model_epoch{epoch}", m)
+                    else:
+                        atomic_save(model_checkpoint(full["model"], model_cfg, tokenizer.to_json(), **m), path)
+                    log.say(f"saved {path}")
+                ctx.barrier()
+                save_state("epoch end")
+                model.train()
+        elapsed = time.perf_counter() - t_start
+        if stop_reason is not None:
+            save_state(stop_reason)
+            log.say(f"stopped: {stop_reason}; continue with the same command plus --resume")
+    except KeyboardInterrupt:
+        elapsed = time.perf_counter() - t_start
+        if pbar is not None:
+            pbar.close()
+        log.say("interrupted: saving the resumable state (continue with --resume)")
+        save_state("interrupted")
+        raise
+    except torch.OutOfMemoryError:
+        raise PakarError("out of GPU memory. Remedies: a smaller --batch (keep the global batch with "
+                         "--grad-accum), a shorter --seq-len, --activation-checkpointing, --dtype bfloat16, "
+                         "or more GPUs with --fsdp/--deepspeed. Nothing was saved from this step; the last "
+                         "good checkpoint is untouched.") from None
+    finally:
+        if pbar is not None:
+            pbar.close()
+
+    summary = {"steps": step, "epochs_completed": epoch, "tokens_seen": tokens_seen, "seconds": round(elapsed, 2),
+               "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "final_train_loss": history[-1] if history else None,
+               "val_loss": last_val["loss"] if last_val else None,
+               "val_bpb": last_val.get("bits_per_byte") if last_val else None,
+               "stopped": stop_reason, "run_dir": str(run_dir.resolve())}
+    log.say("done | " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in summary.items() if v is not None))
+    log.close()
+    D.teardown(ctx)
+    return summary
+
+
+class TokenStreamData:
+    """Pretraining data: a prepared token stream (pakar.data) and its loader."""
+
+    can_sample = True
+
+    def __init__(self, tokens, loader, tokenizer, args: TrainArgs):
+        self.tokens, self.loader, self.args = tokens, loader, args
+        self.steps_per_epoch = loader.steps_per_epoch
+        self.key = f"{tokens.manifest.get('key', tokens.dir.name)}:{tokenizer.sha256()}"
+
+    def get(self, epoch: int, step: int):
+        return self.loader.get(epoch, step)
+
+    def evaluate(self, model, **kw) -> dict:
+        from pakar.evaluate import evaluate_tokens
+
+        return evaluate_tokens(model, self.tokens.val, self.args.batch, self.args.seq_len, **kw)
+
+
+@torch.no_grad()
+def sample_text(model: Transformer, tokenizer, prompt: str, device, max_new_tokens: int = 32) -> str:
+    """A short greedy continuation, so the user can watch the model learn."""
+    from pakar.engine import Engine, SamplingParams
+
+    was_training = model.training
+    model.eval()
+    ids = tokenizer.encode(prompt)
+    out = Engine(model).generate([ids], SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                       stop_token_ids=(tokenizer.eot_id,)))[0]
+    model.train(was_training)
+    return prompt + tokenizer.decode(out)
+
+
+def add_train_args(p: argparse.ArgumentParser, defaults: TrainArgs = TrainArgs()) -> None:
+    d = defaults
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training tokens (default {d.epochs})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"sequences per device per micro-step (default {d.batch})")
+    p.add_argument("--config", default=d.config, help=f"model preset: {', '.join(PRESETS)} (default {d.config})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default {d.seq_len})")
+    p.add_argument("--data", nargs="+", default=d.data, help="text files, .gz, .jsonl, directories or globs "
+                   "(default: the embedded Indonesian sample corpus)")
+    p.add_argument("--out", default=d.out, help="run directory for tokenizer, token cache, training.log and "
+                   "checkpoints/ (default: current directory)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: per preset, "
+                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "; a tenth of that when fine-tuning)")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a fraction of the peak (default 0.1)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="warmup optimizer steps (default 5%% of the run, at most 200)")
+    p.add_argument("--schedule", default=d.schedule, choices=["cosine", "wsd"], help="lr decay after warmup (default cosine)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices (default 0.1)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm, 0 = off (default 1.0)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many optimizer steps "
+                   "(a short run; the lr schedule is fitted to it)")
+    p.add_argument("--time-limit", type=float, default=d.time_limit, help="minutes; save the state and stop when reached")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N optimizer steps (default 0: epoch ends only)")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help=f"max validation tokens per evaluation (default {d.eval_tokens})")
+    p.add_argument("--save-every", type=int, default=d.save_every, help=f"save the resumable state every N steps, 0 = epoch ends only (default {d.save_every})")
+    p.add_argument("--log-every", type=int, default=d.log_every, help=f"log every N optimizer steps (default {d.log_every})")
+    p.add_argument("--resume", action="store_true", help="continue exactly from checkpoints/state.pt in --out")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed for initialisation and batch order (default {d.seed})")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
+                   help="auto = bf16 autocast on CUDA, float32 on CPU (default auto)")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"BPE vocabulary when a tokenizer is trained (default {d.vocab_size})")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--init-from", default=d.init_from, help="start from this checkpoint's weights and tokenizer (fine-tuning)")
+    p.add_argument("--sample-prompt", default=d.sample_prompt, help=f"prompt for the greedy sample at each epoch end (default {d.sample_prompt!r})")
+    p.add_argument("--deepspeed", action="store_true", help="train with DeepSpeed ZeRO (pip install pakar[deepspeed])")
+    p.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON config (default: built-in ZeRO-2)")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 (under torchrun)")
+
+
+def args_from_namespace(ns: argparse.Namespace, cls=TrainArgs):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Train a pakar MoE model.")
+    add_train_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object at the end")
+    ns = p.parse_args(argv)
+    summary = train(args_from_namespace(ns))
+    if ns.json and int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(summary))
+    return 0
