@@ -53,7 +53,8 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
                      "moe_intermediate_size", "max_position_embeddings"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+            need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
+                 and getattr(self, name) > 0,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
         need(self.num_attention_heads % self.num_key_value_heads == 0,
              f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
@@ -61,8 +62,19 @@ class ModelConfig:
         need(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         need(self.num_experts_per_tok <= self.num_experts,
              f"num_experts_per_tok (top-k = {self.num_experts_per_tok}) must be <= num_experts ({self.num_experts})")
+        need(not (self.norm_topk_prob and self.num_experts_per_tok == 1),
+             "norm_topk_prob must be false with num_experts_per_tok = 1: the renormalised gate would always "
+             "be 1.0 and the router would get no gradient from the language-model loss")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                 f"{name} must be a positive number, got {value!r}")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "expert_bias_update_rate"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                 f"{name} must be a number >= 0, got {value!r}")
+        for name in ("norm_topk_prob", "tie_word_embeddings"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def replace(self, **changes) -> "ModelConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -25,10 +25,10 @@ Design choices:
   LF; NUL bytes are removed; blank lines are skipped. Invalid UTF-8 is decoded with U+FFFD in place of
   the bad bytes (we keep the line: one bad byte should not throw away a 1 MB law text) and the line is
   counted. JSONL lines that are not JSON objects, or that lack a "text" string / "messages" list, are
-  skipped and counted. Files whose first 4 KB look binary (over 10% control bytes or invalid UTF-8:
-  executables, images, UTF-16) or that have a binary extension are skipped and reported by name; a
-  text file with a few stray NULs is still text. Files that yield no record are reported by name.
-  A corpus that yields no document at all is a PakarError.
+  skipped and counted. Files with a binary extension, or whose first 4 KB look binary (over 30%
+  control bytes or invalid UTF-8: executables, images, archives, UTF-16), are skipped and reported
+  by name; a text file with a few stray NULs is still text. Files that yield no record are reported
+  by name. A corpus that yields no document at all is a PakarError.
 - The split rule lives here because the tokenizer (its held-out compression report) and the token
   shards (the validation split) must agree on it: a document is held out when the 64-bit prefix of
   the sha256 of its UTF-8 text, mod 10^6, is below val_fraction * 10^6. It depends on the text
@@ -86,7 +86,7 @@ class CorpusStats:
     def summary(self) -> str:
         chat = f", {self.chat_records:,} chat conversations" if self.chat_records else ""
         return (f"{self.files:,} file{'s' * (self.files != 1)}, {self.documents:,} documents{chat}, "
-                f"{self.bytes / 1e6:,.1f} MB of text")
+                f"{human_bytes(self.bytes)} of text")
 
     def warnings(self) -> list[str]:
         def names(paths: list[str]) -> str:
@@ -106,6 +106,10 @@ class CorpusStats:
         if self.empty_files:
             out.append(f"{len(self.empty_files)} file(s) had no documents: {names(self.empty_files)}")
         return out  # blank lines are normal in text files: counted, not warned about
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} KB"
 
 
 def embedded_sample_path() -> Path:
@@ -174,7 +178,7 @@ def _looks_binary(head: bytes) -> bool:
         return False
     control = len(head) - len(head.translate(None, _CONTROL))
     invalid = head.decode("utf-8", "replace").count("\ufffd")  # a character cut at 4 KB costs one or two
-    return control + invalid > len(head) // 10
+    return control + invalid > 0.3 * len(head)
 
 
 def _char_boundary(b: bytes) -> int:
@@ -264,16 +268,24 @@ def _read_file(path: Path, stats: CorpusStats) -> Iterator[Record]:
         stats.empty_files.append(str(path))
 
 
+def _describe(specs) -> str:
+    names = _as_list(specs)
+    return "--data " + " ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+
 def iter_records(specs, stats: CorpusStats | None = None) -> Iterator[Record]:
     """Every record of the corpus in source order: a document (str) or a chat conversation (the list of
     message dicts, as read; validate with pakar.tokenizer.encode_chat). Raises PakarError at the end if
     the corpus held no record."""
     stats = CorpusStats() if stats is None else stats
     sources = resolve_sources(specs)
+    n_records = 0
     for path in sources:
-        yield from _read_file(path, stats)
-    if not stats.documents and not stats.chat_records:
-        raise PakarError(f"--data {' '.join(_as_list(specs))}: no documents in {len(sources)} file(s) "
+        for record in _read_file(path, stats):
+            n_records += 1
+            yield record
+    if not n_records:
+        raise PakarError(f"{_describe(specs)}: no documents in {len(sources)} file(s) "
                          f"({'; '.join(stats.warnings()) or 'all empty'})")
 
 
@@ -281,15 +293,17 @@ def iter_documents(specs, stats: CorpusStats | None = None) -> Iterator[str]:
     """The plain-text documents of the corpus, in source order. Chat records are skipped and counted
     (stats.chat_skipped); a corpus with no plain-text document is a PakarError."""
     stats = CorpusStats() if stats is None else stats
+    n_docs = n_chats = 0
     for record in iter_records(specs, stats):
         if isinstance(record, str):
+            n_docs += 1
             yield record
         else:
+            n_chats += 1
             stats.chat_skipped += 1
-    if not stats.documents:
-        raise PakarError(f"--data {' '.join(_as_list(specs))}: no plain-text documents, only "
-                         f"{stats.chat_records:,} chat conversations ('messages'); use chat data for "
-                         "fine-tuning, and a text corpus for pretraining")
+    if not n_docs:
+        raise PakarError(f"{_describe(specs)}: no plain-text documents, only {n_chats:,} chat conversations "
+                         "('messages'); use chat data for fine-tuning and a text corpus for pretraining")
 
 
 def detect_kind(specs) -> Literal["text", "chat"]:

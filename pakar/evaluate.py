@@ -75,6 +75,114 @@ def _eval_plan(n_targets: int, batch_size: int, seq_len: int, rank: int, world_s
     return steps
 
 
+class _Sums:
+    """Running float64 sums of one evaluation; several token arrays may add to the same sums."""
+
+    def __init__(self, device: torch.device, token_bytes):
+        self.device = device
+        self.bytes_V = (None if token_bytes is None else
+                        torch.as_tensor(np.asarray(token_bytes), dtype=torch.int64, device=device))
+        # [nats, targets, nats over byte-bearing targets, bytes]
+        self.t = torch.zeros(4, dtype=torch.float64, device=device)
+        self.windows = 0
+        self.counts_LE: torch.Tensor | None = None
+        self.t0 = time.perf_counter()
+
+    def add(self, model, tokens, loss_mask, n_targets: int, batch_size: int, seq_len: int,
+            rank: int, world_size: int, progress=None) -> None:
+        """Evaluate windows over tokens[:n_targets + 1] (this rank's share) into the sums."""
+        steps = _eval_plan(n_targets, batch_size, seq_len, rank, world_size)
+        dev = self.device
+        for i, rows in enumerate(steps):
+            if not rows:  # keep collective forwards in step with the other ranks
+                model(torch.zeros(1, 1, dtype=torch.long, device=dev))
+                continue
+            T = rows[0][1]
+            win = np.stack([np.asarray(tokens[s:s + T + 1], dtype=np.int64) for s, _ in rows])
+            win = torch.from_numpy(win).to(dev, non_blocking=True)
+            x_BT, y_BT = win[:, :-1], win[:, 1:]
+            out = model(x_BT)
+            nll_BT = F.cross_entropy(out.logits.float().flatten(0, 1), y_BT.reshape(-1),
+                                     reduction="none").view(y_BT.shape).double()
+            if loss_mask is not None:
+                keep = np.stack([np.asarray(loss_mask[s + 1:s + T + 1], dtype=bool) for s, _ in rows])
+                keep_BT = torch.from_numpy(keep).to(dev)
+                nll_BT = nll_BT * keep_BT
+                self.t[1] += keep_BT.sum()
+            else:
+                keep_BT = None
+                self.t[1] += y_BT.numel()
+            self.t[0] += nll_BT.sum()
+            if self.bytes_V is not None:
+                b_BT = self.bytes_V[y_BT] if keep_BT is None else self.bytes_V[y_BT] * keep_BT
+                self.t[2] += (nll_BT * (b_BT > 0)).sum()
+                self.t[3] += b_BT.sum()
+            counts = out.expert_counts.to(torch.int64)
+            self.counts_LE = counts if self.counts_LE is None else self.counts_LE + counts
+            self.windows += len(rows)
+            if progress is not None:
+                progress(i + 1, len(steps))
+
+    def result(self, model, distributed: bool) -> dict:
+        counts_LE = self.counts_LE
+        if counts_LE is None:  # this rank had no windows at all: contribute zeros of the right shape
+            cfg = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+            counts_LE = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64, device=self.device)
+        counts_LE = counts_LE.to(self.device)
+        win_t = torch.tensor([self.windows], dtype=torch.int64, device=self.device)
+        sums = self.t.clone()
+        if distributed:
+            import torch.distributed as dist
+
+            for t in (sums, counts_LE, win_t):
+                dist.all_reduce(t)
+        nats, n_tok, nats_b, n_bytes = sums.tolist()
+        loss = nats / n_tok if n_tok else float("nan")
+        counts = counts_LE.cpu()
+        per_layer = counts.sum(dim=1, keepdim=True).clamp_min(1)
+        mean = counts.double().mean(dim=1).clamp_min(1e-12)
+        return {
+            "loss": loss,
+            "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+            "bits_per_byte": (nats_b / (LN2 * n_bytes)) if self.bytes_V is not None and n_bytes else None,
+            "tokens": int(n_tok),
+            "bytes": int(n_bytes),
+            "windows": int(win_t.item()),
+            "expert_counts": counts.tolist(),
+            "expert_fraction": (counts.double() / per_layer).tolist(),
+            "expert_max_over_mean": (counts.double().max(dim=1).values / mean).tolist(),
+            "seconds": time.perf_counter() - self.t0,
+        }
+
+
+class _EvalMode:
+    """Eval mode, no gradients and optional autocast for the duration; the previous mode restored."""
+
+    def __init__(self, model, device: torch.device, autocast_dtype):
+        self.model, self.device, self.dtype = model, device, autocast_dtype
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
+                         else nullcontext())
+        self.autocast.__enter__()
+
+    def __exit__(self, *exc):
+        self.autocast.__exit__(*exc)
+        self.no_grad.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def _check_sizes(batch_size: int, seq_len: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise PakarError(f"evaluation batch size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise PakarError(f"evaluation sequence length must be an integer >= 1, got {seq_len!r}")
+
+
 def evaluate_tokens(
     model: torch.nn.Module,
     tokens,  # 1-D array of token ids (numpy memmap uint16/uint32, numpy array, list or tensor)
@@ -97,8 +205,7 @@ def evaluate_tokens(
     share of routed assignments per expert), "expert_max_over_mean" (per layer; 1.0 = perfectly
     balanced), "seconds"}. Numbers are identical on every rank.
     """
-    if batch_size < 1 or seq_len < 1:
-        raise PakarError(f"evaluation needs batch_size >= 1 and seq_len >= 1 (got {batch_size}, {seq_len})")
+    _check_sizes(batch_size, seq_len)
     n = len(tokens)
     if loss_mask is not None and len(loss_mask) != n:
         raise PakarError(f"loss_mask has {len(loss_mask)} entries but there are {n} tokens")
@@ -106,82 +213,205 @@ def evaluate_tokens(
     if max_tokens is not None:
         n_targets = min(n_targets, max(int(max_tokens), 0))
     if n_targets == 0:
-        raise PakarError(f"nothing to evaluate: {n} token(s); need at least 2")
+        raise PakarError(f"nothing to evaluate: {n} token(s) (need at least 2) or max_tokens = 0")
     rank, world_size, distributed = _dist_info(rank, world_size)
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    bytes_V = None
-    if token_bytes is not None:
-        bytes_V = torch.as_tensor(np.asarray(token_bytes), dtype=torch.int64, device=device)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    sums = _Sums(device, token_bytes)
+    with _EvalMode(model, device, autocast_dtype):
+        sums.add(model, tokens, loss_mask, n_targets, batch_size, seq_len, rank, world_size, progress)
+    return sums.result(model, distributed)
 
-    steps = _eval_plan(n_targets, batch_size, seq_len, rank, world_size)
-    # float64 sums: [nats, targets, nats over byte-bearing targets, bytes]; windows counted apart
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    windows = 0
-    counts_LE = None
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else nullcontext())
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
+
+# --- pakar eval ---------------------------------------------------------------------------------------
+
+CHUNK_WINDOWS = 64  # windows per streamed chunk: memory is CHUNK_WINDOWS x seq_len tokens of ids
+
+
+def iter_corpus_tokens(specs, tokenizer, stats=None, docs_per_batch: int = 256):
+    """(ids, mask) per batch of records, in the token shards' layout: every record followed by
+    <|endoftext|>. Plain-text documents: every token is a target (mask None). Chat conversations
+    (JSONL {"messages": [...]}): the targets are the assistant tokens of pakar.tokenizer.encode_chat."""
+    from pakar.corpus import iter_records
+    from pakar.tokenizer import encode_chat
+
+    eot = tokenizer.eot_id
+    pending: list = []
+
+    def flush():
+        texts = [r for r in pending if isinstance(r, str)]
+        encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
+        ids_parts, mask_parts, any_chat = [], [], False
+        for r in pending:
+            if isinstance(r, str):
+                ids = next(encoded) + [eot]
+                mask = [True] * len(ids)
+            else:
+                ids, mask = encode_chat(tokenizer, r)
+                ids, mask = ids + [eot], mask + [False]
+                any_chat = True
+            ids_parts += ids
+            mask_parts += mask
+        pending.clear()
+        return np.asarray(ids_parts, dtype=np.int64), (np.asarray(mask_parts, dtype=bool) if any_chat else None)
+
+    for record in iter_records(specs, stats):
+        pending.append(record)
+        if len(pending) >= docs_per_batch:
+            yield flush()
+    if pending:
+        yield flush()
+
+
+def evaluate_corpus(model, tokenizer, specs, batch_size: int, seq_len: int, max_tokens: int | None = None,
+                    device=None, autocast_dtype=None, stats=None, progress=None) -> dict:
+    """evaluate_tokens over a corpus read and tokenized as a stream: chunks of CHUNK_WINDOWS windows are
+    evaluated as soon as they are tokenized, and reading stops once max_tokens are counted. The result
+    equals evaluate_tokens on the whole token stream (same windows, same sums). Adds "chat" (whether
+    the targets were restricted to assistant tokens)."""
+    _check_sizes(batch_size, seq_len)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    sums = _Sums(device, tokenizer.token_byte_lengths())
+    chunk = CHUNK_WINDOWS * seq_len  # targets per chunk, a whole number of windows
+    budget = float("inf") if max_tokens is None else max(int(max_tokens), 0)
+    buf_ids = np.zeros(0, dtype=np.int64)
+    buf_mask: np.ndarray | None = None
+    chat = False
+    done = 0
+
+    def run(n_targets: int) -> None:
+        nonlocal done
+        sums.add(model, buf_ids, buf_mask, n_targets, batch_size, seq_len, 0, 1)
+        done += n_targets
+        if progress:
+            progress(done, sums)
+
+    with _EvalMode(model, device, autocast_dtype):
+        for ids, mask in iter_corpus_tokens(specs, tokenizer, stats):
+            if mask is not None and buf_mask is None:
+                buf_mask = np.ones(len(buf_ids), dtype=bool)
+            chat |= mask is not None
+            if buf_mask is not None:
+                buf_mask = np.concatenate([buf_mask, mask if mask is not None else np.ones(len(ids), dtype=bool)])
+            buf_ids = np.concatenate([buf_ids, ids])
+            while len(buf_ids) > chunk and done + chunk <= budget:
+                run(chunk)
+                # the last token of a chunk is the first input of the next (targets never repeat)
+                buf_ids = buf_ids[chunk:]
+                buf_mask = None if buf_mask is None else buf_mask[chunk:]
+            if done + chunk > budget and len(buf_ids) > budget - done:
+                break
+        last = min(len(buf_ids) - 1, budget - done)
+        if last > 0:
+            run(int(last))
+    if done == 0:
+        raise PakarError(f"nothing to evaluate in --data {' '.join(map(str, specs))}: fewer than 2 tokens")
+    return sums.result(model, distributed=False) | {"chat": chat}
+
+
+def expert_table(res: dict) -> str:
+    """Per-layer expert shares (%), the ideal share, and max/mean (1.00 = perfectly balanced)."""
+    frac = res["expert_fraction"]
+    E = len(frac[0])
+    head = "layer " + "".join(f"{f'e{e}':>6}" for e in range(E)) + "  max/mean"
+    lines = [f"expert load (% of routed tokens per layer; balanced = {100 / E:.1f}% each):", head]
+    for layer, (row, mom) in enumerate(zip(frac, res["expert_max_over_mean"])):
+        lines.append(f"{layer:>5} " + "".join(f"{100 * x:6.1f}" for x in row) + f"  {mom:8.2f}")
+    return "\n".join(lines)
+
+
+def plot_experts(res: dict, path: Path, title: str) -> None:
     try:
-        with torch.no_grad(), autocast:
-            for i, rows in enumerate(steps):
-                if not rows:  # keep collective forwards in step with the other ranks
-                    model(torch.zeros(1, 1, dtype=torch.long, device=device))
-                    continue
-                T = rows[0][1]
-                win = np.stack([np.asarray(tokens[s:s + T + 1], dtype=np.int64) for s, _ in rows])
-                win = torch.from_numpy(win).to(device, non_blocking=True)
-                x_BT, y_BT = win[:, :-1], win[:, 1:]
-                out = model(x_BT)
-                nll_BT = F.cross_entropy(out.logits.float().flatten(0, 1), y_BT.reshape(-1),
-                                         reduction="none").view(y_BT.shape)
-                keep_BT = torch.ones_like(y_BT, dtype=torch.bool)
-                if loss_mask is not None:
-                    m = np.stack([np.asarray(loss_mask[s + 1:s + T + 1], dtype=bool) for s, _ in rows])
-                    keep_BT = torch.from_numpy(m).to(device)
-                nll64 = nll_BT.double() * keep_BT
-                sums[0] += nll64.sum()
-                sums[1] += keep_BT.sum()
-                if bytes_V is not None:
-                    b_BT = bytes_V[y_BT] * keep_BT
-                    sums[2] += (nll64 * (b_BT > 0)).sum()
-                    sums[3] += b_BT.sum()
-                counts = out.expert_counts.to(torch.int64)
-                counts_LE = counts if counts_LE is None else counts_LE + counts
-                windows += len(rows)
-                if progress is not None:
-                    progress(i + 1, len(steps))
-    finally:
-        model.train(was_training)
+        import matplotlib
 
-    if counts_LE is None:  # this rank had no windows at all: contribute zeros of the right shape
-        cfg = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
-        counts_LE = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64, device=device)
-    counts_LE = counts_LE.to(device)
-    win_t = torch.tensor([windows], dtype=torch.int64, device=device)
-    if distributed:
-        import torch.distributed as dist
+        matplotlib.use("Agg")  # files only; never needs a display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PakarError("--plot needs matplotlib: pip install matplotlib (or pip install pakar[plot])") from None
+    frac = np.asarray(res["expert_fraction"]) * 100
+    L, E = frac.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * E + 2), max(2.5, 0.35 * L + 1.5)))
+    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(E))
+    ax.set_yticks(range(L))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=f"% of routed tokens (balanced: {100 / E:.1f}%)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
-        for t in (sums, counts_LE, win_t):
-            dist.all_reduce(t)
-    nats, n_tok, nats_b, n_bytes = sums.tolist()
-    loss = nats / n_tok if n_tok else float("nan")
-    counts = counts_LE.cpu()
-    per_layer = counts.sum(dim=1, keepdim=True).clamp_min(1)
-    frac = (counts.double() / per_layer).tolist()
-    mean = counts.double().mean(dim=1).clamp_min(1e-12)
-    return {
-        "loss": loss,
-        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-        "bits_per_byte": (nats_b / (LN2 * n_bytes)) if bytes_V is not None and n_bytes else None,
-        "tokens": int(n_tok),
-        "bytes": int(n_bytes),
-        "windows": int(win_t.item()),
-        "expert_counts": counts.tolist(),
-        "expert_fraction": frac,
-        "expert_max_over_mean": (counts.double().max(dim=1).values / mean).tolist(),
-        "seconds": time.perf_counter() - t0,
-    }
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from pakar.chat import pick_device, pick_dtype
+    from pakar.checkpoint import latest_epoch_checkpoint, load_model
+    from pakar.corpus import CorpusStats
+
+    p = argparse.ArgumentParser(prog=prog, description="Validation loss, perplexity and bits per byte of a "
+                                "checkpoint on a corpus, and how evenly its experts are used.")
+    p.add_argument("--checkpoint", help="model checkpoint (default: the newest checkpoints/model_epoch*.pt "
+                   "in the current folder)")
+    p.add_argument("--data", nargs="+", required=True, metavar="SPEC",
+                   help="text files (one document per line), .gz, JSONL ({\"text\"} or chat {\"messages\"}: "
+                   "then only assistant tokens count), folders or globs")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens of context per window (default: the "
+                   "training --seq-len recorded in the checkpoint, else 256; at most the context window)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens (default: all)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (default auto: bfloat16 autocast on cuda, float32 on cpu)")
+    p.add_argument("--plot", metavar="PNG", help="also draw the expert load per layer to this PNG file")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object, last")
+    args = p.parse_args(argv)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise PakarError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.batch_size < 1:
+        raise PakarError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    # weights stay float32 under autocast: the logits and the sums keep their precision
+    model, tokenizer, ckpt = load_model(path, device, None if dtype == torch.bfloat16 and device.type == "cuda"
+                                        else dtype)
+    amp = torch.bfloat16 if dtype == torch.bfloat16 and device.type == "cuda" else None
+    W = model.config.max_position_embeddings
+    trained = (ckpt.get("meta", {}).get("seq_len") or ckpt.get("train_args", {}).get("seq_len") or 256)
+    seq_len = args.seq_len if args.seq_len is not None else min(int(trained), W)
+    if not 1 <= seq_len <= W:
+        raise PakarError(f"--seq-len {seq_len}: must be between 1 and the model's context window ({W})")
+
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, sums) -> None:
+        if tty:
+            dt = time.perf_counter() - sums.t0
+            print(f"\r  {done:,} tokens evaluated ({done / max(dt, 1e-9):,.0f} tokens/s)", end="",
+                  file=sys.stderr, flush=True)
+
+    stats = CorpusStats()
+    res = evaluate_corpus(model, tokenizer, args.data, args.batch_size, seq_len, args.max_tokens, device, amp,
+                          stats=stats, progress=progress)
+    if tty:
+        print(file=sys.stderr)
+    res |= {"checkpoint": str(path), "data": list(args.data), "seq_len": seq_len, "corpus": stats.summary()}
+    scope = "assistant tokens of chat records, every token of text records" if res["chat"] else "every token"
+    print(f"pakar eval | {path} on {' '.join(args.data)}")
+    print(f"corpus: {stats.summary()}")
+    for w in stats.warnings():
+        print(f"warning: {w}")
+    print(f"{res['tokens']:,} tokens ({scope}), {res['bytes']:,} bytes, windows of {seq_len} tokens, "
+          f"{res['seconds']:.1f} s")
+    bpb = res["bits_per_byte"]
+    print(f"bits per byte {bpb:.4f} | loss {res['loss']:.4f} nats/token | perplexity {res['perplexity']:.2f}"
+          if bpb is not None else f"loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f}")
+    print(expert_table(res))
+    if args.plot:
+        plot_experts(res, Path(args.plot), f"{path.name}: expert load on {' '.join(args.data)}"[:90])
+        print(f"plot: {args.plot}")
+        res["plot"] = args.plot
+    if args.json:
+        print(json.dumps(res, ensure_ascii=False))
+    return 0

@@ -24,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from pakar import PakarError
 from pakar.config import ModelConfig
-from pakar.moe import MoE
+from pakar.moe import MoE, compute_dtype
 
 
 class RMSNorm(nn.Module):
@@ -35,8 +36,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 like the reference, then scale in the input dtype
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # One fused kernel, which normalises in float32 whatever the input dtype (as the reference
+        # does) and returns the input's dtype: under autocast a bfloat16 input (q_norm, k_norm) stays
+        # bfloat16 instead of being promoted to float32 by a float32 weight.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -107,9 +110,58 @@ class Block(nn.Module):
         return x_BTD + h_BTD, balance_loss, z_loss
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """lm_head and cross-entropy in one, chunk by chunk, never holding the (N, V) logits.
+
+    The forward pass computes each chunk's logits, their float32 log-sum-exp and loss, and at once the
+    chunk's gradient (softmax - one-hot) pushed through the matmul to the hidden states and the head
+    weight, so the backward pass is two scalings. This trades nothing in FLOPs (the same three
+    matmuls as lm_head + cross_entropy + backward) for never writing, converting, zero-filling and
+    re-reading a float32 (N, V) tensor: with a small model and an 8192-token vocabulary that memory
+    traffic costs more than all the matmuls of the head. Gradients are only computed when needed.
+    Rows whose target is -100 are ignored. Returns the summed loss and the number of counted rows.
+    """
+
+    @staticmethod
+    def forward(ctx, h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int):
+        N, V = h_ND.shape[0], w_VD.shape[0]
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        valid_N = targets_N != -100
+        safe_N = torch.where(valid_N, targets_N, 0)
+        loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+        if need_grad:
+            grad_h_ND = torch.empty_like(h_ND)
+            grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
+        rows = torch.arange(min(chunk, N), device=h_ND.device)
+        for s in range(0, N, chunk):
+            h_CD, t_C, v_C = h_ND[s:s + chunk], safe_N[s:s + chunk], valid_N[s:s + chunk]
+            C = h_CD.shape[0]
+            logp_CV = torch.log_softmax((h_CD @ w_VD.T).float(), dim=-1)
+            nll_C = -logp_CV[rows[:C], t_C]
+            loss += torch.where(v_C, nll_C, 0.0).sum()
+            if need_grad:
+                p_CV = logp_CV.exp_()  # softmax, in place
+                p_CV[rows[:C], t_C] -= 1.0
+                g_CV = p_CV.mul_(v_C.unsqueeze(1)).to(h_ND.dtype)
+                torch.mm(g_CV, w_VD, out=grad_h_ND[s:s + C])
+                if g_CV.dtype == grad_w_VD.dtype:
+                    grad_w_VD.addmm_(g_CV.T, h_CD)
+                else:  # float32 accumulation across chunks of the low-precision products
+                    grad_w_VD += g_CV.T @ h_CD
+        if need_grad:
+            ctx.save_for_backward(grad_h_ND, grad_w_VD)
+        ctx.w_dtype = w_VD.dtype
+        return loss, valid_N.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_count):
+        grad_h_ND, grad_w_VD = ctx.saved_tensors
+        return (grad_h_ND * grad_loss.to(grad_h_ND.dtype), (grad_w_VD * grad_loss).to(ctx.w_dtype), None, None)
+
+
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only
+    logits: torch.Tensor | None  # (B, T, V), or (B, 1, V) with last_only; None with return_logits=False
     loss: torch.Tensor | None  # cross-entropy over targets != -100 ("mean" or "sum" per loss_reduction)
     aux_loss: torch.Tensor  # coefficient-weighted load-balancing + z-loss, averaged over layers: add it to loss
     balance_loss: torch.Tensor  # unweighted Switch loss, mean over layers (1.0 = perfectly uniform)
@@ -128,6 +180,8 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False  # recompute each block in backward to save memory
+        # rows per chunk of the fused head (return_logits=False): about 4 MiB of float32 logits
+        self.loss_chunk_rows = max(16, (1 << 20) // config.vocab_size)
         cos, sin = self._rope_tables(config.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -176,13 +230,16 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, S) bool, False = padding key
         last_only: bool = False,  # logits for the last position only (generation)
         loss_reduction: str = "mean",  # "mean" or "sum" over the counted targets
+        return_logits: bool = True,  # False (with targets): fused chunked head + loss, logits=None
     ) -> ModelOutput:
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
         S = start + T
         if S > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {S} tokens exceeds max_position_embeddings "
-                             f"({self.config.max_position_embeddings})")
+            raise PakarError(f"a sequence of {S} tokens exceeds the model's context "
+                             f"(max_position_embeddings = {self.config.max_position_embeddings})")
         if position_ids is None:
             cos, sin = self.rope_cos[start:S][None, None], self.rope_sin[start:S][None, None]
         else:
@@ -211,12 +268,20 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.pos = S
         x = self.norm(x[:, -1:] if last_only else x)
-        logits = self.lm_head(x)
 
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=-100, reduction=loss_reduction)
+        logits, loss = None, None
+        if targets is not None and not return_logits:
+            dtype = compute_dtype(x)
+            with torch.autocast(x.device.type, enabled=False):
+                loss_sum, n = LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]).to(dtype),
+                                                       self.lm_head.weight.to(dtype), targets.reshape(-1),
+                                                       self.loss_chunk_rows)
+            loss = loss_sum / n if loss_reduction == "mean" else loss_sum
+        else:
+            logits = self.lm_head(x)
+            if targets is not None:
+                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=-100, reduction=loss_reduction)
         balance_loss, z_loss = torch.stack(balance).mean(), torch.stack(zl).mean()
         aux_loss = self.config.router_aux_loss_coef * balance_loss + self.config.router_z_loss_coef * z_loss
         counts = torch.stack([layer.mlp.last_counts for layer in self.layers])

@@ -1,21 +1,32 @@
 """The sparse Mixture-of-Experts feed-forward: router, dropless token-choice dispatch, SwiGLU experts.
 
 Design (Qwen3-MoE compatible, torchtitan-style dispatch):
-- Router (`gate`): logits and softmax in float32; top-k on the probabilities (plus an optional
-  per-expert selection bias, DeepSeek-V3's auxiliary-loss-free balancing, which only changes which
-  experts are chosen, never the gate values). `norm_topk_prob` renormalises the chosen k probabilities;
-  with top-1 it must stay off or the gate would always be 1.0 and the router would get no gradient
-  from the language-model loss.
+- Router (`gate`): logits and softmax in float32, also under autocast (routing decisions must not
+  flip with the precision); top-k on the probabilities plus an optional per-expert selection bias
+  (DeepSeek-V3's auxiliary-loss-free balancing), which only changes which experts are chosen, never
+  the gate values. `norm_topk_prob` renormalises the chosen k probabilities; with top-1 the config
+  refuses it, because the gate would always be 1.0 and the router would get no gradient from the
+  language-model loss.
 - Experts are stacked 3-D tensors in nn.Linear's (out, in) layout, so expert i's `gate_proj` is
   `experts.gate_proj[i]` and export to per-expert Hugging Face names is a slice.
-- Dispatch is dropless: the (token, expert) pairs are sorted by expert and run as one grouped matmul
-  (`torch._grouped_mm`) over contiguous per-expert row blocks, then unsorted and combined with the
-  gate weights. Where the grouped matmul is not available the per-expert loop runs instead; it is also
-  the test oracle. Both paths give every expert a gradient (zero when it got no tokens) every step,
-  so data-parallel gradient reduction never waits for a missing parameter.
-- The grouped path needs no host-device synchronisation: offsets stay on the device.
+- Dispatch is dropless: the N*K (token, expert) pairs are sorted by expert and run as one grouped
+  matmul (`torch._grouped_mm`) over contiguous per-expert row blocks, then put back in token order and
+  combined with the gate weights. The activations are cast to the compute dtype *before* the gather,
+  so under bfloat16 autocast the N*K-row copies move half the bytes. Gate and up projections run as
+  one grouped matmul over [gate; up] concatenated along the output dimension: under autocast the
+  weights are cast to bfloat16 every step anyway, and concatenating in the same copy makes the
+  fusion free (measured in benchmarks/bench_model.py); in float32 the two projections run apart,
+  since there the concatenation would be an extra copy of every expert weight.
+- Where the grouped matmul is not available (float32 under torch.compile on CPU, float32 or pre-Hopper
+  GPUs, old torch) the per-expert loop runs instead; it is also the test oracle. Both paths give every
+  expert a gradient (zero when it got no tokens) every step, so data-parallel gradient reduction never
+  waits for a missing parameter.
+- The grouped path needs no host-device synchronisation: expert offsets come from a searchsorted on
+  the sorted expert ids and stay on the device (bincount would read its size back to the host on GPU).
+- The model keeps no load accumulator: the training loop sums `expert_counts` over micro-steps (and
+  ranks) and calls `update_expert_bias` once per optimizer step.
 
-Shapes: N tokens, D hidden, E experts, K top-k, I expert hidden size.
+Shapes: N tokens, M = N*K routed rows, D hidden, E experts, K top-k, I expert hidden size, L layers.
 """
 
 from __future__ import annotations
@@ -27,17 +38,24 @@ import torch.nn.functional as F
 from pakar.config import ModelConfig
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: the autocast dtype inside an autocast region, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class Router(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))  # (E, D)
-        # selection-only bias for aux-loss-free balancing; a buffer, updated by update_expert_bias()
+        # selection-only bias for aux-loss-free balancing; a buffer, changed only by update_expert_bias()
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
     def forward(self, x_ND: torch.Tensor):
-        with torch.autocast(x_ND.device.type, enabled=False):  # routing decisions in float32
+        with torch.autocast(x_ND.device.type, enabled=False):
             logits_NE = F.linear(x_ND.float(), self.weight.float())
         probs_NE = logits_NE.softmax(dim=-1)
         # the bias is zero unless balancing is on, and adding zeros leaves the choice unchanged
@@ -48,9 +66,10 @@ class Router(nn.Module):
         return logits_NE, probs_NE, idx_NK, weight_NK
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    """torch._grouped_mm works for float32/bfloat16 on CPU (torch >= 2.8) and bfloat16 on Hopper+ GPUs.
-    float32 on CPU fails under torch.compile, so compiled float32 code takes the loop."""
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm can run on `x`'s device and dtype here: float32/bfloat16 on CPU
+    (torch >= 2.8; float32 fails under torch.compile, so compiled float32 takes the loop) and bfloat16
+    on Hopper or newer GPUs."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cpu":
@@ -69,31 +88,41 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.use_grouped_mm = True  # tests switch it off to compare against the loop
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """x_MD: rows sorted by expert; counts_E: rows per expert. Returns (M, D)."""
-        dtype = torch.get_autocast_dtype(x_MD.device.type) if torch.is_autocast_enabled(x_MD.device.type) else x_MD.dtype
-        x_MD = x_MD.to(dtype)
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, offsets_E: torch.Tensor | None = None) -> torch.Tensor:
+        """x_MD: rows sorted by expert, in the compute dtype; counts_E: rows per expert; offsets_E
+        (optional, int32): their running sum. Returns (M, D) in x_MD's dtype."""
+        dtype = x_MD.dtype
+        if self.use_grouped_mm and grouped_mm_available(x_MD):
+            if offsets_E is None:
+                offsets_E = counts_E.cumsum(0, dtype=torch.int32)
+            I = self.gate_proj.shape[1]
+            if dtype != self.gate_proj.dtype:
+                # the cast is a copy anyway: concatenate in the same pass and run one grouped matmul
+                w_gate_up_EJD = torch.cat((self.gate_proj, self.up_proj), dim=1).to(dtype)  # J = 2I
+                h_MJ = torch._grouped_mm(x_MD, w_gate_up_EJD.transpose(-2, -1), offs=offsets_E)
+                g_MI, u_MI = h_MJ[:, :I], h_MJ[:, I:]
+            else:
+                g_MI = torch._grouped_mm(x_MD, self.gate_proj.transpose(-2, -1), offs=offsets_E)
+                u_MI = torch._grouped_mm(x_MD, self.up_proj.transpose(-2, -1), offs=offsets_E)
+            h_MI = F.silu(g_MI) * u_MI
+            return torch._grouped_mm(h_MI, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
         w_gate, w_up, w_down = (w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
-        if self.use_grouped_mm and _grouped_mm_ok(x_MD):
-            offs = counts_E.cumsum(0, dtype=torch.int32)
-            h_MI = F.silu(torch._grouped_mm(x_MD, w_gate.transpose(-2, -1), offs=offs))
-            h_MI = h_MI * torch._grouped_mm(x_MD, w_up.transpose(-2, -1), offs=offs)
-            return torch._grouped_mm(h_MI, w_down.transpose(-2, -1), offs=offs)
         return self.forward_loop(x_MD, counts_E, w_gate, w_up, w_down)
 
     @staticmethod
-    def forward_loop(x_MD, counts_E, w_gate, w_up, w_down):
-        # Every expert runs, even with zero rows, so that each weight gets a (zero) gradient.
+    def forward_loop(x_MD, counts_E, w_gate_EID, w_up_EID, w_down_EDI):
+        """The plain per-expert loop: the fallback and the test oracle. Every expert runs, even on zero
+        rows, so that each weight gets a (zero) gradient. Reads the counts on the host (a GPU sync)."""
         outs = []
         for e, x_e in enumerate(torch.split(x_MD, counts_E.tolist())):
-            h = F.silu(x_e @ w_gate[e].T) * (x_e @ w_up[e].T)
-            outs.append(h @ w_down[e].T)
+            h = F.silu(x_e @ w_gate_EID[e].T) * (x_e @ w_up_EID[e].T)
+            outs.append(h @ w_down_EDI[e].T)
         return torch.cat(outs)
 
 
 class MoE(nn.Module):
-    """Sparse MoE block. forward(x) -> (y, balance_loss, z_loss); per-expert token counts of the last
-    call are kept in `last_counts` (detached) for logging and bias balancing."""
+    """Sparse MoE block. forward(x) -> (y, balance_loss, z_loss); the per-expert token counts of the
+    last call are kept in `last_counts` (detached) for logging and bias balancing."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -109,19 +138,24 @@ class MoE(nn.Module):
         x_ND = x_BTD.reshape(-1, D)
         logits_NE, probs_NE, idx_NK, weight_NK = self.gate(x_ND)
 
-        # sort the N*K (token, expert) pairs by expert; stable so equal experts keep token order
-        idx_flat = idx_NK.reshape(-1)
-        order = torch.argsort(idx_flat, stable=True)
-        counts_E = torch.bincount(idx_flat, minlength=E)
-        y_MD = self.experts(x_ND[order // K], counts_E)
-        # unsort back to (N, K, D) and combine with the gate weights
-        y_NKD = torch.empty_like(y_MD).index_copy_(0, order, y_MD).view(-1, K, D)
-        y_ND = (y_NKD * weight_NK.unsqueeze(-1).to(y_NKD.dtype)).sum(dim=1)
+        # Sort the M = N*K (token, expert) pairs by expert; stable, so rows keep token order within
+        # an expert. Row m of the sorted block is token order_M[m] // K, its k-th choice.
+        expert_M, order_M = torch.sort(idx_NK.reshape(-1), stable=True)
+        offsets_E = torch.searchsorted(expert_M, torch.arange(E, device=x_BTD.device), right=True)
+        counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
+        dtype = compute_dtype(x_ND)
+        y_MD = self.experts(x_ND.to(dtype)[order_M // K], counts_E, offsets_E.to(torch.int32))
+
+        # back to token order (a scatter with distinct indices: its backward is a plain gather),
+        # then the gate-weighted sum over each token's K experts, accumulated in float32
+        y_NKD = torch.empty_like(y_MD).index_copy_(0, order_M, y_MD).view(-1, K, D)
+        y_ND = (y_NKD * weight_NK.unsqueeze(-1)).sum(dim=1) if K > 1 else y_NKD.view(-1, D) * weight_NK
 
         # Switch load-balancing loss: E * sum_e f_e * P_e, with f_e the fraction of the N*K assignments
         # that went to expert e and P_e its mean router probability; exactly 1.0 when routing is uniform.
-        frac_E = counts_E.float() / idx_flat.numel()
+        frac_E = counts_E.float() / expert_M.numel()
         balance_loss = E * (frac_E * probs_NE.mean(dim=0)).sum()
+        # ST-MoE router z-loss: mean squared log-partition of the router logits
         z_loss = torch.logsumexp(logits_NE, dim=-1).square().mean()
         self.last_counts = counts_E.detach()
         return y_ND.view(B, T, D).to(x_BTD.dtype), balance_loss, z_loss
@@ -133,6 +167,33 @@ def update_expert_bias(moes: list[MoE], loads_LE: torch.Tensor, rate: float) -> 
     under-loaded experts and lower it for over-loaded ones by `rate` (sign update), then centre the
     update so the biases keep zero mean. `loads_LE` are token counts summed over the gradient
     accumulation micro-steps (and over ranks, by the caller, in distributed training)."""
+    if len(moes) != loads_LE.shape[0]:
+        raise ValueError(f"loads_LE has {loads_LE.shape[0]} layers, the model has {len(moes)} MoE layers")
     for moe, load_E in zip(moes, loads_LE):
-        step = torch.sign(load_E.float().mean() - load_E.float()) * rate
-        moe.gate.expert_bias += step - step.mean()
+        load_E = load_E.to(moe.gate.expert_bias.device, torch.float32)
+        step_E = torch.sign(load_E.mean() - load_E) * rate
+        moe.gate.expert_bias += step_E - step_E.mean()
+
+
+def expert_load_stats(counts_LE) -> dict:
+    """Expert-load figures for logs and reports from per-layer token counts (L, E), e.g. a forward's
+    `expert_counts` or their sum over steps:
+    - "fraction": per layer, the share of the layer's routed tokens each expert got (L lists of E);
+    - "imbalance": per layer, max over mean of the counts (1.0 = perfectly even; E = one expert takes
+      everything; 0.0 for a layer that saw no tokens);
+    - "imbalance_max" (the worst layer) and "imbalance_mean" (over layers);
+    - "idle_experts": per layer, how many experts got no token at all."""
+    c = torch.as_tensor(counts_LE).detach().to("cpu", torch.float64)
+    if c.dim() != 2:
+        raise ValueError(f"counts_LE must be (layers, experts), got shape {tuple(c.shape)}")
+    total_L = c.sum(dim=1, keepdim=True)
+    frac_LE = torch.where(total_L > 0, c / total_L.clamp(min=1), torch.zeros_like(c))
+    mean_L = c.mean(dim=1)
+    imb_L = torch.where(mean_L > 0, c.max(dim=1).values / mean_L.clamp(min=1e-300), torch.zeros_like(mean_L))
+    return {
+        "fraction": frac_LE.tolist(),
+        "imbalance": imb_L.tolist(),
+        "imbalance_max": float(imb_L.max()) if imb_L.numel() else 0.0,
+        "imbalance_mean": float(imb_L.mean()) if imb_L.numel() else 0.0,
+        "idle_experts": (c == 0).sum(dim=1).tolist(),
+    }

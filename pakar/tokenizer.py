@@ -44,13 +44,13 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from pakar import PakarError
-from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_path, is_val,
+from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_path, human_bytes, is_val,
                           iter_documents, resolve_sources)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
@@ -109,14 +109,16 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         path = Path(path)
+        if not path.is_file():
+            raise PakarError(f"{path}: no such tokenizer file")
         try:
-            return cls.from_json(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PakarError(f"{path}: no such tokenizer file") from None
+            hf = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # `tokenizers` raises a bare Exception on malformed JSON
-            if isinstance(e, PakarError):
-                raise PakarError(f"{path}: {e}") from None
-            raise PakarError(f"{path}: not a tokenizer.json ({e})") from None
+            raise PakarError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
+        try:
+            return cls(hf)
+        except PakarError as e:
+            raise PakarError(f"{path}: {e}") from None
 
     def token_byte_lengths(self) -> list[int]:
         """UTF-8 bytes each token id stands for (0 for special tokens)."""
@@ -170,10 +172,12 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -
     return Tokenizer(hf)
 
 
-def train_on_corpus(specs, vocab_size: int = DEFAULT_VOCAB, log=print,
-                    stats: CorpusStats | None = None) -> tuple[Tokenizer, CorpusStats, list[str]]:
+def train_on_corpus(specs, vocab_size: int = DEFAULT_VOCAB, log=print, stats: CorpusStats | None = None,
+                    on_train_doc: Callable[[str], None] | None = None
+                    ) -> tuple[Tokenizer, CorpusStats, list[str]]:
     """Trains on a corpus's training documents (sampled above TRAIN_MAX_BYTES); returns the tokenizer,
-    the corpus stats and up to HELDOUT_MAX_BYTES of held-out documents (never trained on)."""
+    the corpus stats and up to HELDOUT_MAX_BYTES of held-out documents (never trained on).
+    `on_train_doc` sees each training document (the CLI counts words with it)."""
     stats = CorpusStats() if stats is None else stats
     sources = resolve_sources(specs)
     # estimate the text size from the files (gzip text shrinks ~4x) to set a uniform sampling rate
@@ -185,20 +189,27 @@ def train_on_corpus(specs, vocab_size: int = DEFAULT_VOCAB, log=print,
     def training_docs() -> Iterator[str]:
         nonlocal heldout_bytes, trained_bytes
         for doc in iter_documents(sources, stats):
-            h = doc_hash(doc)
+            h, n_bytes = doc_hash(doc), len(doc.encode("utf-8"))
             if is_val(h, VAL_FRACTION):
                 if heldout_bytes < HELDOUT_MAX_BYTES:
                     heldout.append(doc)
-                    heldout_bytes += len(doc)
-            elif (h >> 32) % 1_000_000 < keep_ppm and trained_bytes < TRAIN_MAX_BYTES:  # independent bits
-                trained_bytes += len(doc)
+                    heldout_bytes += n_bytes
+            # sample with the hash's high bits, independent of the low bits that is_val reads
+            elif (h >> 32) % 1_000_000 < keep_ppm and trained_bytes < TRAIN_MAX_BYTES:
+                trained_bytes += n_bytes
+                if on_train_doc:
+                    on_train_doc(doc)
                 yield doc
+        if not trained_bytes:  # a tiny corpus that is all held out: train on it, report no compression
+            trained_bytes = heldout_bytes
+            yield from heldout
+            heldout.clear()
 
     t0 = time.time()
     tokenizer = train_tokenizer(training_docs(), vocab_size)
     sampled = f", a {keep_ppm / 1e4:.1f}% sample" if keep_ppm < 1_000_000 else ""
-    log(f"tokenizer: {tokenizer.vocab_size:,} tokens trained on {trained_bytes / 1e6:,.1f} MB{sampled} of "
-        f"{stats.summary()} in {time.time() - t0:.1f} s")
+    log(f"tokenizer: {tokenizer.vocab_size:,} tokens, trained in {time.time() - t0:.1f} s on "
+        f"{human_bytes(trained_bytes)} of text{sampled}; corpus: {stats.summary()}")
     if tokenizer.vocab_size < vocab_size:
         log(f"note: the corpus supports only {tokenizer.vocab_size:,} of the {vocab_size:,} tokens asked for")
     return tokenizer, stats, heldout
@@ -294,25 +305,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"no --data given: using the embedded sample corpus {embedded_sample_path()}")
     specs = args.data or [embedded_sample_path()]
 
-    # count words of the training text as it streams by, for the word-level comparison (first 64 MB)
+    # count the words of the training text as it streams by (first 64 MB), for the word-level comparison
     word_counts: Counter = Counter()
     counted = 0
 
-    def counting(docs):
+    def count_words(doc: str) -> None:
         nonlocal counted
-        for doc in docs:
-            if counted < 64_000_000:
-                word_counts.update(_WORD_RE.findall(doc))
-                counted += len(doc)
-            yield doc
+        if counted < 64_000_000:
+            word_counts.update(_WORD_RE.findall(doc))
+            counted += len(doc)
 
-    global train_tokenizer
-    plain_train = train_tokenizer
-    try:  # route the training stream through the word counter without a second pass over the corpus
-        train_tokenizer = lambda docs, vocab_size: plain_train(counting(docs), vocab_size)  # noqa: E731
-        tokenizer, stats, heldout = train_on_corpus(specs, args.vocab_size)
-    finally:
-        train_tokenizer = plain_train
+    tokenizer, stats, heldout = train_on_corpus(specs, args.vocab_size, on_train_doc=count_words)
     out = Path(args.out) / "tokenizer.json"
     tokenizer.save(out)
     for w in stats.warnings():
@@ -322,8 +325,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     report = {"tokenizer": str(out), "vocab_size": tokenizer.vocab_size, "corpus": stats.summary()}
     if heldout:
         report |= compression_report(tokenizer, heldout, word_counts)
-        print(f"held-out text: {report['heldout_documents']:,} documents, {report['heldout_bytes'] / 1e6:.2f} MB, "
-              f"{report['heldout_words']:,} words")
+        print(f"held-out text (never trained on): {report['heldout_documents']:,} documents, "
+              f"{human_bytes(report['heldout_bytes'])}, {report['heldout_words']:,} words")
         for name, label in (("bpe", "byte-level BPE"), ("word_level", "word-level"),
                             ("word_level_seed", "word-level (seed)")):
             r = report[name]

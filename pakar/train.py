@@ -72,6 +72,8 @@ class TrainArgs:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16
     vocab_size: int = 8192  # when a tokenizer has to be trained
+    val_fraction: float | None = None  # share of documents held out; None: pakar.corpus.VAL_FRACTION,
+    # or 5% for the small embedded sample corpus so that its validation loss means something
     activation_checkpointing: bool = False
     compile: bool = False
     init_from: str | None = None  # start from this checkpoint's weights and tokenizer (fine-tuning)
@@ -233,8 +235,11 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
 
         if init_ckpt is not None and tokenizer is None:
             tokenizer = Tokenizer.from_json(init_ckpt["tokenizer"])
+        from pakar.corpus import VAL_FRACTION
+
+        val_fraction = args.val_fraction or (VAL_FRACTION if args.data else 0.05)
         tokenizer, tokens = D.run_on_main_first(ctx, lambda: prepare(
-            args.data, run_dir, vocab_size=args.vocab_size, tokenizer=tokenizer,
+            args.data, run_dir, vocab_size=args.vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
             log=(lambda m: log.say(m)) if ctx.is_main else (lambda m: None)))
         data = TokenStreamData(tokens, BatchLoader(tokens.train, args.batch, args.seq_len, args.seed,
                                                    ctx.rank, ctx.world_size), tokenizer, args)
@@ -396,7 +401,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                 tokens_seen += tokens_per_step
                 tok_window += tokens_per_step
 
-                # log (the only host-device synchronisation of the step, every log_every steps)
+                # log: the loss is read every step (one host-device sync) for metrics.jsonl and exact-replay checks
                 loss_val = (ctx.all_reduce_sum(torch.as_tensor(loss_sum, dtype=torch.float32)) / n_targets).item()
                 history.append(loss_val)
                 if step % args.log_every == 0 or step_in_epoch == steps_per_epoch or step == total_steps:
@@ -406,7 +411,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     mfu = tps * flops_per_token / peak if peak else None
                     from pakar.moe import expert_load_stats
 
-                    imbalance = expert_load_stats(ctx.all_reduce_sum(loads.float()))["max_over_mean"]
+                    imbalance = expert_load_stats(ctx.all_reduce_sum(loads.float()))["imbalance_max"]
                     gn = float(grad_norm)
                     log.say(f"epoch {epoch + 1}/{args.epochs} | step {step}/{total_steps} | loss {loss_val:.4f} | "
                             f"aux {float(aux_sum):.4f} (balance {float(bal_sum):.3f}, z {float(z_sum):.3f}) | "
@@ -481,7 +486,7 @@ class TokenStreamData:
     def __init__(self, tokens, loader, tokenizer, args: TrainArgs):
         self.tokens, self.loader, self.args = tokens, loader, args
         self.steps_per_epoch = loader.steps_per_epoch
-        self.key = f"{tokens.manifest.get('key', tokens.dir.name)}:{tokenizer.sha256()}"
+        self.key = tokens.key  # the token cache key: sources, tokenizer and split rule
 
     def get(self, epoch: int, step: int):
         return self.loader.get(epoch, step)
@@ -536,6 +541,8 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainArgs = TrainArgs()
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
                    help="auto = bf16 autocast on CUDA, float32 on CPU (default auto)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of documents held out for "
+                   "validation (default 0.01, or 0.05 for the embedded sample corpus)")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"BPE vocabulary when a tokenizer is trained (default {d.vocab_size})")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")

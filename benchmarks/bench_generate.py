@@ -1,0 +1,150 @@
+"""Decode speed of pakar's engine against Hugging Face transformers' `generate` on the same weights.
+
+For the `tiny` and `small` presets (random weights, vocabulary 8192, a 64-token prompt), greedy:
+- time to first token (prefill + first token), batch 1;
+- decode tokens/s at batch 1 and at batch 8 (aggregate), from the time of N new tokens minus the
+  time of 1, so prefill does not count;
+- the same for Qwen3MoeForCausalLM (sdpa attention) holding the same weights, in the same run.
+Both must produce the same greedy tokens (checked and reported: `tokens_match`).
+Target: decode at batch 1 at least 3x transformers on a CPU.
+
+Run: python benchmarks/bench_generate.py [--configs tiny small] [--new-tokens 64] [--repeats 3]
+The last line printed is one JSON object. Both engines run with the same --threads (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pakar.config import get_config  # noqa: E402
+from pakar.engine import Engine, SamplingParams  # noqa: E402
+from pakar.model import Transformer  # noqa: E402
+
+
+def hf_copy(model: Transformer):
+    """transformers' Qwen3MoeForCausalLM with `model`'s weights (tests/hf_reference.py when present)."""
+    try:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from hf_reference import hf_model_from_pakar  # the model engineer's adapter
+
+        return hf_model_from_pakar(model).eval()
+    except ImportError:
+        pass
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    c = model.config
+    hc = Qwen3MoeConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                        head_dim=c.head_dim, num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                        moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
+                        max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta,
+                        rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
+                        decoder_sparse_step=1, mlp_only_layers=[])
+    hc._attn_implementation = "sdpa"
+    hf = Qwen3MoeForCausalLM(hc).eval()
+    sd = {}
+    state = model.state_dict()
+    for n, p in state.items():
+        if n.endswith("expert_bias") or "experts.up_proj" in n:
+            continue
+        if n.startswith("lm_head"):
+            sd[n] = p
+        elif "experts.gate_proj" in n:  # transformers 5 fuses gate and up: (E, 2I, D)
+            sd["model." + n.replace("gate_proj", "gate_up_proj")] = torch.cat([p, state[n.replace("gate_proj", "up_proj")]], 1)
+        else:
+            sd["model." + n] = p
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    if [m for m in missing if "rotary" not in m] or unexpected:
+        raise SystemExit(f"weight copy failed: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+def time_ours(engine: Engine, prompts: list[list[int]], n_new: int) -> tuple[float, list[list[int]]]:
+    sp = SamplingParams(max_new_tokens=n_new, temperature=0.0)
+    t0 = time.perf_counter()
+    out = engine.generate(prompts, sp)
+    return time.perf_counter() - t0, out
+
+
+def time_hf(hf, prompts: list[list[int]], n_new: int) -> tuple[float, list[list[int]]]:
+    ids = torch.tensor(prompts)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+    return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
+
+
+def measure(fn, target, prompts, n_new, repeats):
+    """(median seconds for 1 new token, median seconds for n_new, tokens of the last long run)."""
+    fn(target, prompts, 2)  # warm-up
+    t1 = statistics.median(fn(target, prompts, 1)[0] for _ in range(repeats))
+    runs = [fn(target, prompts, n_new) for _ in range(repeats)]
+    return t1, statistics.median(r[0] for r in runs), runs[-1][1]
+
+
+def bench_config(name: str, n_new: int, repeats: int, prompt_len: int) -> dict:
+    torch.manual_seed(0)
+    model = Transformer(get_config(name, vocab_size=8192)).eval()
+    hf = hf_copy(model)
+    engine = Engine(model)
+    g = torch.Generator().manual_seed(1)
+    res = {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+    with torch.inference_mode():
+        x = torch.randint(3, 8192, (1, prompt_len), generator=g)
+        res["max_logit_diff_vs_hf"] = (model(x).logits - hf(x).logits).abs().max().item()
+    match = True
+    for B in (1, 8):
+        prompts = torch.randint(3, 8192, (B, prompt_len), generator=g).tolist()
+        o1, oN, ours_tok = measure(time_ours, engine, prompts, n_new, repeats)
+        h1, hN, hf_tok = measure(time_hf, hf, prompts, n_new, repeats)
+        match &= ours_tok == hf_tok
+        ours_rate, hf_rate = B * (n_new - 1) / (oN - o1), B * (n_new - 1) / (hN - h1)
+        res[f"batch{B}"] = {"ours_decode_tok_s": round(ours_rate, 1), "hf_decode_tok_s": round(hf_rate, 1),
+                            "speedup": round(ours_rate / hf_rate, 2),
+                            "ours_ttft_ms": round(1000 * o1, 2), "hf_ttft_ms": round(1000 * h1, 2)}
+        print(f"{name} batch {B}: ours {ours_rate:,.0f} tok/s, transformers {hf_rate:,.0f} tok/s "
+              f"({ours_rate / hf_rate:.2f}x); time to first token {1000 * o1:.1f} ms vs {1000 * h1:.1f} ms",
+              flush=True)
+    res["tokens_match"] = match
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=["tiny", "small"])
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens per timed run (default 64)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; medians (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for both engines (default 1: on a "
+                   "shared machine, OpenMP threads spin-waiting on a busy core make multi-threaded timings noise)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = {"benchmark": "generate", "device": "cpu", "threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
+    import transformers
+
+    out["transformers"] = transformers.__version__
+    for name in args.configs:
+        out[name] = bench_config(name, args.new_tokens, args.repeats, args.prompt_len)
+    speedups = [out[n]["batch1"]["speedup"] for n in args.configs]
+    out["target_batch1_speedup"] = 3.0
+    out["min_batch1_speedup"] = min(speedups)
+    out["target_met"] = min(speedups) >= 3.0
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

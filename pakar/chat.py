@@ -1,0 +1,453 @@
+"""Talking to a checkpoint from the terminal: `pakar chat` (the seed's chat_interactive.py), a REPL that
+streams answers, and `pakar chat-batch` (the seed's test_chat_batch.py), a batched run over a prompt
+list that writes a report.
+
+Design choices:
+
+- Both sit on pakar.generate.TextGenerator; nothing here touches tokens or the cache.
+- Mode. A checkpoint whose meta says "chat": True (chat fine-tuned) gets the ChatML template and a
+  conversation; a pretrained-only checkpoint continues text: each line typed is a document start
+  that the model continues, with no history (the REPL says so on start). `--mode` overrides.
+- History policy (chat mode): before each answer the oldest turns are dropped until the prompt
+  leaves min(max new tokens, half the window) tokens for the answer; the system prompt stays while
+  it fits. The REPL says how many turns it dropped. A message too long on its own is refused with
+  a one-line notice, and the REPL goes on.
+- Ctrl-C while an answer streams stops that answer (what was shown stays in the history) and returns
+  to the prompt; Ctrl-C at the prompt only explains how to leave; Ctrl-D or /quit leaves.
+- chat-batch runs prompts with continuous batching: up to --batch-size rows decode together and a
+  finished row's place goes to the next prompt at once. Each prompt gets seed --seed + its index, so
+  its answer does not depend on the batch size. Per-prompt tokens/s is that row's own rate (tokens
+  over the time from its prefill to its last token, shared with the other rows); the summary adds the
+  aggregate rate. Reports: `<out>/chat_batch_<checkpoint>.jsonl` and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pakar import PakarError
+from pakar.engine import SamplingParams
+from pakar.generate import ContextLengthError, Request, TextGenerator
+
+# The seed's topics: teknologi, pengetahuan umum, topik ringan, jurnal. Each entry has a question for
+# chat models and an opening for models that only continue text.
+DEFAULT_PROMPTS = [
+    ("teknologi", "Apa itu kecerdasan buatan dan bagaimana cara kerjanya?",
+     "Kecerdasan buatan adalah"),
+    ("teknologi", "Jelaskan perbedaan antara perangkat keras dan perangkat lunak.",
+     "Perbedaan antara perangkat keras dan perangkat lunak adalah"),
+    ("teknologi", "Bagaimana cara menjaga keamanan kata sandi di internet?",
+     "Untuk menjaga keamanan kata sandi di internet, kita perlu"),
+    ("pengetahuan umum", "Apa ibu kota Indonesia dan di pulau mana letaknya?",
+     "Ibu kota Indonesia adalah"),
+    ("pengetahuan umum", "Mengapa Indonesia memiliki banyak gunung berapi?",
+     "Indonesia memiliki banyak gunung berapi karena"),
+    ("pengetahuan umum", "Sebutkan beberapa suku bangsa yang ada di Indonesia.",
+     "Suku bangsa di Indonesia antara lain"),
+    ("topik ringan", "Apa makanan khas Indonesia yang paling kamu sukai?",
+     "Makanan khas Indonesia yang paling terkenal adalah"),
+    ("topik ringan", "Berikan tips agar tetap semangat di pagi hari.",
+     "Agar tetap semangat di pagi hari,"),
+    ("topik ringan", "Ceritakan tentang liburan yang menyenangkan di Bali.",
+     "Liburan di Bali sangat menyenangkan karena"),
+    ("jurnal", "Tuliskan abstrak singkat penelitian tentang pengaruh media sosial terhadap remaja.",
+     "Abstrak. Penelitian ini bertujuan untuk mengetahui pengaruh media sosial terhadap"),
+    ("jurnal", "Apa saja bagian utama dari sebuah artikel jurnal ilmiah?",
+     "Sebuah artikel jurnal ilmiah terdiri dari"),
+    ("jurnal", "Jelaskan metode penelitian kualitatif secara singkat.",
+     "Metode penelitian kualitatif adalah"),
+]
+
+HELP = """commands:
+  /reset          forget the conversation (keeps the system prompt)
+  /system TEXT    set the system prompt (/system with no text removes it); resets the conversation
+  /temp X         temperature (0 = greedy)
+  /topk N         keep the N most likely tokens (0 = off)
+  /topp X         nucleus sampling mass, in (0, 1] (1 = off)
+  /max N          maximum new tokens per answer
+  /help           this list
+  /quit           leave (or Ctrl-D)
+Ctrl-C stops an answer while it is being written."""
+
+
+# --- shared command-line plumbing -------------------------------------------------------------------
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="model checkpoint (default: the newest checkpoints/model_epoch*.pt "
+                   "in the current folder)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and cache dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--mode", default="auto", choices=["auto", "chat", "text"],
+                   help="chat: ChatML template; text: continue text; auto: chat when the checkpoint was "
+                   "chat fine-tuned (default auto)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_new: int) -> None:
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"sampling temperature, 0 = greedy (default {temperature})")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1], 1 = off (default 0.95)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1,
+                   help="> 1 discourages repeating tokens, 1 = off (default 1.1)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"tokens per answer at most (default {max_new})")
+    p.add_argument("--system", default=None, help="system prompt for chat mode (default: none)")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise PakarError(f"--device {name!r}: not a device (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PakarError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_generator(args) -> tuple[TextGenerator, Path, dict]:
+    from pakar.checkpoint import latest_epoch_checkpoint, load_model
+
+    path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
+    device = pick_device(args.device)
+    model, tokenizer, ckpt = load_model(path, device, pick_dtype(args.dtype, device))
+    meta = ckpt.get("meta", {})
+    chat = bool(meta.get("chat", False)) if args.mode == "auto" else args.mode == "chat"
+    return TextGenerator(model, tokenizer, chat=chat), path, meta
+
+
+def sampling_from_args(args, seed: int | None = None) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed)
+
+
+def describe(gen: TextGenerator, path: Path) -> str:
+    n = sum(p.numel() for p in gen.engine.model.parameters())
+    cfg = gen.engine.config
+    return (f"{path} | {n / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
+            f"(top-{cfg.num_experts_per_tok}) | context {gen.context_window} tokens | {gen.engine.device}")
+
+
+# --- the REPL -------------------------------------------------------------------------------------
+
+class ChatSession:
+    """The REPL's state and logic, separate from the terminal so that tests can drive it directly."""
+
+    def __init__(self, gen: TextGenerator, params: SamplingParams, system: str | None = None, out=None):
+        self.gen, self.params, self.system = gen, params, system
+        self.history: list[dict] = []
+        self.out = out or sys.stdout
+
+    def write(self, s: str) -> None:
+        self.out.write(s)
+        self.out.flush()
+
+    def command(self, line: str) -> bool:
+        """Apply a /command; False when the session should end."""
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        setters = {"temp": ("temperature", float), "topk": ("top_k", int), "topp": ("top_p", float),
+                   "max": ("max_new_tokens", int)}
+        if name in ("quit", "exit", "q"):
+            return False
+        if name == "help":
+            self.write(HELP + "\n")
+        elif name == "reset":
+            self.history.clear()
+            self.write("(conversation cleared)\n")
+        elif name == "system":
+            self.system = arg or None
+            self.history.clear()
+            if not self.gen.chat:
+                self.write("(text mode has no system prompt; stored for a chat model only)\n")
+            self.write(f"(system prompt {'set' if arg else 'removed'}; conversation cleared)\n")
+        elif name in setters:
+            field_, kind = setters[name]
+            try:
+                self.params = dataclasses.replace(self.params, **{field_: kind(arg)})
+                self.write(f"({field_} = {getattr(self.params, field_)})\n")
+            except (ValueError, PakarError) as e:
+                msg = str(e) if isinstance(e, PakarError) else f"/{name} needs a {kind.__name__}, got {arg!r}"
+                self.write(f"({msg})\n")
+        else:
+            self.write(f"(unknown command /{name}; /help lists them)\n")
+        return True
+
+    def prompt_for(self, text: str):
+        """The prompt for the next answer: the fitted conversation (chat) or the text itself."""
+        if not self.gen.chat:
+            return text
+        self.history.append({"role": "user", "content": text})
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        reserve = min(self.params.max_new_tokens, self.gen.context_window // 2)
+        try:
+            kept = self.gen.fit_messages(messages, reserve)
+        except ContextLengthError:
+            self.history.pop()
+            raise
+        turns = [m for m in kept if m["role"] != "system"]
+        if len(turns) < len(self.history):
+            self.write(f"(dropped the {len(self.history) - len(turns)} oldest message(s) to fit the context window)\n")
+            self.history = turns
+        if self.system and kept[0]["role"] != "system":
+            self.write("(the system prompt does not fit the context window with this message; left out)\n")
+        return kept
+
+    def answer(self, text: str) -> str:
+        """Stream the model's answer to `text`; Ctrl-C stops it. Returns the answer text."""
+        try:
+            prompt = self.prompt_for(text)
+            batch = self.gen.start([Request(prompt, self.params)])
+        except PakarError as e:
+            self.write(f"({e})\n")
+            return ""
+        self.write("model> ")
+        t0 = time.perf_counter()
+        pieces, n, reason = [], 0, None
+        try:
+            while batch.active:
+                for d in batch.step():
+                    self.write(d.text)
+                    pieces.append(d.text)
+                    reason = d.finish_reason or reason
+        except KeyboardInterrupt:
+            reason = "interrupted"
+        comp = batch.completions.get(0)
+        n = comp.completion_tokens if comp else len(pieces)
+        dt = time.perf_counter() - t0
+        note = {"length": ", length limit", "interrupted": ", stopped"}.get(reason, "")
+        self.write(f"\n[{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s{note}]\n")
+        answer = "".join(pieces)
+        if self.gen.chat and answer.strip():
+            self.history.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def repl(session: ChatSession, read=input) -> None:
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            session.write("\n")
+            return
+        except KeyboardInterrupt:
+            session.write("\n(/quit or Ctrl-D to leave)\n")
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not session.command(line):
+                return
+            continue
+        session.answer(line)
+
+
+def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Chat with a checkpoint in the terminal; answers "
+                                "stream as they are generated.")
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.8, max_new=256)
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible answers (default: random)")
+    args = p.parse_args(argv)
+    gen, path, _ = load_generator(args)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)  # unseeded rows draw their generator seeds from torch's RNG
+    params = sampling_from_args(args)
+    try:
+        import readline  # noqa: F401  (line editing and history where available; absent on Windows)
+    except ImportError:
+        pass
+    print(f"pakar chat | {describe(gen, path)}")
+    if gen.chat:
+        print("chat mode: the model was fine-tuned on conversations; it sees the history that fits its "
+              "context window.")
+    else:
+        print("text mode: this checkpoint was pretrained on plain text (no chat fine-tuning), so it "
+              "continues what you type; each line is continued on its own, with no conversation history.")
+    print("Type a message; /help lists commands, /quit leaves. Ctrl-C stops an answer.")
+    repl(ChatSession(gen, params, args.system))
+    return 0
+
+
+# --- chat-batch ---------------------------------------------------------------------------------
+
+def read_prompts(path: Path, chat: bool) -> list[tuple[str, object]]:
+    """(label, prompt) pairs from a text file (one prompt per line; blank lines and lines starting with
+    '#' skipped) or a JSONL file ({"prompt": str} or {"messages": [...]} per line; optional "topic")."""
+    if not path.is_file():
+        raise PakarError(f"--prompts {path}: no such file")
+    out = []
+    jsonl = path.suffix.lower() == ".jsonl"
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip() or (not jsonl and line.lstrip().startswith("#")):
+            continue
+        if not jsonl:
+            out.append(("", line.strip()))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PakarError(f"--prompts {path} line {n}: not JSON ({e.msg})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+            out.append((str(obj.get("topic", "")), obj["prompt"]))
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            from pakar.tokenizer import validate_messages
+
+            try:
+                validate_messages(obj["messages"])
+            except PakarError as e:
+                raise PakarError(f"--prompts {path} line {n}: {e}") from None
+            out.append((str(obj.get("topic", "")), obj["messages"]))
+        else:
+            raise PakarError(f"--prompts {path} line {n}: expected {{\"prompt\": text}} or {{\"messages\": [...]}}")
+    if not out:
+        raise PakarError(f"--prompts {path}: no prompts in the file")
+    return out
+
+
+def _as_request_prompt(prompt, chat: bool, system: str | None):
+    if isinstance(prompt, list):
+        return ([{"role": "system", "content": system}] + prompt) if system and chat and prompt[0]["role"] != "system" else prompt
+    if chat:
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return prompt
+
+
+def _shown(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
+
+
+def run_batch(gen: TextGenerator, items: list[tuple[str, object]], make_params, batch_size: int,
+              on_done=None) -> tuple[list[dict], float]:
+    """Answer every prompt with at most `batch_size` rows at a time; a finished row's slot goes to the
+    next prompt right away. Returns (rows in prompt order, wall seconds)."""
+    requests = [Request(p, make_params(i)) for i, (_, p) in enumerate(items)]
+    for i, r in enumerate(requests):  # refuse bad prompts before any work, naming the prompt
+        try:
+            gen.check(r)
+        except PakarError as e:
+            raise PakarError(f"prompt {i + 1} ({_shown(r.prompt)[:40]!r}...): {e}") from None
+    t0 = time.perf_counter()
+    batch = None
+    order: dict[int, int] = {}  # batch index -> prompt index
+    nxt = 0
+    results: dict[int, dict] = {}
+    while nxt < len(requests) or (batch and batch.active):
+        free = batch_size - (batch.active if batch else 0)
+        if free > 0 and nxt < len(requests):
+            group = list(range(nxt, min(len(requests), nxt + free)))
+            nxt += len(group)
+            if batch is None:
+                batch = gen.start([requests[i] for i in group])
+                idx = list(range(len(group)))
+            else:
+                idx = batch.add([requests[i] for i in group])
+            order.update(zip(idx, group))
+        for d in batch.step():
+            if d.finish_reason is None:
+                continue
+            c = batch.completions[d.index]
+            i = order[d.index]
+            topic, prompt = items[i]
+            row = {"index": i + 1, "topic": topic, "prompt": _shown(prompt), "answer": c.text,
+                   "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                   "finish_reason": c.finish_reason, "time_to_first_token_s": round(c.time_to_first_token, 4),
+                   "seconds": round(c.seconds, 4), "tokens_per_s": round(c.completion_tokens / max(c.seconds, 1e-9), 2)}
+            results[i] = row
+            if on_done:
+                on_done(row)
+    return [results[i] for i in range(len(items))], time.perf_counter() - t0
+
+
+def write_reports(rows: list[dict], summary: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl, md = out_dir / f"chat_batch_{stem}.jsonl", out_dir / f"chat_batch_{stem}.md"
+    tmp = jsonl.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(jsonl)
+    lines = [f"# chat-batch report: {summary['checkpoint']}", "",
+             f"{summary['prompts']} prompts, mode {summary['mode']}, {summary['completion_tokens']} tokens in "
+             f"{summary['seconds']:.1f} s ({summary['tokens_per_s']:.1f} tokens/s aggregate, batch size "
+             f"{summary['batch_size']}); sampling: {summary['sampling']}", "",
+             "| # | topic | prompt | answer | tokens | tokens/s | finish |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['index']} | {_md_cell(r['topic'])} | {_md_cell(r['prompt'])} | {_md_cell(r['answer'])} "
+                     f"| {r['completion_tokens']} | {r['tokens_per_s']:.1f} | {r['finish_reason']} |")
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(md)
+    return jsonl, md
+
+
+def main_batch(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Answer a list of prompts in batches and write a "
+                                "report (JSONL and a Markdown table).")
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.7, max_new=128)
+    p.add_argument("--prompts", help="text file (one prompt per line) or JSONL ({\"prompt\": ...} or "
+                   "{\"messages\": [...]}, optional \"topic\") (default: a built-in Indonesian set covering "
+                   "teknologi, pengetahuan umum, topik ringan and jurnal)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together at most (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)")
+    p.add_argument("--out", default="reports", help="folder for the reports (default: reports)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object, last")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        raise PakarError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sampling_from_args(args)  # validate the flags before loading the model
+    gen, path, _ = load_generator(args)
+    if args.prompts:
+        items = read_prompts(Path(args.prompts), gen.chat)
+    else:
+        items = [(topic, question if gen.chat else opening) for topic, question, opening in DEFAULT_PROMPTS]
+    items = [(t, _as_request_prompt(pr, gen.chat, args.system)) for t, pr in items]
+    print(f"pakar chat-batch | {describe(gen, path)}")
+    print(f"{len(items)} prompts, {'chat' if gen.chat else 'text'} mode, batch size {args.batch_size}\n")
+
+    def show(row: dict) -> None:
+        head = f"[{row['index']}] {row['topic'] + ': ' if row['topic'] else ''}{row['prompt']}"
+        print(f"{head}\n  -> {row['answer'].strip() or '(empty answer)'}\n  ({row['completion_tokens']} tokens, "
+              f"{row['tokens_per_s']:.1f} tokens/s, {row['finish_reason']})\n", flush=True)
+
+    rows, wall = run_batch(gen, items, lambda i: sampling_from_args(args, seed=args.seed + i), args.batch_size,
+                           on_done=show)
+    total = sum(r["completion_tokens"] for r in rows)
+    reasons: dict[str, int] = {}
+    for r in rows:
+        reasons[r["finish_reason"]] = reasons.get(r["finish_reason"], 0) + 1
+    summary = {"checkpoint": str(path), "mode": "chat" if gen.chat else "text", "prompts": len(rows),
+               "batch_size": args.batch_size, "completion_tokens": total, "seconds": round(wall, 3),
+               "tokens_per_s": round(total / max(wall, 1e-9), 2),
+               "mean_time_to_first_token_s": round(sum(r["time_to_first_token_s"] for r in rows) / len(rows), 4),
+               "finish_reasons": reasons,
+               "sampling": (f"temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}, "
+                            f"repetition penalty {args.repetition_penalty}, max {args.max_new_tokens} new tokens, "
+                            f"seed {args.seed}")}
+    jsonl, md = write_reports(rows, summary, Path(args.out), path.stem)
+    summary |= {"report_jsonl": str(jsonl), "report_md": str(md)}
+    print(f"summary: {len(rows)} prompts, {total} tokens in {wall:.1f} s = {summary['tokens_per_s']:.1f} tokens/s "
+          f"aggregate; mean time to first token {summary['mean_time_to_first_token_s']:.3f} s; "
+          f"finish reasons {', '.join(f'{k} {v}' for k, v in reasons.items())}")
+    print(f"reports: {jsonl}, {md}")
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+    return 0

@@ -1,0 +1,307 @@
+"""LoRA: low-rank adapters swapped into a Transformer in place, adapter files, and merging them back.
+
+API:
+    LoraSpec(rank, alpha, targets)        validated settings; scale = alpha / rank
+    apply_lora(model, spec) -> model      freeze the model, add adapters (in place); only they train
+    split_state(state) -> (base, adapters)   a LoRA model's state dict -> plain base state + factors
+    merge_state(base, adapters, scale) -> state      W + scale * B @ A for every adapted tensor
+    adapter_checkpoint(...) / load_adapter(path)     the small adapter file
+    merge_adapter_file(adapter, base, out)           `pakar lora-merge`
+
+Design choices:
+
+- Our own ~100 lines rather than PEFT. PEFT 0.21 does handle this model (target_modules for the
+  projections, target_parameters for the stacked experts), and the tests use it as the independent
+  reference: identical outputs for identical factors. Ours is simpler where it matters here: no
+  dependency (PEFT brings transformers and accelerate; pakar's core needs neither); the base keys and
+  the module types stay as they are (PEFT renames q_proj.weight to q_proj.base_layer.weight and nests
+  the three expert tensors as wrappers, `experts.base_layer.base_layer.lora_A.default.weight`, whose
+  keys do not say which tensor they adapt, and which hide attributes such as `use_grouped_mm`); an
+  adapter is stored under the name of the tensor it changes, so merging is plain arithmetic on state
+  dicts with no model and no PEFT; and the expert parametrization is registered once rather than on
+  every forward call.
+- Filter-function swap (as nanochat swaps in FP8 layers): the model code knows nothing of LoRA.
+  * Projections (q/k/v/o_proj, nn.Linear): LoRALinear keeps the base Parameter under the same name
+    `weight` and adds lora_A (r, in) and lora_B (out, r); y = x W^T + scale (x A^T) B^T. The low-rank
+    path runs on the activations, so the frozen W never gets a full-size gradient.
+  * Experts (mlp.experts.gate_proj/up_proj/down_proj, stacked (E, out, in)): a torch parametrization
+    W_e + scale B_e A_e with lora_A (E, r, in), lora_B (E, out, r), one adapter per expert. The MoE
+    dispatch (grouped matmul or loop) reads the adapted tensor unchanged. The fold runs in float32
+    outside autocast (one baddbmm); the cost is that backward forms the full (E, out, in) gradient of
+    the adapted tensor before projecting it onto A and B (PEFT's ParamWrapper does the same).
+- Initialisation (Hu et al. 2021, and PEFT's default): A uniform in +-1/sqrt(in) (nn.Linear's own
+  rule), B = 0, so at initialisation the adapted model computes exactly the base model's outputs.
+- Frozen: every base parameter (embeddings, norms, router, unadapted tensors); the optimizer only
+  sees the adapters. The router's selection biases (buffers that aux-loss-free balancing may still
+  move during fine-tuning) are saved with the adapters, so a merged model routes like the trained one.
+- Adapter file ("pakar-lora-v1", loads with weights_only=True): {"lora": spec, "adapters": {base
+  key: {"lora_A", "lora_B"}}, "buffers": {router biases}, "base": {"path", "sha256"}, "config",
+  "meta"}. No base weights and no tokenizer: it is a few hundred KB next to a base of tens of MB, and
+  merging checks the base's sha256 so an adapter is never folded into the wrong model.
+- Merge arithmetic in float64, stored in the base tensor's dtype.
+
+Shape legend: E experts, O out features, I in features, R rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from pakar import PakarError
+
+ADAPTER_FORMAT = "pakar-lora-v1"
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
+TARGET_GROUPS = {"attention": ATTENTION_TARGETS, "experts": EXPERT_TARGETS,
+                 "all": ATTENTION_TARGETS + EXPERT_TARGETS}
+
+
+def parse_targets(names) -> tuple[str, ...]:
+    """--lora-targets words (tensor names or the groups attention / experts / all) -> tensor names,
+    in a canonical order."""
+    chosen: set[str] = set()
+    for name in ([names] if isinstance(names, str) else names):
+        for word in str(name).replace(",", " ").split():
+            if word in TARGET_GROUPS:
+                chosen.update(TARGET_GROUPS[word])
+            elif word in TARGET_GROUPS["all"]:
+                chosen.add(word)
+            else:
+                raise PakarError(f"--lora-targets: unknown target {word!r}; choose from "
+                                 f"{', '.join(TARGET_GROUPS['all'])} or the groups {', '.join(TARGET_GROUPS)}")
+    if not chosen:
+        raise PakarError("--lora-targets: no target given")
+    return tuple(t for t in TARGET_GROUPS["all"] if t in chosen)
+
+
+@dataclass
+class LoraSpec:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = ATTENTION_TARGETS
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise PakarError(f"--lora-rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise PakarError(f"--lora-alpha must be > 0, got {self.alpha}")
+        self.targets = parse_targets(self.targets)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoraSpec:
+        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), targets=tuple(d["targets"]))
+
+
+def _init_A(A: torch.Tensor) -> None:
+    """nn.Linear's default weight rule, applied per (R, I) slice: uniform in +-1/sqrt(I)."""
+    bound = 1.0 / math.sqrt(A.shape[-1])
+    nn.init.uniform_(A, -bound, bound)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: y = x W^T + scale (x A^T) B^T."""
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float):
+        super().__init__()
+        self.in_features, self.out_features, self.scale = base.in_features, base.out_features, scale
+        self.weight = base.weight  # the same Parameter, so its state-dict key stays "<name>.weight"
+        self.bias = base.bias
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))  # (R, I)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))  # (O, R)
+        _init_A(self.lora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.lora_A.shape[0]}, scale={self.scale:g}"
+
+
+class ExpertLoRA(nn.Module):
+    """Parametrization of a stacked expert tensor W (E, O, I): W + scale * B @ A, one (A, B) per expert."""
+
+    def __init__(self, weight_EOI: torch.Tensor, rank: int, scale: float):
+        super().__init__()
+        E, O, I = weight_EOI.shape
+        kw = {"device": weight_EOI.device, "dtype": weight_EOI.dtype}
+        self.scale = scale
+        self.lora_A = nn.Parameter(torch.empty(E, rank, I, **kw))  # (E, R, I)
+        self.lora_B = nn.Parameter(torch.zeros(E, O, rank, **kw))  # (E, O, R)
+        _init_A(self.lora_A)
+
+    def forward(self, weight_EOI: torch.Tensor) -> torch.Tensor:
+        # float32 fold outside autocast (the dispatch casts the result to its compute dtype itself)
+        with torch.autocast(weight_EOI.device.type, enabled=False):
+            return torch.baddbmm(weight_EOI.float(), self.lora_B.float(), self.lora_A.float(),
+                                 alpha=self.scale).to(weight_EOI.dtype)
+
+
+def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
+    """Freeze every parameter of `model` and add adapters on spec.targets, in place. Returns the model."""
+    from pakar.moe import Experts
+
+    if any(isinstance(m, LoRALinear) or parametrize.is_parametrized(m) for m in model.modules()):
+        raise PakarError("the model already has LoRA adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapted = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in spec.targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, spec.rank, spec.scale))
+                adapted += 1
+        if isinstance(module, Experts):
+            for name in spec.targets:
+                if name in EXPERT_TARGETS:
+                    parametrize.register_parametrization(
+                        module, name, ExpertLoRA(getattr(module, name), spec.rank, spec.scale))
+                    adapted += 1
+    if not adapted:
+        raise PakarError(f"--lora-targets {' '.join(spec.targets)}: the model has no such tensors")
+    return model
+
+
+def split_state(state: dict) -> tuple[dict, dict]:
+    """A LoRA model's state dict -> (the plain base state dict with the model's own key names,
+    {base key: {"lora_A": A, "lora_B": B}})."""
+    base, adapters = {}, {}
+    for key, value in state.items():
+        if ".parametrizations." in key:  # <module>.parametrizations.<name>.original | .0.lora_A | .0.lora_B
+            module, rest = key.split(".parametrizations.", 1)
+            name, tail = rest.split(".", 1)
+            if tail == "original":
+                base[f"{module}.{name}"] = value
+            elif tail in ("0.lora_A", "0.lora_B"):
+                adapters.setdefault(f"{module}.{name}", {})[tail[2:]] = value
+            else:
+                raise PakarError(f"unexpected parametrized state key {key!r}")
+        elif key.endswith((".lora_A", ".lora_B")):
+            owner, which = key.rsplit(".", 1)
+            adapters.setdefault(f"{owner}.weight", {})[which] = value
+        else:
+            base[key] = value
+    return base, adapters
+
+
+def merge_state(base: dict, adapters: dict, scale: float) -> dict:
+    """New state dict: base[key] + scale * B @ A for every adapter (float64 arithmetic)."""
+    merged = dict(base)
+    for key, ab in adapters.items():
+        if key not in base:
+            raise PakarError(f"adapter for {key!r}, which the base model does not have")
+        W, A, B = base[key], ab["lora_A"], ab["lora_B"]
+        if B.shape[:-1] + A.shape[-1:] != W.shape or B.shape[-1] != A.shape[-2]:
+            raise PakarError(f"adapter for {key}: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit the "
+                             f"base tensor {tuple(W.shape)}")
+        merged[key] = (W.double() + scale * (B.double() @ A.double())).to(W.dtype)
+    return merged
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def adapter_checkpoint(adapters: dict, buffers: dict, spec: LoraSpec, base_path: str | os.PathLike,
+                       base_sha256: str, config: dict, **meta) -> dict:
+    from pakar import __version__
+
+    return {"format": ADAPTER_FORMAT, "lora": spec.to_dict(),
+            "adapters": {k: {n: t.detach().cpu().float() for n, t in ab.items()} for k, ab in adapters.items()},
+            "buffers": {k: t.detach().cpu() for k, t in buffers.items()},
+            "base": {"path": str(Path(base_path).resolve()), "sha256": base_sha256},
+            "config": config, "meta": {"pakar_version": __version__, **meta}}
+
+
+def router_buffers(base_state: dict) -> dict:
+    """The state that fine-tuning may change besides the adapters: the routers' selection biases."""
+    return {k: v for k, v in base_state.items() if k.endswith("gate.expert_bias")}
+
+
+def load_adapter(path: str | os.PathLike) -> dict:
+    """An adapter file, loaded with weights_only=True; one-line errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise PakarError(f"adapter not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise PakarError(f"refusing to load {path}: it contains objects that are not plain weights") from None
+    except Exception as e:  # a truncated file fails in many ways
+        raise PakarError(f"cannot read adapter {path}: truncated or not a PyTorch file ({type(e).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != ADAPTER_FORMAT:
+        hint = " (a full model checkpoint: it needs no merging)" if isinstance(obj, dict) and "model" in obj else ""
+        raise PakarError(f"{path} is not a pakar LoRA adapter (expected format {ADAPTER_FORMAT!r}){hint}")
+    return obj
+
+
+def merge_adapter_file(adapter_path, base_path=None, out_path=None, log=print) -> Path:
+    """Fold an adapter file into its base checkpoint and write a self-contained model checkpoint."""
+    from pakar.checkpoint import atomic_save, model_checkpoint, safe_load
+
+    adapter = load_adapter(adapter_path)
+    base_path = Path(base_path if base_path is not None else adapter["base"]["path"])
+    if not base_path.is_file():
+        raise PakarError(f"base checkpoint {base_path} (named in the adapter) not found; pass --base PATH")
+    sha = file_sha256(base_path)
+    if sha != adapter["base"]["sha256"]:
+        raise PakarError(f"{base_path} is not the base this adapter was trained on (sha256 {sha[:12]}..., the "
+                         f"adapter expects {adapter['base']['sha256'][:12]}...)")
+    base = safe_load(base_path)
+    if base["config"] != adapter["config"]:
+        raise PakarError(f"{base_path}: model config differs from the adapter's")
+    spec = LoraSpec.from_dict(adapter["lora"])
+    state = merge_state(base["model"], adapter["adapters"], spec.scale)
+    for key, value in adapter["buffers"].items():
+        if key not in state or state[key].shape != value.shape:
+            raise PakarError(f"adapter buffer {key!r} does not fit the base model")
+        state[key] = value.to(state[key].dtype)
+    from pakar.config import ModelConfig
+
+    meta = {**base.get("meta", {}), **adapter.get("meta", {}),
+            "merged_lora": {"adapter": str(Path(adapter_path).resolve()), "base": str(base_path.resolve()),
+                            "base_sha256": sha, **spec.to_dict()}}
+    meta.pop("pakar_version", None)
+    out_path = Path(out_path)
+    atomic_save(model_checkpoint(state, ModelConfig.from_dict(base["config"]), base["tokenizer"], **meta), out_path)
+    log(f"merged {adapter_path} (rank {spec.rank}, {', '.join(spec.targets)}) into {base_path} -> {out_path}")
+    return out_path
+
+
+def main_merge(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Fold a LoRA adapter into its base model and write a "
+                                "self-contained checkpoint (for chat, eval, export and serve).")
+    p.add_argument("--adapter", required=True, help="adapter file written by `pakar finetune --lora-rank R` "
+                   "(checkpoints/lora_epoch{N}.pt)")
+    p.add_argument("--base", default=None, help="base checkpoint (default: the path recorded in the adapter; "
+                   "its sha256 must match)")
+    p.add_argument("--out", required=True, help="path of the merged model checkpoint (.pt)")
+    p.add_argument("--json", action="store_true", help="print a summary as one JSON object, last")
+    args = p.parse_args(argv)
+    out = merge_adapter_file(args.adapter, args.base, args.out)
+    if args.json:
+        print(json.dumps({"merged": str(out), "bytes": out.stat().st_size}))
+    return 0

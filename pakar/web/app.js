@@ -1,0 +1,249 @@
+// pakar's chat page: talks to the server's OpenAI-compatible /v1/chat/completions with stream=true.
+//
+// Design choices:
+// - Safe rendering: every piece of text (model output, the user's messages, error messages, titles)
+//   is put on the page with textContent, never innerHTML, so "<b>" or "<img onerror=...>" in an
+//   answer shows as those characters. CSS white-space: pre-wrap keeps newlines.
+// - History lives in localStorage ("pakar.chats": [{id, title, messages, updated}], "pakar.current",
+//   "pakar.settings"); nothing is stored on the server.
+// - Stop aborts the fetch; the server sees the disconnect and cancels the generation. The partial
+//   answer is kept in the conversation.
+// - If the conversation no longer fits the model's context window (HTTP 400,
+//   code "context_length_exceeded"), the oldest turns are left out of the request (the system prompt
+//   is kept) and the request is retried; a note says so.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const store = {
+  get(key, fallback) {
+    try { const v = JSON.parse(localStorage.getItem(key)); return v === null ? fallback : v; }
+    catch { return fallback; }
+  },
+  set(key, value) { localStorage.setItem(key, JSON.stringify(value)); },
+};
+
+let chats = store.get("pakar.chats", []);
+let currentId = store.get("pakar.current", null);
+let controller = null; // AbortController of the request in flight
+let modelName = null;
+
+const settingsFields = { temperature: "temperature", top_p: "top-p", max_tokens: "max-tokens",
+                         system: "system-prompt", api_key: "api-key" };
+
+function loadSettings() {
+  const s = store.get("pakar.settings", {});
+  for (const [key, id] of Object.entries(settingsFields)) {
+    if (s[key] !== undefined) $(id).value = s[key];
+  }
+  showSliderValues();
+}
+
+function saveSettings() {
+  const s = {};
+  for (const [key, id] of Object.entries(settingsFields)) s[key] = $(id).value;
+  store.set("pakar.settings", s);
+  showSliderValues();
+}
+
+function showSliderValues() {
+  $("temperature-value").textContent = Number($("temperature").value).toFixed(2);
+  $("top-p-value").textContent = Number($("top-p").value).toFixed(2);
+}
+
+function currentChat() {
+  let chat = chats.find((c) => c.id === currentId);
+  if (!chat) {
+    chat = { id: String(Date.now()) + Math.random().toString(16).slice(2, 6), title: "New chat", messages: [], updated: Date.now() };
+    chats.unshift(chat);
+    currentId = chat.id;
+    saveChats();
+  }
+  return chat;
+}
+
+function saveChats() {
+  store.set("pakar.chats", chats);
+  store.set("pakar.current", currentId);
+}
+
+function renderChatList() {
+  const list = $("chat-list");
+  list.replaceChildren();
+  for (const chat of chats) {
+    const li = document.createElement("li");
+    if (chat.id === currentId) li.className = "current";
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "open";
+    open.textContent = chat.title; // user text: textContent only
+    open.addEventListener("click", () => { if (!controller) { currentId = chat.id; saveChats(); render(); } });
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "delete";
+    del.title = "Delete this conversation";
+    del.textContent = "\u00d7";
+    del.addEventListener("click", () => {
+      if (controller) return;
+      chats = chats.filter((c) => c.id !== chat.id);
+      if (currentId === chat.id) currentId = chats.length ? chats[0].id : null;
+      saveChats();
+      render();
+    });
+    li.append(open, del);
+    list.append(li);
+  }
+}
+
+function addBubble(kind, text) {
+  const div = document.createElement("div");
+  div.className = "message " + kind;
+  div.textContent = text; // never innerHTML: model output is text, not markup
+  $("messages").append(div);
+  div.scrollIntoView({ block: "end" });
+  return div;
+}
+
+function render() {
+  renderChatList();
+  $("messages").replaceChildren();
+  for (const m of currentChat().messages) addBubble(m.role, m.content);
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").hidden = !busy;
+  $("new-chat").disabled = busy;
+  $("status").textContent = busy ? "generating\u2026" : "";
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function fetchModel() {
+  try {
+    const r = await fetch("/v1/models", { headers: headers() });
+    const body = await r.json();
+    if (!r.ok) { $("status").textContent = body.error ? body.error.message : "HTTP " + r.status; return; }
+    modelName = body.data[0].id;
+    $("model-name").textContent = modelName;
+  } catch (e) {
+    $("status").textContent = "server unreachable";
+  }
+}
+
+// Reads the server-sent events of a streaming completion; calls onText for each piece of text.
+// Returns the finish reason.
+async function readStream(response, onText) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let finish = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") return finish;
+        const obj = JSON.parse(data);
+        if (obj.error) throw new Error(obj.error.message);
+        for (const choice of obj.choices || []) {
+          if (choice.delta && choice.delta.content) onText(choice.delta.content);
+          if (choice.finish_reason) finish = choice.finish_reason;
+        }
+      }
+    }
+  }
+  return finish;
+}
+
+async function send(text) {
+  const chat = currentChat();
+  chat.messages.push({ role: "user", content: text });
+  if (chat.title === "New chat") chat.title = text.slice(0, 40);
+  chat.updated = Date.now();
+  saveChats();
+  renderChatList();
+  addBubble("user", text);
+
+  const bubble = addBubble("assistant streaming", "");
+  let answer = "";
+  controller = new AbortController();
+  setBusy(true);
+  let history = chat.messages.slice();
+  try {
+    for (;;) {
+      const system = $("system-prompt").value.trim();
+      const messages = (system ? [{ role: "system", content: system }] : []).concat(history);
+      const body = { messages, stream: true, temperature: Number($("temperature").value),
+                     top_p: Number($("top-p").value), max_tokens: Math.max(1, parseInt($("max-tokens").value, 10) || 256) };
+      if (modelName) body.model = modelName;
+      const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(),
+                                                              body: JSON.stringify(body), signal: controller.signal });
+      if (!response.ok) {
+        let err = { message: "HTTP " + response.status };
+        try { err = (await response.json()).error || err; } catch { /* not JSON */ }
+        if (err.code === "context_length_exceeded" && history.length > 1) {
+          // drop the oldest turn (a user message and its answer) and try again
+          history = history.slice(1);
+          while (history.length > 1 && history[0].role !== "user") history = history.slice(1);
+          addBubble("note", "Older messages were left out: the conversation is longer than the model's context window.");
+          continue;
+        }
+        throw new Error(err.message);
+      }
+      const finish = await readStream(response, (piece) => {
+        answer += piece;
+        bubble.textContent = answer; // textContent: shown as text, never parsed as HTML
+        bubble.scrollIntoView({ block: "end" });
+      });
+      if (finish === "length") addBubble("note", "The answer reached the token limit.");
+      break;
+    }
+  } catch (e) {
+    if (e.name === "AbortError") addBubble("note", "Stopped.");
+    else addBubble("error", String(e.message || e));
+  } finally {
+    bubble.classList.remove("streaming");
+    if (answer.trim()) {
+      chat.messages.push({ role: "assistant", content: answer });
+    } else {
+      bubble.remove();
+    }
+    chat.updated = Date.now();
+    saveChats();
+    controller = null;
+    setBusy(false);
+  }
+}
+
+$("composer").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const text = $("input").value;
+  if (!text.trim() || controller) return;
+  $("input").value = "";
+  send(text);
+});
+$("input").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+    ev.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+$("stop").addEventListener("click", () => { if (controller) controller.abort(); });
+$("new-chat").addEventListener("click", () => { currentId = null; currentChat(); render(); $("input").focus(); });
+for (const id of Object.values(settingsFields)) $(id).addEventListener("input", saveSettings);
+$("api-key").addEventListener("change", fetchModel);
+
+loadSettings();
+render();
+fetchModel();

@@ -1,0 +1,416 @@
+"""The OpenAI-compatible server, tested with the official `openai` client against a live uvicorn on
+127.0.0.1 serving a real (tiny, briefly trained) pakar model.
+
+The reference for every answer is pakar.generate.TextGenerator run in-process on the same checkpoint
+(no HTTP, no batching with other clients): the server must return exactly its text, finish reason and
+token counts, alone and with 16 clients streaming at once.
+
+The test model is the tiny preset trained for a few dozen steps to memorise a handful of chat answers
+(CHAT_PAIRS) and two sentences of plain text, so that greedy answers are known strings with wide
+logit margins: equality under different batch compositions tests the server, not float rounding.
+`tiny_chat_checkpoint` is shared with tests/test_web.py and tests/test_hf.py.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML_ANSWER = "<b>tebal</b> <img src=x onerror=alert(1)>"
+COUNTING = "satu dua tiga empat lima enam tujuh delapan sembilan sepuluh "
+CHAT_PAIRS = [
+    ("Halo", "Halo juga! Apa kabar hari ini?"),
+    ("Siapa kamu?", "Saya pakar, model bahasa kecil dari Indonesia."),
+    ("Apa ibu kota Indonesia?", "Jakarta adalah ibu kota Indonesia."),
+    ("Tulis HTML", HTML_ANSWER),
+]
+COUNT_PROMPT = "Hitung terus"  # trained on a repeating answer with no end: it counts until max_tokens
+TEXTS = ["Saya suka makan nasi goreng di Jakarta setiap pagi bersama keluarga.",
+         "Bahasa Indonesia adalah bahasa resmi Republik Indonesia."]
+MODEL_NAME = "tiny-chat"
+
+
+def tiny_chat_checkpoint(base: Path) -> Path:
+    """Train (once per session folder) and save the tiny chat model; returns the checkpoint path."""
+    path = base / "tiny_chat.pt"
+    if path.exists():
+        return path
+    from pakar.checkpoint import save_model
+    from pakar.config import get_config
+    from pakar.model import Transformer
+    from pakar.tokenizer import encode_chat, train_tokenizer
+
+    corpus = [q + "\n" + a for q, a in CHAT_PAIRS] * 20 + TEXTS * 20 + [COUNT_PROMPT + " " + COUNTING] * 20
+    tok = train_tokenizer(corpus + ["system user assistant"] * 10, 400)
+    cfg = get_config("tiny", vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    seqs = []
+    for q, a in CHAT_PAIRS:
+        seqs.append(encode_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}]))
+    ids, mask = encode_chat(tok, [{"role": "user", "content": COUNT_PROMPT},
+                                  {"role": "assistant", "content": COUNTING * 4}])
+    end = len(ids) - 2  # leave out <|im_end|> and the newline: the answer never ends
+    seqs.append((ids[:end], mask[:end]))
+    for t in TEXTS:
+        ids = [tok.eot_id, *tok.encode(t), tok.eot_id]
+        seqs.append((ids, [True] * len(ids)))
+    T = max(len(ids) for ids, _ in seqs)
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    y = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for r, (ids, mask) in enumerate(seqs):
+        x[r, :len(ids)] = torch.tensor(ids)
+        for t in range(len(ids) - 1):
+            if mask[t + 1]:
+                y[r, t] = ids[t + 1]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only add contention on a busy machine
+    try:
+        for _ in range(70):
+            out = model(x, y)
+            (out.loss + out.aux_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    save_model(path, model.state_dict(), cfg, tok.to_json(), chat=True)
+    return path
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class LiveServer:
+    """uvicorn serving create_app(...) in a background thread on an already bound loopback socket."""
+
+    def __init__(self, checkpoint: Path, api_key: str | None = None, max_batch: int = 16):
+        import uvicorn
+
+        from pakar.serve import create_app, load_generator
+
+        self.gen, _ = load_generator(str(checkpoint), device="cpu", dtype="float32")
+        self.app = create_app(self.gen, MODEL_NAME, api_key=api_key, max_batch=max_batch)
+        self.sock = free_socket()
+        host, port = self.sock.getsockname()
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def client(self, api_key: str = "none", **kw) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120, **kw)
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health").json()
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_chat_checkpoint(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    s = LiveServer(checkpoint)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """In-process generation on the same checkpoint: the independent reference."""
+    from pakar.generate import TextGenerator
+
+    return TextGenerator.from_checkpoint(checkpoint)
+
+
+def ref_complete(reference, prompt, **params):
+    from pakar.generate import Request, SamplingParams
+
+    stop = params.pop("stop", ())
+    return reference.generate([Request(prompt, SamplingParams(**params), stop)])[0]
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+    h = server.health()
+    assert h["status"] == "ok" and h["model"] == MODEL_NAME
+
+
+def test_chat_completion_matches_in_process_generation(server, reference):
+    for question, answer in CHAT_PAIRS:
+        r = server.client().chat.completions.create(model=MODEL_NAME, messages=user(question), temperature=0,
+                                                    max_tokens=64)
+        ref = ref_complete(reference, user(question), temperature=0, max_new_tokens=64)
+        assert ref.text == answer  # the model did memorise its answers
+        c = r.choices[0]
+        assert c.message.role == "assistant" and c.message.content == ref.text
+        assert c.finish_reason == "stop" == ref.finish_reason
+        assert r.usage.prompt_tokens == ref.prompt_tokens
+        assert r.usage.completion_tokens == ref.completion_tokens  # the <|im_end|> counts
+        assert r.usage.total_tokens == ref.prompt_tokens + ref.completion_tokens
+        assert r.model == MODEL_NAME and r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+
+
+def test_chat_streaming_chunks(server, reference):
+    stream = server.client().chat.completions.create(
+        model=MODEL_NAME, messages=user("Siapa kamu?"), temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 3  # streamed in many pieces, not one
+    ref = ref_complete(reference, user("Siapa kamu?"), temperature=0, max_new_tokens=512)
+    assert "".join(pieces) == ref.text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == ref.prompt_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completions_plain_text(server, reference):
+    prompt = "Saya suka makan"
+    ref = ref_complete(reference, prompt, temperature=0, max_new_tokens=8)
+    r = server.client().completions.create(model=MODEL_NAME, prompt=prompt, temperature=0, max_tokens=8)
+    assert r.choices[0].text == ref.text and ref.text.startswith(" nasi goreng")
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+    assert r.usage.prompt_tokens == ref.prompt_tokens
+    streamed = server.client().completions.create(model=MODEL_NAME, prompt=prompt, temperature=0, max_tokens=8,
+                                                  stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # the legacy endpoint's default is 16 tokens, and a list of prompts gives one choice each
+    r = server.client().completions.create(model=MODEL_NAME, prompt=[prompt, "Bahasa"], temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text == ref_complete(reference, prompt, temperature=0, max_new_tokens=16).text
+    assert r.choices[1].text == ref_complete(reference, "Bahasa", temperature=0, max_new_tokens=16).text
+
+
+def test_stop_strings_and_seeded_sampling(server, reference):
+    client = server.client()
+    r = client.chat.completions.create(model=MODEL_NAME, messages=user("Apa ibu kota Indonesia?"),
+                                       temperature=0, stop=["ibu"])
+    assert r.choices[0].message.content == "Jakarta adalah " and r.choices[0].finish_reason == "stop"
+    # temperature 2 flattens the memorised distribution, so the seed really matters
+    kw = dict(model=MODEL_NAME, messages=user("Halo"), temperature=2.0, top_p=0.95, max_tokens=24)
+    a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    ref = ref_complete(reference, user("Halo"), temperature=2.0, top_p=0.95, max_new_tokens=24, seed=7).text
+    assert a == b == ref
+    others = {client.chat.completions.create(seed=s, **kw).choices[0].message.content for s in (8, 9, 10)}
+    assert others - {a}, "different seeds should give some different answers at temperature 2"
+    n3 = client.chat.completions.create(seed=7, n=3, **kw)
+    assert [c.index for c in n3.choices] == [0, 1, 2] and n3.choices[0].message.content == a
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"messages": [{"role": "user", "content": "Halo"}], "temperature": 3}, "temperature", None),
+    ({"messages": [{"role": "user", "content": "Halo"}], "top_p": 1.5}, "top_p", None),
+    ({"messages": [{"role": "user", "content": "Halo"}], "max_tokens": 0}, "max_tokens", None),
+    ({"messages": [{"role": "user", "content": "Halo"}], "max_tokens": 10**6}, "max_tokens", None),
+    ({"messages": [{"role": "user", "content": "Halo"}], "max_tokens": "many"}, "max_tokens", None),
+    ({"messages": [{"role": "user", "content": "Halo"}], "n": 0}, "n", None),
+    ({"messages": [{"role": "user", "content": "Halo"}], "stream": "yes"}, "stream", None),
+    ({"messages": [{"role": "user", "content": "Halo"}], "stop": 5}, "stop", None),
+    ({"messages": [{"role": "user", "content": "Halo"}], "presence_penalty": 0.5}, "presence_penalty", None),
+    ({"messages": [{"role": "user", "content": "Halo"}], "logprobs": True}, "logprobs", None),
+    ({"messages": []}, "messages", None),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages", None),
+    ({"messages": [{"role": "user", "content": "   "}]}, "messages", None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages", None),
+    ({"messages": [{"role": "user", "content": "kata " * 600}]}, "messages", "context_length_exceeded"),
+])
+def test_bad_chat_requests_get_400_in_openai_shape(server, body, param, code):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL_NAME, **body})
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["code"] == code
+
+
+def test_other_errors_use_openai_shape(server):
+    url = server.url
+    r = httpx.post(url + "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in error_of(r)["message"]
+    r = httpx.post(url + "/v1/chat/completions", json=[1, 2])
+    assert r.status_code == 400 and error_of(r)["message"]
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": [1, 2, 3]})
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "kata " * 600, "stream": True})
+    assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "gpt-4o", "messages": user("Halo")})
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+    r = httpx.get(url + "/v1/nothing-here")
+    assert r.status_code == 404 and error_of(r)["code"] == "unknown_url"
+    r = httpx.get(url + "/v1/chat/completions")
+    assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
+    # the official client raises its typed error with the server's message
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model=MODEL_NAME, messages=user("Halo"), temperature=-1)
+    assert e.value.status_code == 400 and "temperature" in str(e.value)
+
+
+def test_api_key(checkpoint):
+    s = LiveServer(checkpoint, api_key="rahasia-123")
+    try:
+        with pytest.raises(openai.AuthenticationError) as e:
+            s.client(api_key="salah").chat.completions.create(model=MODEL_NAME, messages=user("Halo"))
+        assert e.value.status_code == 401
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": user("Halo")})  # no header at all
+        assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
+        r = httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer salah"})
+        assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
+        ok = s.client(api_key="rahasia-123").chat.completions.create(model=MODEL_NAME, messages=user("Halo"),
+                                                                      temperature=0)
+        assert ok.choices[0].message.content == CHAT_PAIRS[0][1]
+        assert httpx.get(s.url + "/health").status_code == 200  # health probes need no key
+    finally:
+        s.close()
+
+
+def test_sixteen_concurrent_streaming_clients(server):
+    """16 clients stream at once (greedy and seeded sampling, different prompts and lengths); each
+    gets exactly what it gets when it is the only client, and the server did batch them."""
+    kinds = []
+    for i in range(16):
+        question = (CHAT_PAIRS + [(COUNT_PROMPT, None)])[i % 5][0]
+        params = dict(temperature=0) if i % 2 == 0 else dict(temperature=1.0, top_p=0.9, seed=100 + i)
+        kinds.append((question, dict(max_tokens=20 + 3 * i, **params)))
+
+    def run(question, params):
+        stream = server.client().chat.completions.create(model=MODEL_NAME, messages=user(question), stream=True,
+                                                         **params)
+        text, reasons = "", []
+        for chunk in stream:
+            for c in chunk.choices:
+                text += c.delta.content or ""
+                if c.finish_reason:
+                    reasons.append(c.finish_reason)
+        return text, reasons
+
+    alone = [run(q, p) for q, p in kinds]
+    results: list = [None] * 16
+    barrier = threading.Barrier(16)
+
+    def client(i):
+        barrier.wait()
+        results[i] = run(*kinds[i])
+
+    peak_before = server.health()["peak_batch"]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert results == alone
+    assert all(len(r) == 1 for _, r in results)
+    assert CHAT_PAIRS[0][1] in [t for t, _ in results]
+    assert server.health()["peak_batch"] >= max(peak_before, 4)  # they were decoded together
+
+
+def test_disconnect_cancels_generation(server):
+    before = server.health()["finished"]["cancelled"]
+    with httpx.stream("POST", server.url + "/v1/chat/completions",
+                      json={"model": MODEL_NAME, "messages": user(COUNT_PROMPT), "temperature": 0,
+                            "max_tokens": 450, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        seen = [next(lines) for _ in range(6)]
+        assert all(line.startswith("data: ") or line == "" for line in seen)
+    deadline = time.time() + 30
+    while server.health()["finished"]["cancelled"] == before:
+        assert time.time() < deadline, "the abandoned stream was never cancelled"
+        time.sleep(0.05)
+    assert server.health()["active"] == 0
+
+
+def test_cli_serve_binds_loopback(checkpoint, tmp_path):
+    """`pakar serve` as a user runs it: a subprocess on the default host, answering the client."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "pakar.cli", "serve", "--checkpoint", str(checkpoint),
+                             "--port", str(port), "--device", "cpu"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "pakar serve did not come up"
+            time.sleep(0.2)
+        out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout if sys.platform == "linux" \
+            else ""
+        if out:
+            assert f"127.0.0.1:{port}" in out and f"0.0.0.0:{port}" not in out
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model="tiny_chat", messages=user("Halo"), temperature=0)
+        assert r.choices[0].message.content == CHAT_PAIRS[0][1]  # default model name: the file's stem
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve"], "required"),
+    (["serve", "--checkpoint", "missing.pt"], "checkpoint not found"),
+    (["serve", "--model", "no-such-folder"], "not a folder"),
+])
+def test_cli_serve_user_mistakes(argv, message, tmp_path, monkeypatch, capsys):
+    from pakar.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err

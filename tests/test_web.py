@@ -1,0 +1,140 @@
+"""The web chat page in headless Chromium (Debian's /usr/bin/chromium driven by Playwright), against a
+live `pakar serve` app with a real tiny model (tests/test_serve.py's memorising checkpoint).
+
+What it checks, as a user would see it: the answer streams in piece by piece; model output that is
+HTML (the model was trained to answer "Tulis HTML" with `<b>tebal</b> <img src=x onerror=alert(1)>`)
+is shown as those characters, creating no element and running no script; Stop ends a long answer
+and the server cancels the generation; the conversation survives a reload (localStorage); New chat
+starts an empty conversation while the old one stays in the list.
+
+The HTML check uses a real model and the real endpoint: the model produces the markup itself, so
+the page's rendering of genuine streamed output is what is tested, not a canned response.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from test_serve import COUNT_PROMPT, HTML_ANSWER, MODEL_NAME, LiveServer, tiny_chat_checkpoint
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"Chromium not found at {CHROMIUM} (install Debian's chromium package to run the web page test)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = LiveServer(tiny_chat_checkpoint(tmp_path_factory.getbasetemp()))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def page(server):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            pg = browser.new_page()
+            pg.set_default_timeout(60_000)
+            pg.dialogs, pg.errors = [], []
+            pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+            pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+            pg.goto(server.url + "/")
+            pg.wait_for_function(f"() => document.getElementById('model-name').textContent === {MODEL_NAME!r}")
+            yield pg
+        finally:
+            browser.close()
+
+
+def set_value(page, selector: str, value) -> None:
+    page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
+                          str(value))
+
+
+def send_and_record(page, text: str) -> None:
+    """Type and send a message; record every text the newest assistant bubble shows while streaming."""
+    page.evaluate("""() => {
+        window.seen = [];
+        const box = document.getElementById('messages');
+        new MutationObserver(() => {
+            const bubbles = box.querySelectorAll('.message.assistant');
+            if (bubbles.length) window.seen.push(bubbles[bubbles.length - 1].textContent);
+        }).observe(box, {subtree: true, childList: true, characterData: true});
+    }""")
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def wait_idle(page) -> None:
+    page.wait_for_function("() => !document.getElementById('send').disabled && !document.querySelector('.streaming')")
+
+
+def test_chat_page_streams_escapes_stops_and_keeps_history(page, server):
+    set_value(page, "#temperature", 0)  # greedy: the memorised answers
+    set_value(page, "#max-tokens", 450)
+
+    # 1. a streamed answer that is HTML is shown as text
+    send_and_record(page, "Tulis HTML")
+    wait_idle(page)
+    bubble = page.locator(".message.assistant").last
+    assert bubble.text_content() == HTML_ANSWER
+    assert bubble.evaluate("e => e.children.length") == 0  # no <b>, no <img>: text nodes only
+    assert page.locator("#messages b, #messages img, #messages script").count() == 0
+    assert page.dialogs == [] and page.errors == []
+    seen = [s for s in page.evaluate("() => window.seen") if s]
+    partial = [s for s in dict.fromkeys(seen) if s != HTML_ANSWER]
+    assert len(partial) >= 2, f"the answer did not stream: {seen}"
+    assert all(HTML_ANSWER.startswith(s) for s in partial)
+
+    # 2. Stop ends a long answer, and the server cancels it
+    cancelled = server.health()["finished"]["cancelled"]
+    send_and_record(page, COUNT_PROMPT)
+    page.wait_for_function("""() => { const b = document.querySelectorAll('.message.assistant');
+                                      return b.length === 2 && b[1].textContent.length > 30; }""")
+    page.click("#stop")
+    page.wait_for_selector(".message.note >> text=Stopped.")
+    wait_idle(page)
+    stopped = page.locator(".message.assistant").last.text_content()
+    assert stopped.startswith("satu dua tiga") and len(stopped) < 450 * 3  # far short of 450 tokens
+    page.wait_for_timeout(500)
+    assert page.locator(".message.assistant").last.text_content() == stopped  # nothing more arrived
+    assert server.health()["finished"]["cancelled"] == cancelled + 1
+
+    # 3. history survives a reload, still rendered as text
+    page.reload()
+    page.wait_for_selector(".message.assistant")
+    texts = page.locator(".message").all_text_contents()
+    assert texts == ["Tulis HTML", HTML_ANSWER, COUNT_PROMPT, stopped]
+    assert page.locator("#messages b, #messages img").count() == 0
+
+    # 4. New chat starts empty; the earlier conversation stays in the list and can be reopened
+    page.click("#new-chat")
+    assert page.locator("#messages .message").count() == 0
+    assert page.locator("#chat-list li").count() == 2
+    send_and_record(page, "Halo")
+    wait_idle(page)
+    assert page.locator(".message.assistant").last.text_content() == "Halo juga! Apa kabar hari ini?"
+    page.locator("#chat-list li .open", has_text="Tulis HTML").click()
+    assert page.locator(".message").all_text_contents() == texts
+    assert page.dialogs == [] and page.errors == []
+
+
+def test_page_is_served_with_a_strict_content_security_policy(server):
+    import httpx
+
+    for path in ("/", "/app.js", "/style.css"):
+        r = httpx.get(server.url + path)
+        assert r.status_code == 200
+        assert "script-src 'self'" in r.headers["content-security-policy"]
+        assert r.headers["x-content-type-options"] == "nosniff"
+    js = httpx.get(server.url + "/app.js").text
+    assert "innerHTML" not in js.replace("never innerHTML", "")  # text is only ever set as textContent
+    html = httpx.get(server.url + "/").text
+    assert "http://" not in html and "https://" not in html  # nothing from a CDN
