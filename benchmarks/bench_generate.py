@@ -33,41 +33,12 @@ from pakar.model import Transformer  # noqa: E402
 
 
 def hf_copy(model: Transformer):
-    """transformers' Qwen3MoeForCausalLM with `model`'s weights (tests/hf_reference.py when present)."""
-    try:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from hf_reference import hf_model_from_pakar  # the model engineer's adapter
+    """transformers' Qwen3MoeForCausalLM holding `model`'s weights, with its default sdpa attention
+    (tests/hf_reference.py does the weight mapping; the logits are checked equal below)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_reference import hf_model_from_pakar
 
-        return hf_model_from_pakar(model).eval()
-    except ImportError:
-        pass
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    c = model.config
-    hc = Qwen3MoeConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-                        head_dim=c.head_dim, num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
-                        moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
-                        max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta,
-                        rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
-                        decoder_sparse_step=1, mlp_only_layers=[])
-    hc._attn_implementation = "sdpa"
-    hf = Qwen3MoeForCausalLM(hc).eval()
-    sd = {}
-    state = model.state_dict()
-    for n, p in state.items():
-        if n.endswith("expert_bias") or "experts.up_proj" in n:
-            continue
-        if n.startswith("lm_head"):
-            sd[n] = p
-        elif "experts.gate_proj" in n:  # transformers 5 fuses gate and up: (E, 2I, D)
-            sd["model." + n.replace("gate_proj", "gate_up_proj")] = torch.cat([p, state[n.replace("gate_proj", "up_proj")]], 1)
-        else:
-            sd["model." + n] = p
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    if [m for m in missing if "rotary" not in m] or unexpected:
-        raise SystemExit(f"weight copy failed: missing {missing}, unexpected {unexpected}")
-    return hf
+    return hf_model_from_pakar(model, attn_implementation="sdpa").eval()
 
 
 def time_ours(engine: Engine, prompts: list[list[int]], n_new: int) -> tuple[float, list[list[int]]]:

@@ -181,7 +181,8 @@ class ChatSession:
                 self.params = dataclasses.replace(self.params, **{field_: kind(arg)})
                 self.write(f"({field_} = {getattr(self.params, field_)})\n")
             except (ValueError, PakarError) as e:
-                msg = str(e) if isinstance(e, PakarError) else f"/{name} needs a {kind.__name__}, got {arg!r}"
+                wanted = "an integer" if kind is int else "a number"
+                msg = str(e) if isinstance(e, PakarError) else f"/{name} needs {wanted}, got {arg!r}"
                 self.write(f"({msg})\n")
         else:
             self.write(f"(unknown command /{name}; /help lists them)\n")
@@ -286,7 +287,7 @@ def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 # --- chat-batch ---------------------------------------------------------------------------------
 
-def read_prompts(path: Path, chat: bool) -> list[tuple[str, object]]:
+def read_prompts(path: Path) -> list[tuple[str, object]]:
     """(label, prompt) pairs from a text file (one prompt per line; blank lines and lines starting with
     '#' skipped) or a JSONL file ({"prompt": str} or {"messages": [...]} per line; optional "topic")."""
     if not path.is_file():
@@ -321,11 +322,14 @@ def read_prompts(path: Path, chat: bool) -> list[tuple[str, object]]:
 
 
 def _as_request_prompt(prompt, chat: bool, system: str | None):
-    if isinstance(prompt, list):
-        return ([{"role": "system", "content": system}] + prompt) if system and chat and prompt[0]["role"] != "system" else prompt
-    if chat:
-        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return prompt
+    """A chat model gets messages (a plain prompt becomes the user's message; --system goes first);
+    a text model gets what it was given (TextGenerator joins message contents as text)."""
+    if not chat:
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return messages
 
 
 def _shown(prompt) -> str:
@@ -416,7 +420,7 @@ def main_batch(argv: list[str] | None = None, prog: str | None = None) -> int:
     sampling_from_args(args)  # validate the flags before loading the model
     gen, path, _ = load_generator(args)
     if args.prompts:
-        items = read_prompts(Path(args.prompts), gen.chat)
+        items = read_prompts(Path(args.prompts))
     else:
         items = [(topic, question if gen.chat else opening) for topic, question, opening in DEFAULT_PROMPTS]
     items = [(t, _as_request_prompt(pr, gen.chat, args.system)) for t, pr in items]

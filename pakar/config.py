@@ -4,15 +4,20 @@ Field names are Hugging Face Qwen3-MoE's (`hidden_size`, `num_experts`, `moe_int
 so that export writes them to `config.json` unchanged. Only the last three fields are pakar's own
 (training-time load balancing; they do not change the architecture).
 
-Presets (the vocabulary comes from the tokenizer at train time; 8192 is the default):
-  tiny     trains in seconds on a 2-core CPU; tests and the embedded demo
-  small    minutes on a CPU; meaningful on a few MB of text
-  default  the seed's: 22 layers, 16 heads, d_model 1024, 16 experts, top-1;
-           moe_intermediate_size 1408 puts active parameters at ~167M (the seed's "~150-200M")
-  3b       the seed's "larger model: 3B config": ~2.9B total, ~0.4B active
-Run `pakar info --config NAME` for the computed parameter, FLOP and memory figures.
-"""
+Load balancing: the Switch auxiliary loss (router_aux_loss_coef) and the router z-loss are on by
+default. DeepSeek-V3's auxiliary-loss-free bias balancing (expert_bias_update_rate > 0, e.g. 0.001)
+is off by default: the per-expert selection bias it learns changes which experts a token goes to,
+and Qwen3-MoE has no such bias, so a model trained with it no longer routes exactly like its
+Hugging Face export (pakar export refuses non-zero biases unless told to drop them).
 
+Presets (the vocabulary comes from the tokenizer at train time; 8192 is the default; figures from
+`pakar info --config NAME`, which also gives FLOPs and training memory):
+  tiny     1.2M parameters (75K without embeddings); trains in seconds on a 2-core CPU; tests, demo
+  small    19.5M total, 8.9M active; minutes on a CPU, meaningful on a few MB of text
+  default  the seed's: 22 layers, 16 heads, d_model 1024, 16 experts, top-1; moe_intermediate_size
+           1408 puts the active parameters at 170M (the seed's "~150-200M"); 1.60B in total
+  3b       the seed's "larger model: 3B config": 2.93B total, 385M active (32 experts, top-2)
+"""
 from __future__ import annotations
 
 import dataclasses

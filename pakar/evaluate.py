@@ -27,6 +27,14 @@ validation. Design choices:
 - The model is put in eval mode and restored to its previous mode afterwards; gradients are off.
 - Expert utilisation: tokens routed to each expert in each layer, summed over every evaluated
   input position (the model reports them per forward in `expert_counts`).
+
+`pakar eval` (main) reads any corpus. Text is tokenized as a stream in the token shards' layout (each
+document followed by <|endoftext|>) and evaluated chunk by chunk (`evaluate_corpus`), giving exactly
+what evaluate_tokens gives on the whole stream while memory stays one chunk and `--max-tokens` stops
+the reading early. Chat JSONL (first record {"messages": ...}) goes to pakar.finetune.evaluate_chat:
+whole conversations one per row, as fine-tuning sees them, scored on the assistant tokens. The
+window length defaults to the training --seq-len recorded in the checkpoint, since a model evaluated
+at longer contexts than it was trained on is measured out of distribution.
 """
 
 from __future__ import annotations
@@ -228,34 +236,20 @@ CHUNK_WINDOWS = 64  # windows per streamed chunk: memory is CHUNK_WINDOWS x seq_
 
 
 def iter_corpus_tokens(specs, tokenizer, stats=None, docs_per_batch: int = 256):
-    """(ids, mask) per batch of records, in the token shards' layout: every record followed by
-    <|endoftext|>. Plain-text documents: every token is a target (mask None). Chat conversations
-    (JSONL {"messages": [...]}): the targets are the assistant tokens of pakar.tokenizer.encode_chat."""
-    from pakar.corpus import iter_records
-    from pakar.tokenizer import encode_chat
+    """Token ids (int64 numpy) per batch of documents, in the token shards' layout: every document
+    followed by <|endoftext|>. Chat records in a text corpus are skipped and counted, as in the shards."""
+    from pakar.corpus import iter_documents
 
     eot = tokenizer.eot_id
-    pending: list = []
+    pending: list[str] = []
 
     def flush():
-        texts = [r for r in pending if isinstance(r, str)]
-        encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
-        ids_parts, mask_parts, any_chat = [], [], False
-        for r in pending:
-            if isinstance(r, str):
-                ids = next(encoded) + [eot]
-                mask = [True] * len(ids)
-            else:
-                ids, mask = encode_chat(tokenizer, r)
-                ids, mask = ids + [eot], mask + [False]
-                any_chat = True
-            ids_parts += ids
-            mask_parts += mask
+        ids = [t for doc in tokenizer.encode_batch(pending) for t in (*doc, eot)]
         pending.clear()
-        return np.asarray(ids_parts, dtype=np.int64), (np.asarray(mask_parts, dtype=bool) if any_chat else None)
+        return np.asarray(ids, dtype=np.int64)
 
-    for record in iter_records(specs, stats):
-        pending.append(record)
+    for doc in iter_documents(specs, stats):
+        pending.append(doc)
         if len(pending) >= docs_per_batch:
             yield flush()
     if pending:
@@ -264,48 +258,39 @@ def iter_corpus_tokens(specs, tokenizer, stats=None, docs_per_batch: int = 256):
 
 def evaluate_corpus(model, tokenizer, specs, batch_size: int, seq_len: int, max_tokens: int | None = None,
                     device=None, autocast_dtype=None, stats=None, progress=None) -> dict:
-    """evaluate_tokens over a corpus read and tokenized as a stream: chunks of CHUNK_WINDOWS windows are
-    evaluated as soon as they are tokenized, and reading stops once max_tokens are counted. The result
-    equals evaluate_tokens on the whole token stream (same windows, same sums). Adds "chat" (whether
-    the targets were restricted to assistant tokens)."""
+    """evaluate_tokens over a text corpus read and tokenized as a stream: chunks of CHUNK_WINDOWS
+    windows are evaluated as soon as they are tokenized, and reading stops once max_tokens are counted.
+    The result equals evaluate_tokens on the whole token stream (same windows, same sums)."""
     _check_sizes(batch_size, seq_len)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     sums = _Sums(device, tokenizer.token_byte_lengths())
     chunk = CHUNK_WINDOWS * seq_len  # targets per chunk, a whole number of windows
     budget = float("inf") if max_tokens is None else max(int(max_tokens), 0)
     buf_ids = np.zeros(0, dtype=np.int64)
-    buf_mask: np.ndarray | None = None
-    chat = False
     done = 0
 
     def run(n_targets: int) -> None:
         nonlocal done
-        sums.add(model, buf_ids, buf_mask, n_targets, batch_size, seq_len, 0, 1)
+        sums.add(model, buf_ids, None, n_targets, batch_size, seq_len, 0, 1)
         done += n_targets
         if progress:
             progress(done, sums)
 
     with _EvalMode(model, device, autocast_dtype):
-        for ids, mask in iter_corpus_tokens(specs, tokenizer, stats):
-            if mask is not None and buf_mask is None:
-                buf_mask = np.ones(len(buf_ids), dtype=bool)
-            chat |= mask is not None
-            if buf_mask is not None:
-                buf_mask = np.concatenate([buf_mask, mask if mask is not None else np.ones(len(ids), dtype=bool)])
+        for ids in iter_corpus_tokens(specs, tokenizer, stats):
             buf_ids = np.concatenate([buf_ids, ids])
             while len(buf_ids) > chunk and done + chunk <= budget:
                 run(chunk)
                 # the last token of a chunk is the first input of the next (targets never repeat)
                 buf_ids = buf_ids[chunk:]
-                buf_mask = None if buf_mask is None else buf_mask[chunk:]
-            if done + chunk > budget and len(buf_ids) > budget - done:
-                break
+            if len(buf_ids) > budget - done:
+                break  # enough tokens read for what is left of --max-tokens
         last = min(len(buf_ids) - 1, budget - done)
         if last > 0:
             run(int(last))
     if done == 0:
         raise PakarError(f"nothing to evaluate in --data {' '.join(map(str, specs))}: fewer than 2 tokens")
-    return sums.result(model, distributed=False) | {"chat": chat}
+    return sums.result(model, distributed=False) | {"chat": False}
 
 
 def expert_table(res: dict) -> str:
@@ -329,14 +314,18 @@ def plot_experts(res: dict, path: Path, title: str) -> None:
         raise PakarError("--plot needs matplotlib: pip install matplotlib (or pip install pakar[plot])") from None
     frac = np.asarray(res["expert_fraction"]) * 100
     L, E = frac.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * E + 2), max(2.5, 0.35 * L + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * E + 2.5), max(3.0, 0.35 * L + 1.8)))
     im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0)
+    if L * E <= 400:  # small enough to print every share in its cell
+        for (layer, e), v in np.ndenumerate(frac):
+            ax.text(e, layer, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if v < frac.max() * 0.6 else "black")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_xticks(range(E))
     ax.set_yticks(range(L))
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label=f"% of routed tokens (balanced: {100 / E:.1f}%)")
+    ax.set_title(f"{title}\nexpert load, % of routed tokens (balanced: {100 / E:.1f}% each)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="%")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -346,22 +335,28 @@ def plot_experts(res: dict, path: Path, title: str) -> None:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from pakar.chat import pick_device, pick_dtype
     from pakar.checkpoint import latest_epoch_checkpoint, load_model
-    from pakar.corpus import CorpusStats
+    from pakar.corpus import CorpusStats, detect_kind
 
     p = argparse.ArgumentParser(prog=prog, description="Validation loss, perplexity and bits per byte of a "
                                 "checkpoint on a corpus, and how evenly its experts are used.")
     p.add_argument("--checkpoint", help="model checkpoint (default: the newest checkpoints/model_epoch*.pt "
                    "in the current folder)")
     p.add_argument("--data", nargs="+", required=True, metavar="SPEC",
-                   help="text files (one document per line), .gz, JSONL ({\"text\"} or chat {\"messages\"}: "
-                   "then only assistant tokens count), folders or globs")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens of context per window (default: the "
+                   help="text files (one document per line), .gz, JSONL ({\"text\": ...} documents, or chat "
+                   "{\"messages\": [...]}: then the assistant tokens of whole conversations are scored), "
+                   "folders or globs")
+    p.add_argument("--seq-len", type=int, default=None, help="text: tokens of context per window (default: the "
                    "training --seq-len recorded in the checkpoint, else 256; at most the context window)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows (text) or conversations (chat) per "
+                   "forward pass (default 8)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens "
+                   "(default: all)")
+    p.add_argument("--split", default="all", choices=["all", "val"], help="chat data: every conversation, or "
+                   "only the held-out slice that pakar finetune validates on (default all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (default auto: bfloat16 autocast on cuda, float32 on cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (default auto: bfloat16 autocast on cuda, float32 on cpu); weights "
+                   "stay float32")
     p.add_argument("--plot", metavar="PNG", help="also draw the expert load per layer to this PNG file")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object, last")
     args = p.parse_args(argv)
@@ -369,47 +364,54 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise PakarError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.batch_size < 1:
         raise PakarError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise PakarError(f"--plot {args.plot}: give a file name ending in .png")
 
     path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    # weights stay float32 under autocast: the logits and the sums keep their precision
-    model, tokenizer, ckpt = load_model(path, device, None if dtype == torch.bfloat16 and device.type == "cuda"
-                                        else dtype)
-    amp = torch.bfloat16 if dtype == torch.bfloat16 and device.type == "cuda" else None
+    # weights stay float32; bfloat16 runs as autocast, so the logits and the sums keep their precision
+    amp = torch.bfloat16 if pick_dtype(args.dtype, device) == torch.bfloat16 else None
+    model, tokenizer, ckpt = load_model(path, device)
     W = model.config.max_position_embeddings
-    trained = (ckpt.get("meta", {}).get("seq_len") or ckpt.get("train_args", {}).get("seq_len") or 256)
-    seq_len = args.seq_len if args.seq_len is not None else min(int(trained), W)
-    if not 1 <= seq_len <= W:
-        raise PakarError(f"--seq-len {seq_len}: must be between 1 and the model's context window ({W})")
-
-    tty = sys.stderr.isatty()
-
-    def progress(done: int, sums) -> None:
-        if tty:
-            dt = time.perf_counter() - sums.t0
-            print(f"\r  {done:,} tokens evaluated ({done / max(dt, 1e-9):,.0f} tokens/s)", end="",
-                  file=sys.stderr, flush=True)
-
+    kind = detect_kind(args.data)
     stats = CorpusStats()
-    res = evaluate_corpus(model, tokenizer, args.data, args.batch_size, seq_len, args.max_tokens, device, amp,
-                          stats=stats, progress=progress)
-    if tty:
-        print(file=sys.stderr)
-    res |= {"checkpoint": str(path), "data": list(args.data), "seq_len": seq_len, "corpus": stats.summary()}
-    scope = "assistant tokens of chat records, every token of text records" if res["chat"] else "every token"
+    tty = sys.stderr.isatty()
+    if kind == "chat":
+        from pakar.finetune import evaluate_chat
+
+        res = evaluate_chat(model, tokenizer, args.data, args.batch_size, split=args.split,
+                            max_tokens=args.max_tokens, device=device, autocast_dtype=amp, stats=stats)
+        scope = f"assistant tokens of {res['conversations']:,} conversations ({args.split})"
+    else:
+        trained = ckpt.get("meta", {}).get("seq_len") or ckpt.get("train_args", {}).get("seq_len") or 256
+        seq_len = args.seq_len if args.seq_len is not None else min(int(trained), W)
+        if not 1 <= seq_len <= W:
+            raise PakarError(f"--seq-len {seq_len}: must be between 1 and the model's context window ({W})")
+
+        def progress(done: int, sums) -> None:
+            if tty:
+                dt = time.perf_counter() - sums.t0
+                print(f"\r  {done:,} tokens evaluated ({done / max(dt, 1e-9):,.0f} tokens/s)", end="",
+                      file=sys.stderr, flush=True)
+
+        res = evaluate_corpus(model, tokenizer, args.data, args.batch_size, seq_len, args.max_tokens, device, amp,
+                              stats=stats, progress=progress)
+        if tty:
+            print(file=sys.stderr)
+        res["seq_len"] = seq_len
+        scope = f"every token, windows of {seq_len}"
+    res |= {"checkpoint": str(path), "data": list(args.data), "corpus": stats.summary()}
     print(f"pakar eval | {path} on {' '.join(args.data)}")
     print(f"corpus: {stats.summary()}")
-    for w in stats.warnings():
+    for w in stats.warnings() + list(res.get("warnings", [])):
         print(f"warning: {w}")
-    print(f"{res['tokens']:,} tokens ({scope}), {res['bytes']:,} bytes, windows of {seq_len} tokens, "
-          f"{res['seconds']:.1f} s")
+    print(f"{res['tokens']:,} tokens ({scope}), {res['bytes']:,} bytes, {res['seconds']:.1f} s")
     bpb = res["bits_per_byte"]
     print(f"bits per byte {bpb:.4f} | loss {res['loss']:.4f} nats/token | perplexity {res['perplexity']:.2f}"
-          if bpb is not None else f"loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f}")
+          if bpb is not None else f"loss {res['loss']:.4f} nats/token | perplexity {res['perplexity']:.2f}")
     print(expert_table(res))
     if args.plot:
-        plot_experts(res, Path(args.plot), f"{path.name}: expert load on {' '.join(args.data)}"[:90])
+        plot_experts(res, Path(args.plot), f"{path.name} on {', '.join(Path(d).name for d in args.data)}"[:80])
         print(f"plot: {args.plot}")
         res["plot"] = args.plot
     if args.json:

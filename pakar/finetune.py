@@ -49,6 +49,9 @@ Design choices:
 - Learning rate defaults: full fine-tuning a tenth of the preset's pretraining peak (the loop's rule);
   LoRA the pretraining peak itself, since the adapters start at zero and are few (LoRA usually wants
   about ten times the full fine-tuning rate).
+- LoRA on chat data also trains the embedding and output rows of <|im_start|> and <|im_end|>
+  (pakar.lora token rows, 2 x 2 x hidden_size numbers): a model pretrained on text has never seen
+  them, and the adapters alone can neither read nor emit them well.
 - LoRA epoch checkpoints are adapters only (checkpoints/lora_epoch{N}.pt, pakar.lora): the base
   checkpoint is referenced by path and sha256. --merge also writes the merged, self-contained
   checkpoints/model_epoch{N}.pt that chat, eval, export and serve read.
@@ -153,8 +156,8 @@ class ChatStats:
         if self.invalid:
             out.append(f"{self.invalid:,} conversations had invalid messages (skipped; first: {self.first_invalid})")
         if self.too_long:
-            out.append(f"{self.too_long:,} conversations were longer than --seq-len {max_len} tokens (skipped; "
-                       f"the longest has {self.longest:,})")
+            out.append(f"{self.too_long:,} conversations were longer than {max_len} tokens (the context, "
+                       f"--seq-len; skipped, not cut; the longest has {self.longest:,})")
         if self.no_assistant:
             out.append(f"{self.no_assistant:,} conversations had no assistant message to learn from (skipped)")
         if self.text_records:
@@ -167,12 +170,14 @@ def conversation_hash(messages: list) -> int:
     return doc_hash(json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
 
 
-def load_chat(specs, tokenizer, max_len: int, val_fraction: float = CHAT_VAL_FRACTION, split: bool = True):
+def load_chat(specs, tokenizer, max_len: int, val_fraction: float = CHAT_VAL_FRACTION, split: bool = True,
+              corpus_stats: CorpusStats | None = None):
     """Encode a chat corpus. Returns (train, val, stats), each conversation an (ids int32, mask bool)
-    pair of arrays with mask True on the assistant targets; without `split` everything is in train."""
+    pair of arrays with mask True on the assistant targets; without `split` everything is in train.
+    `corpus_stats`, if given, receives the corpus reader's counts."""
     from pakar.tokenizer import encode_chat
 
-    stats = ChatStats()
+    stats = ChatStats(corpus=corpus_stats if corpus_stats is not None else CorpusStats())
     kept: list[tuple[int, np.ndarray, np.ndarray]] = []
     for record in iter_records(specs, stats.corpus):
         if isinstance(record, str):
@@ -236,11 +241,13 @@ def evaluate_conversations(model, convs, batch_size: int = 8, token_bytes=None, 
                            *, device=None, autocast_dtype: torch.dtype | None = None, pad_id: int = 0,
                            max_len: int | None = None) -> dict:
     """Assistant-token loss (nats per target), perplexity and bits per byte of `model` on whole
-    conversations ((ids, mask) pairs), one per row as in training. `max_tokens` stops after the
-    conversations (in the given order) whose targets reach it. Under torch.distributed each rank takes
-    every world_size-th batch and the sums are all-reduced; every rank runs the same number of forward
-    passes (FSDP gathers parameters inside them). Special tokens (0 bytes) are left out of bits per
-    byte, as in pakar.evaluate."""
+    conversations ((ids, mask) pairs), one per row as in training; expert loads over the real (not
+    padding) input tokens, read from the routers' choices with forward hooks. `max_tokens` stops after
+    the conversations (in the given order) whose targets reach it. Under torch.distributed each rank
+    takes every world_size-th batch and the sums are all-reduced; every rank runs the same number of
+    forward passes (FSDP gathers parameters inside them). Special tokens (0 bytes) are left out of bits
+    per byte, as in pakar.evaluate. Returns the keys of pakar.evaluate.evaluate_tokens plus
+    "conversations"."""
     rank, world_size, distributed = _dist_info()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     chosen, n_targets = [], 0
@@ -254,14 +261,21 @@ def evaluate_conversations(model, convs, batch_size: int = 8, token_bytes=None, 
     mine = batches[rank::world_size]
     n_steps = -(-len(batches) // world_size)
     max_len = max_len or max((len(ids) for ids, _ in chosen), default=1)
-    bytes_V = torch.as_tensor(np.asarray(token_bytes), dtype=torch.int64, device=device) if token_bytes is not None else None
+    bytes_V = (torch.as_tensor(np.asarray(token_bytes), dtype=torch.int64, device=device)
+               if token_bytes is not None else None)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, nats on byte-bearing targets, bytes
+    cfg = getattr(model, "module", model).config
+    counts_LE = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64, device=device)
+    choices: list[torch.Tensor] = []  # each router's (N, K) expert ids of the current forward
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, inp, out: choices.append(out[2]))
+             for layer in getattr(model, "module", model).layers]
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             for step in range(n_steps):
+                choices.clear()
                 if step >= len(mine):  # keep collective forwards in step with the other ranks
                     model(torch.zeros(1, 1, dtype=torch.long, device=device))
                     continue
@@ -276,23 +290,34 @@ def evaluate_conversations(model, convs, batch_size: int = 8, token_bytes=None, 
                     b_BT = bytes_V[y.clamp(min=0)] * keep_BT
                     sums[2] += (nll_BT * (b_BT > 0)).sum()
                     sums[3] += b_BT.sum()
+                n_B = torch.tensor([len(ids) - 1 for ids, _ in mine[step]], device=device)
+                real_N = (torch.arange(x.shape[1], device=device)[None] < n_B[:, None]).flatten()
+                for layer, idx_NK in enumerate(choices):
+                    counts_LE[layer] += torch.bincount(idx_NK[real_N].flatten(), minlength=cfg.num_experts)
     finally:
+        for h in hooks:
+            h.remove()
         model.train(was_training)
     if distributed:
         import torch.distributed as dist
 
         dist.all_reduce(sums)
+        dist.all_reduce(counts_LE)
     nats, n_tok, nats_b, n_bytes = sums.tolist()
     loss = nats / n_tok if n_tok else float("nan")
+    counts = counts_LE.cpu().double()
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
             "bits_per_byte": nats_b / (LN2 * n_bytes) if bytes_V is not None and n_bytes else None,
             "tokens": int(n_tok), "bytes": int(n_bytes), "conversations": len(chosen),
+            "expert_counts": counts_LE.cpu().tolist(),
+            "expert_fraction": (counts / counts.sum(dim=1, keepdim=True).clamp_min(1)).tolist(),
+            "expert_max_over_mean": (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-12)).tolist(),
             "seconds": time.perf_counter() - t0}
 
 
 def evaluate_chat(model, tokenizer, specs, batch_size: int = 8, max_len: int | None = None, split: str = "all",
                   val_fraction: float = CHAT_VAL_FRACTION, max_tokens: int | None = None, device=None,
-                  autocast_dtype=None) -> dict:
+                  autocast_dtype=None, stats: CorpusStats | None = None) -> dict:
     """`pakar eval` on chat JSONL: assistant-token loss, perplexity and bits per byte over whole
     conversations. split "all" evaluates every usable conversation, "val" only the held-out slice that
     `pakar finetune --val-fraction F` leaves out of training (the same numbers as its validation).
@@ -300,17 +325,19 @@ def evaluate_chat(model, tokenizer, specs, batch_size: int = 8, max_len: int | N
     if split not in ("all", "val"):
         raise PakarError(f"split must be 'all' or 'val', got {split!r}")
     max_len = max_len or model.config.max_position_embeddings
-    train, val, stats = load_chat(specs, tokenizer, max_len, val_fraction, split=split == "val")
+    train, val, chat_stats = load_chat(specs, tokenizer, max_len, val_fraction, split=split == "val",
+                                       corpus_stats=stats)
     convs = val if split == "val" else train
     if not convs:
         raise PakarError("no held-out conversation to evaluate: the corpus is too small to split")
     res = evaluate_conversations(model, convs, batch_size, tokenizer.token_byte_lengths(), max_tokens,
                                  device=device, autocast_dtype=autocast_dtype, pad_id=tokenizer.eot_id,
                                  max_len=max_len)
-    return res | {"chat": True, "split": split, "warnings": stats.warnings(max_len),
-                  "skipped": {"invalid": stats.invalid, "too_long": stats.too_long,
-                              "no_assistant": stats.no_assistant, "text_records": stats.text_records,
-                              "bad_json": stats.corpus.bad_json, "missing_field": stats.corpus.missing_field}}
+    s = chat_stats
+    return res | {"chat": True, "split": split, "warnings": s.warnings(max_len),
+                  "skipped": {"invalid": s.invalid, "too_long": s.too_long, "no_assistant": s.no_assistant,
+                              "text_records": s.text_records, "bad_json": s.corpus.bad_json,
+                              "missing_field": s.corpus.missing_field}}
 
 
 class ChatData:
@@ -411,11 +438,14 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
         raise PakarError(f"--seq-len {args.seq_len} exceeds the checkpoint's context of "
                          f"{cfg.max_position_embeddings} tokens")
     _check_out_dir(args)
-    _check_resume(args)
     kind = detect_kind(args.data)
     spec = args.lora_spec()
+    if spec is not None and kind == "chat" and not cfg.tie_word_embeddings:
+        # the ChatML markers are new to a model pretrained on text: train their embedding/output rows too
+        spec = dataclasses.replace(spec, token_ids=(tokenizer.im_start_id, tokenizer.im_end_id))
     if spec is not None and args.lr is None:
         args = dataclasses.replace(args, lr=DEFAULT_LR.get(args.config, 3e-4))
+    _check_resume(args)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -465,18 +495,22 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
 
     meta = {"chat": kind == "chat" or bool(base_meta.get("chat", False)),
             "finetune": {"kind": kind, "base": str(Path(args.init_from).resolve()),
-                         "lora": spec.to_dict() if spec else None}}
+                         "lora": spec.to_dict() if spec else None,
+                         "val_fraction": args.val_fraction if kind == "chat" else None}}
     customize_model = save_epoch = None
-    adapter_paths: list[Path] = []
     if spec is not None:
         base_sha = file_sha256(args.init_from)
+        logged = []
 
         def customize_model(model):
             model = apply_lora(model, spec)
-            if rank == 0:
+            if rank == 0 and not logged:  # the loop may build a second (CPU) copy to sample from
+                logged.append(True)
                 n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 n_all = sum(p.numel() for p in model.parameters())
-                log(f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on {', '.join(spec.targets)}: {n_train:,} "
+                rows = (f" and the embedding/output rows of {', '.join(tokenizer.decode([i]) for i in spec.token_ids)}"
+                        if spec.token_ids else "")
+                log(f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on {', '.join(spec.targets)}{rows}: {n_train:,} "
                     f"trainable parameters ({100 * n_train / n_all:.2f}% of {n_all:,}); the base is frozen")
             return model
 
@@ -485,12 +519,11 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
             path = path_stem.with_name(path_stem.name.replace("model_", "lora_", 1) + ".pt")
             atomic_save(adapter_checkpoint(adapters, router_buffers(base_state), spec, args.init_from, base_sha,
                                            cfg.to_dict(), **epoch_meta), path)
-            adapter_paths.append(path)
             if args.merge:
                 merged = path_stem.with_suffix(".pt")
-                atomic_save(model_checkpoint(merge_state(base_state, adapters, spec.scale), cfg, tokenizer.to_json(),
-                                             **epoch_meta, merged_lora={"adapter": str(path.resolve()), **spec.to_dict()}),
-                            merged)
+                state = merge_state(base_state, adapters, spec.scale)  # base_state has the trained router biases
+                atomic_save(model_checkpoint(state, cfg, tokenizer.to_json(), **epoch_meta,
+                                             merged_lora={"adapter": str(path.resolve()), **spec.to_dict()}), merged)
                 log(f"merged the adapters into {merged}")
             return path
 
@@ -532,10 +565,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     # what pretraining chooses and fine-tuning takes from the checkpoint: hidden, refused if given
     for flag in ("--config", "--vocab-size"):
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--checkpoint", "--init-from", dest="init_from", required=True,
+    p.add_argument("--checkpoint", "--init-from", dest="init_from", required=True, metavar="PATH",
                    help="model checkpoint to start from: its weights, architecture and tokenizer")
-    p.add_argument("--data", nargs="+", required=True, help="plain text (.txt, .gz, JSONL {\"text\"}: continued "
-                   "pretraining) or chat JSONL ({\"messages\": [...]}: supervised fine-tuning); files, folders or globs")
+    p.add_argument("--sample-prompt", default=FinetuneArgs.sample_prompt, help="text data: prompt for the greedy "
+                   f"sample at each epoch end (default {FinetuneArgs.sample_prompt!r}; chat data: no sample)")
+    p.add_argument("--data", nargs="+", required=True, metavar="SPEC", help="plain text (.txt, .gz, JSONL "
+                   "{\"text\"}: continued pretraining) or chat JSONL ({\"messages\": [...]}: supervised "
+                   "fine-tuning); files, folders or globs")
     p.add_argument("--out", default="finetune", help="run directory for training.log, checkpoints/ and (text) "
                    "the token cache; must not hold another run (default: finetune)")
     p.add_argument("--seq-len", type=int, default=None, help="text: tokens per training window (default 256); "
@@ -567,6 +603,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if getattr(ns, flag) is not None:
             raise PakarError(f"--{flag.replace('_', '-')} does not apply to fine-tuning: the architecture and the "
                              "tokenizer come from --checkpoint")
+    del ns.vocab_size  # the tokenizer is the checkpoint's; FinetuneArgs keeps its unused default
     base = safe_load(ns.init_from)
     ns.config = preset_name(base)
     if ns.seq_len is None:

@@ -47,7 +47,8 @@ Design choices:
   decode(ids[prefix:read]), emitted only when it does not end in U+FFFD (an incomplete character);
   the offsets then advance. Decoding the short window is O(1) per token, and the deltas concatenate to
   exactly tokenizer.decode(ids). Bytes that never complete a character are flushed at the end as
-  U+FFFD, as a full decode would show them.
+  U+FFFD, as a full decode would show them (after MAX_PENDING_TOKENS such tokens in a row, which only
+  a broken model produces, they are flushed as they stand, to keep the window short).
 - Context window: see pakar/engine.py. `check()` raises before any work; `fit_messages` is the
   conversation policy (the REPL's): keep the system message and the newest turns whose prompt leaves
   `reserve` tokens for the answer, dropping the oldest turns first.
@@ -63,11 +64,12 @@ from typing import Iterator, Sequence
 import torch
 
 from pakar import PakarError
-from pakar.engine import CANCELLED, LENGTH, STOP, ContextLengthError, Engine, SamplingParams  # noqa: F401
+from pakar.engine import STOP, ContextLengthError, Engine, SamplingParams
 
 __all__ = ["TextGenerator", "TextBatch", "Request", "Delta", "Completion", "SamplingParams", "ContextLengthError"]
 
 Prompt = str | list[dict]
+MAX_PENDING_TOKENS = 16  # tokens held back waiting for a character to complete, at most
 
 
 @dataclass
@@ -113,7 +115,10 @@ class _RowText:
     def push(self, token: int) -> str:
         self.ids.append(token)
         new = self.tok.decode(self.ids[self.prefix:])
-        if len(new) > len(self.prefix_text) and not new.endswith("\ufffd"):
+        complete = len(new) > len(self.prefix_text) and not new.endswith("\ufffd")
+        # A character is at most 4 bytes: a longer run of tokens that never completes one is broken
+        # output (an untrained model); take it as it stands, so the decoded window stays short.
+        if complete or len(self.ids) - self.read > MAX_PENDING_TOKENS:
             self._extend(new[len(self.prefix_text):])
             self.prefix, self.read = self.read, len(self.ids)
             self.prefix_text = self.tok.decode(self.ids[self.prefix:self.read])

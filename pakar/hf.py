@@ -472,6 +472,8 @@ def main_import(argv: list[str], prog: str = "pakar import") -> int:
     args = p.parse_args(argv)
     ckpt = import_folder(args.src)
     atomic_save(ckpt, args.out)
-    n = sum(t.numel() for k, t in ckpt["model"].items() if not k.endswith("expert_bias"))
+    tied = ckpt["config"]["tie_word_embeddings"]
+    n = sum(t.numel() for k, t in ckpt["model"].items()
+            if not k.endswith("expert_bias") and not (tied and k == "lm_head.weight"))
     print(f"imported {n / 1e6:.2f}M parameters from {args.src} to {args.out}")
     return 0

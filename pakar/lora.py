@@ -29,15 +29,22 @@ Design choices:
     dispatch (grouped matmul or loop) reads the adapted tensor unchanged. The fold runs in float32
     outside autocast (one baddbmm); the cost is that backward forms the full (E, out, in) gradient of
     the adapted tensor before projecting it onto A and B (PEFT's ParamWrapper does the same).
+  * Token rows (LoraSpec.token_ids; pakar.finetune sets the ChatML markers for chat data): a
+    parametrization of embed_tokens.weight and lm_head.weight adding a trainable (n, D) delta to those
+    n rows. A model pretrained on plain text has never seen <|im_start|> or <|im_end|>: their rows are
+    still at initialisation, and low-rank adapters on the blocks alone can neither read the markers
+    well nor learn to emit <|im_end|> (PEFT's trainable_token_indices addresses the same problem).
 - Initialisation (Hu et al. 2021, and PEFT's default): A uniform in +-1/sqrt(in) (nn.Linear's own
-  rule), B = 0, so at initialisation the adapted model computes exactly the base model's outputs.
+  rule), B = 0 and token-row deltas 0, so at initialisation the adapted model computes exactly the
+  base model's outputs.
 - Frozen: every base parameter (embeddings, norms, router, unadapted tensors); the optimizer only
   sees the adapters. The router's selection biases (buffers that aux-loss-free balancing may still
   move during fine-tuning) are saved with the adapters, so a merged model routes like the trained one.
 - Adapter file ("pakar-lora-v1", loads with weights_only=True): {"lora": spec, "adapters": {base
-  key: {"lora_A", "lora_B"}}, "buffers": {router biases}, "base": {"path", "sha256"}, "config",
-  "meta"}. No base weights and no tokenizer: it is a few hundred KB next to a base of tens of MB, and
-  merging checks the base's sha256 so an adapter is never folded into the wrong model.
+  key: {"lora_A", "lora_B"} or {"rows", "delta"}}, "buffers": {router biases}, "base": {"path",
+  "sha256"}, "config", "meta"}. No base weights and no tokenizer: it is a few hundred KB next to a
+  base of tens of MB, and merging checks the base's sha256 so an adapter is never folded into the
+  wrong model.
 - Merge arithmetic in float64, stored in the base tensor's dtype.
 
 Shape legend: E experts, O out features, I in features, R rank.
@@ -91,6 +98,7 @@ class LoraSpec:
     rank: int
     alpha: float
     targets: tuple[str, ...] = ATTENTION_TARGETS
+    token_ids: tuple[int, ...] = ()  # vocabulary rows of embed_tokens and lm_head trained alongside
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -98,17 +106,19 @@ class LoraSpec:
         if not self.alpha > 0:
             raise PakarError(f"--lora-alpha must be > 0, got {self.alpha}")
         self.targets = parse_targets(self.targets)
+        self.token_ids = tuple(sorted(set(int(i) for i in self.token_ids)))
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "targets": list(self.targets)}
+        return {**asdict(self), "targets": list(self.targets), "token_ids": list(self.token_ids)}
 
     @classmethod
     def from_dict(cls, d: dict) -> LoraSpec:
-        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), targets=tuple(d["targets"]))
+        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), targets=tuple(d["targets"]),
+                   token_ids=tuple(d.get("token_ids", ())))
 
 
 def _init_A(A: torch.Tensor) -> None:
@@ -156,6 +166,20 @@ class ExpertLoRA(nn.Module):
                                  alpha=self.scale).to(weight_EOI.dtype)
 
 
+class TokenRows(nn.Module):
+    """Parametrization of an embedding or output matrix W (V, D): W plus a trainable delta on a few rows
+    (tokens the base model never learned, such as the chat markers of a model pretrained on text)."""
+
+    def __init__(self, weight_VD: torch.Tensor, token_ids: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("rows", torch.tensor(token_ids, dtype=torch.long, device=weight_VD.device))
+        self.delta = nn.Parameter(torch.zeros(len(token_ids), weight_VD.shape[1], device=weight_VD.device,
+                                              dtype=weight_VD.dtype))  # (n, D), zero: identity at the start
+
+    def forward(self, weight_VD: torch.Tensor) -> torch.Tensor:
+        return weight_VD.index_add(0, self.rows, self.delta.to(weight_VD.dtype))
+
+
 def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Freeze every parameter of `model` and add adapters on spec.targets, in place. Returns the model."""
     from pakar.moe import Experts
@@ -176,6 +200,14 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
                     parametrize.register_parametrization(
                         module, name, ExpertLoRA(getattr(module, name), spec.rank, spec.scale))
                     adapted += 1
+    if spec.token_ids:
+        embed, head = model.embed_tokens, model.lm_head
+        if head.weight is embed.weight:
+            raise PakarError("LoRA token rows need untied input and output embeddings (tie_word_embeddings false)")
+        if max(spec.token_ids) >= embed.weight.shape[0] or min(spec.token_ids) < 0:
+            raise PakarError(f"LoRA token rows {spec.token_ids} are outside the vocabulary of {embed.weight.shape[0]}")
+        for module in (embed, head):
+            parametrize.register_parametrization(module, "weight", TokenRows(module.weight, spec.token_ids))
     if not adapted:
         raise PakarError(f"--lora-targets {' '.join(spec.targets)}: the model has no such tensors")
     return model
@@ -183,15 +215,15 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
 
 def split_state(state: dict) -> tuple[dict, dict]:
     """A LoRA model's state dict -> (the plain base state dict with the model's own key names,
-    {base key: {"lora_A": A, "lora_B": B}})."""
+    {base key: {"lora_A": A, "lora_B": B} or, for token rows, {"rows": ids, "delta": (n, D)}})."""
     base, adapters = {}, {}
     for key, value in state.items():
-        if ".parametrizations." in key:  # <module>.parametrizations.<name>.original | .0.lora_A | .0.lora_B
+        if ".parametrizations." in key:  # <module>.parametrizations.<name>.original | .0.<factor>
             module, rest = key.split(".parametrizations.", 1)
             name, tail = rest.split(".", 1)
             if tail == "original":
                 base[f"{module}.{name}"] = value
-            elif tail in ("0.lora_A", "0.lora_B"):
+            elif tail in ("0.lora_A", "0.lora_B", "0.rows", "0.delta"):
                 adapters.setdefault(f"{module}.{name}", {})[tail[2:]] = value
             else:
                 raise PakarError(f"unexpected parametrized state key {key!r}")
@@ -204,11 +236,18 @@ def split_state(state: dict) -> tuple[dict, dict]:
 
 
 def merge_state(base: dict, adapters: dict, scale: float) -> dict:
-    """New state dict: base[key] + scale * B @ A for every adapter (float64 arithmetic)."""
+    """New state dict: base[key] + scale * B @ A for every low-rank adapter, base[key][rows] + delta for
+    token rows (float64 arithmetic)."""
     merged = dict(base)
     for key, ab in adapters.items():
         if key not in base:
             raise PakarError(f"adapter for {key!r}, which the base model does not have")
+        if "delta" in ab:
+            W, rows, delta = base[key], ab["rows"].long(), ab["delta"]
+            if delta.shape != (len(rows), W.shape[1]) or int(rows.max()) >= W.shape[0]:
+                raise PakarError(f"token rows for {key}: delta {tuple(delta.shape)} does not fit {tuple(W.shape)}")
+            merged[key] = W.double().index_add(0, rows, delta.double()).to(W.dtype)
+            continue
         W, A, B = base[key], ab["lora_A"], ab["lora_B"]
         if B.shape[:-1] + A.shape[-1:] != W.shape or B.shape[-1] != A.shape[-2]:
             raise PakarError(f"adapter for {key}: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit the "
@@ -230,7 +269,8 @@ def adapter_checkpoint(adapters: dict, buffers: dict, spec: LoraSpec, base_path:
     from pakar import __version__
 
     return {"format": ADAPTER_FORMAT, "lora": spec.to_dict(),
-            "adapters": {k: {n: t.detach().cpu().float() for n, t in ab.items()} for k, ab in adapters.items()},
+            "adapters": {k: {n: t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu()
+                             for n, t in ab.items()} for k, ab in adapters.items()},
             "buffers": {k: t.detach().cpu() for k, t in buffers.items()},
             "base": {"path": str(Path(base_path).resolve()), "sha256": base_sha256},
             "config": config, "meta": {"pakar_version": __version__, **meta}}

@@ -6,14 +6,22 @@ embed_tokens -> num_hidden_layers x [x + attn(RMSNorm(x)); x + moe(RMSNorm(x))] 
   rotary embedding), rotary embeddings in the rotate-half layout, causal scaled-dot-product attention.
 - The feed-forward is the sparse MoE block in pakar/moe.py.
 - Parameter names are Qwen3-MoE's minus the leading "model." (pakar/hf.py adds it), so export is a rename.
+  In float32 the logits equal transformers' Qwen3MoeForCausalLM to ~1e-7 (tests/test_model.py).
 - Single-device code: no torch.distributed, no tokenizer. Parallelism wraps this module from outside.
 - Generation-ready: forward() takes an optional KVCache, per-row position ids and a key-padding mask
   (left-padded batches), and can compute logits for the last position only.
+- Training-ready: with targets and return_logits=False the head and the cross-entropy run fused,
+  chunk by chunk (LinearCrossEntropy), so the (tokens x vocabulary) logits are never stored.
+- Mixed precision is torch.autocast with float32 weights. Three choices make bfloat16 pay on a CPU,
+  where elementwise passes cost as much as the matmuls (measured in benchmarks/bench_model.py):
+  the q/k/v weights are cast into one matrix (one matmul, one cast of the input), the fused head
+  never converts full-size logits to float32, and RMSNorm keeps bfloat16 inputs in bfloat16 with a
+  backward that saves only its input (on the CPU, F.rms_norm's autograd saves three float32 copies).
+  The router, softmaxes, norms' statistics and the loss stay float32.
 
 Shape legend: B batch, T new tokens, S cached+new tokens, D hidden, H query heads, G key/value heads,
-K head_dim, V vocabulary, L layers, E experts.
+K head_dim, V vocabulary, L layers, E experts, N tokens in a batch (B x T), C rows in a chunk.
 """
-
 from __future__ import annotations
 
 import math
@@ -26,7 +34,32 @@ from torch.utils.checkpoint import checkpoint
 
 from pakar import PakarError
 from pakar.config import ModelConfig
-from pakar.moe import MoE, compute_dtype
+from pakar.moe import MoE, cat_cast, compute_dtype
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm for the CPU: one fused forward kernel, and a backward that keeps only the input and the
+    per-row 1/rms. (On the CPU, autograd runs F.rms_norm as pow, mean, rsqrt and two multiplies, each
+    saving a float32 copy: three activation-sized tensors per norm, upcast even for bfloat16 inputs.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd
+        g = grad_y.float()
+        grad_w = (g * xhat).sum(dim=tuple(range(g.dim() - 1)))
+        g = g * weight.float()
+        grad_x = rstd * (g - xhat * (g * xhat).mean(dim=-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
+
+
+_HAS_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
 
 
 class RMSNorm(nn.Module):
@@ -36,10 +69,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel, which normalises in float32 whatever the input dtype (as the reference
-        # does) and returns the input's dtype: under autocast a bfloat16 input (q_norm, k_norm) stays
-        # bfloat16 instead of being promoted to float32 by a float32 weight.
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        # Normalises in float32 whatever the input dtype (as the reference does) and returns the
+        # input's dtype: under autocast a bfloat16 input (q_norm, k_norm) stays bfloat16 instead of
+        # being promoted to float32 by a float32 weight.
+        weight = self.weight.to(x.dtype)
+        if x.device.type == "cpu" and _HAS_FUSED_RMS_NORM and torch.is_grad_enabled() \
+                and (x.requires_grad or weight.requires_grad):
+            return _RMSNormFunction.apply(x, weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)  # fused kernels (CUDA: also backward)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -84,9 +121,20 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD, cos, sin, kv_cache: KVCache | None, mask, is_causal: bool):
         B, T, _ = x_BTD.shape
-        q = self.q_norm(self.q_proj(x_BTD).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        H, G, K = self.n_head, self.n_kv, self.head_dim
+        dtype = compute_dtype(x_BTD)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if dtype != self.q_proj.weight.dtype and all(type(p) is nn.Linear for p in projections):
+            # Autocast: the weights are cast every step anyway; cast them into one [q; k; v] matrix and
+            # run one matmul on one cast of the input, instead of three of each. (Only for plain
+            # nn.Linear: a swapped-in module, e.g. LoRA, must run its own forward.)
+            w_JD = cat_cast(tuple(p.weight for p in projections), 0, dtype)  # J = (H + 2G) K
+            q, k, v = F.linear(x_BTD.to(dtype), w_JD).split([H * K, G * K, G * K], dim=-1)
+        else:
+            q, k, v = (p(x_BTD) for p in projections)
+        q = self.q_norm(q.view(B, T, H, K)).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, G, K)).transpose(1, 2)
+        v = v.view(B, T, G, K).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, K), (B, G, T, K)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
@@ -180,8 +228,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False  # recompute each block in backward to save memory
-        # rows per chunk of the fused head (return_logits=False): about 4 MiB of float32 logits
-        self.loss_chunk_rows = max(16, (1 << 20) // config.vocab_size)
+        self.loss_chunk_rows: int | None = None  # rows per chunk of the fused head; None: automatic
         cos, sin = self._rope_tables(config.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -216,6 +263,13 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std, generator=generator)
         for layer in self.layers:
             layer.mlp.gate.expert_bias.zero_()
+
+    def _auto_chunk_rows(self, x: torch.Tensor) -> int:
+        # CPU: 2M logits (8 MiB in float32) per chunk stay in cache and were fastest in
+        # benchmarks/bench_model.py (larger chunks lose more to memory traffic than they gain in
+        # matmul efficiency); GPU: 32M, fewer and larger matmuls.
+        elements = (2 << 20) if x.device.type == "cpu" else (32 << 20)
+        return max(16, elements // self.config.vocab_size)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers]
@@ -257,6 +311,7 @@ class Transformer(nn.Module):
                 mask = (mask & attention_mask[:, None, None, :].bool()) | (k_pos == q_pos)
 
         x = self.embed_tokens(input_ids)
+        cos, sin = cos.to(compute_dtype(x)), sin.to(compute_dtype(x))  # once, not in every layer
         balance, zl = [], []
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -275,7 +330,7 @@ class Transformer(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 loss_sum, n = LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]).to(dtype),
                                                        self.lm_head.weight.to(dtype), targets.reshape(-1),
-                                                       self.loss_chunk_rows)
+                                                       self.loss_chunk_rows or self._auto_chunk_rows(x))
             loss = loss_sum / n if loss_reduction == "mean" else loss_sum
         else:
             logits = self.lm_head(x)

@@ -45,6 +45,34 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+class _CatCast(torch.autograd.Function):
+    """torch.cat(tensors, dim).to(dtype) in one pass over the data (cat-then-cast or cast-then-cat
+    would write and re-read an intermediate copy); the backward slices and casts the gradient back."""
+
+    @staticmethod
+    def forward(ctx, dim: int, dtype: torch.dtype, *tensors: torch.Tensor) -> torch.Tensor:
+        shape = list(tensors[0].shape)
+        shape[dim] = sum(t.shape[dim] for t in tensors)
+        out = tensors[0].new_empty(shape, dtype=dtype)
+        start = 0
+        for t in tensors:
+            out.narrow(dim, start, t.shape[dim]).copy_(t)
+            start += t.shape[dim]
+        ctx.dim, ctx.sizes, ctx.dtypes = dim, [t.shape[dim] for t in tensors], [t.dtype for t in tensors]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        parts = grad.split(ctx.sizes, dim=ctx.dim)
+        return (None, None, *(g.to(dt) for g, dt in zip(parts, ctx.dtypes)))
+
+
+def cat_cast(tensors: tuple[torch.Tensor, ...], dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Weights concatenated along `dim` and cast to `dtype` in a single copy. Under autocast every
+    weight is cast each step anyway; doing it into one matrix lets several matmuls run as one."""
+    return _CatCast.apply(dim, dtype, *tensors)
+
+
 class Router(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -79,6 +107,13 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
     return False
 
 
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned data and row strides (a hidden size of 70 in float32
+    is not); such shapes take the loop. Reads only metadata: no device synchronisation."""
+    return all(t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride() if st != 1)
+               for t in tensors)
+
+
 class Experts(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -92,15 +127,19 @@ class Experts(nn.Module):
         """x_MD: rows sorted by expert, in the compute dtype; counts_E: rows per expert; offsets_E
         (optional, int32): their running sum. Returns (M, D) in x_MD's dtype."""
         dtype = x_MD.dtype
-        if self.use_grouped_mm and grouped_mm_available(x_MD):
+        I = self.gate_proj.shape[1]
+        native = dtype == self.gate_proj.dtype  # else autocast: fresh (aligned) low-precision copies
+        if (self.use_grouped_mm and grouped_mm_available(x_MD) and (I * x_MD.element_size()) % 16 == 0
+                and _aligned(x_MD, *((self.gate_proj, self.up_proj, self.down_proj) if native else ()))):
             if offsets_E is None:
                 offsets_E = counts_E.cumsum(0, dtype=torch.int32)
-            I = self.gate_proj.shape[1]
-            if dtype != self.gate_proj.dtype:
+            if not native:
                 # the cast is a copy anyway: concatenate in the same pass and run one grouped matmul
-                w_gate_up_EJD = torch.cat((self.gate_proj, self.up_proj), dim=1).to(dtype)  # J = 2I
+                w_gate_up_EJD = cat_cast((self.gate_proj, self.up_proj), 1, dtype)  # J = 2I
                 h_MJ = torch._grouped_mm(x_MD, w_gate_up_EJD.transpose(-2, -1), offs=offsets_E)
-                g_MI, u_MI = h_MJ[:, :I], h_MJ[:, I:]
+                # split, not two slices: backward concatenates the two gradients in one copy, where
+                # slices would each zero-fill an (M, 2I) buffer and add them
+                g_MI, u_MI = h_MJ.split([I, I], dim=1)
             else:
                 g_MI = torch._grouped_mm(x_MD, self.gate_proj.transpose(-2, -1), offs=offsets_E)
                 u_MI = torch._grouped_mm(x_MD, self.up_proj.transpose(-2, -1), offs=offsets_E)

@@ -23,6 +23,10 @@ Design choices:
 - max_tokens larger than the context window is refused; a prompt plus max_tokens that overflows the
   window is not: the answer stops at the window with finish_reason "length" (pakar/engine.py's
   policy), which lets chat UIs with a fixed max_tokens keep working as a conversation grows.
+- Defaults follow OpenAI: temperature 1, top_p 1, max_tokens 16 on /v1/completions and "the rest of
+  the window" on chat; `model` may be omitted. Extensions (vLLM's names): top_k, repetition_penalty.
+  Waiting requests are admitted first come, first served; /health reports active and queued rows,
+  finished rows by reason and the largest batch so far.
 - Security: binds to 127.0.0.1 unless --host says otherwise; keys are compared in constant time;
   the page is served with a Content-Security-Policy that allows only its own script and style, on top
   of the page rendering model output as text only. FastAPI's /docs pages are off (they load
@@ -346,8 +350,7 @@ class Worker:
                     self._deliver(batch, batch.step())
             except Exception as e:  # a bug: fail the running requests, start over with a fresh batch
                 traceback.print_exc(file=sys.stderr)
-                err = APIError(500, f"internal error while generating: {type(e).__name__}: {e}", None, None,
-                               "server_error")
+                err = _internal(e)
                 for job in self.running.values():
                     job.send(("error", err))
                 self.running.clear()
@@ -367,16 +370,21 @@ class Worker:
         if not admitted:
             return
         try:
-            indices = batch.add([r for job in admitted for r in job.requests])
-            groups = [(job, indices[k:k + len(job.requests)]) for k, job in
-                      zip(_offsets(admitted), admitted)]
-        except PakarError:  # validated already, so rare: add one by one to fail only the culprit
-            groups = []
+            try:
+                indices = batch.add([r for job in admitted for r in job.requests])
+                groups = [(job, indices[k:k + len(job.requests)]) for k, job in
+                          zip(_offsets(admitted), admitted)]
+            except PakarError:  # validated already, so rare: add one by one to fail only the culprit
+                groups = []
+                for job in admitted:
+                    try:
+                        groups.append((job, batch.add(job.requests)))
+                    except PakarError as e:
+                        job.send(("error", APIError(400, str(e))))
+        except Exception as e:  # a bug: these jobs are in no table yet, so answer them here
             for job in admitted:
-                try:
-                    groups.append((job, batch.add(job.requests)))
-                except PakarError as e:
-                    job.send(("error", APIError(400, str(e))))
+                job.send(("error", _internal(e)))
+            raise
         for job, idx in groups:
             self.running[id(job)] = job
             for choice, index in enumerate(idx):
@@ -395,6 +403,10 @@ class Worker:
                     self.running.pop(id(job), None)
             if d.text or d.finish_reason is not None:
                 job.send(("delta", choice, d.text, d.finish_reason, completion))
+
+
+def _internal(e: Exception) -> APIError:
+    return APIError(500, f"internal error while generating: {type(e).__name__}: {e}", None, None, "server_error")
 
 
 def _offsets(jobs: list[Job]) -> list[int]:
@@ -649,8 +661,8 @@ def main(argv: list[str], prog: str = "pakar serve") -> int:
                    help="model id reported by /v1/models and expected in requests (default: the checkpoint's "
                         "file name or the folder's name)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: auto, cuda when available)")
-    p.add_argument("--dtype", default="auto",
-                   help="float32, bfloat16 or float16 (default: auto, bfloat16 on a GPU that supports it, else float32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and cache dtype (default: auto, bfloat16 on a GPU that supports it, else float32)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"completions generated together; more wait in a queue (default: {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,

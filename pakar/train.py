@@ -40,8 +40,9 @@ from pakar.model import Transformer
 from pakar.moe import update_expert_bias
 
 # Peak dense bf16 tensor throughput (FLOP/s) of common accelerators, for MFU in the log.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                  "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
+# First match wins, so "H100 PCIe" (756 TFLOP/s) must come before the SXM "H100".
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                  "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
 DEFAULT_LR = {"tiny": 3e-3, "small": 1.5e-3, "default": 3e-4, "3b": 2e-4}
 SAMPLE_PROMPT = "Indonesia adalah"
 
@@ -244,6 +245,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
         data = TokenStreamData(tokens, BatchLoader(tokens.train, args.batch, args.seq_len, args.seed,
                                                    ctx.rank, ctx.world_size), tokenizer, args)
     token_bytes = tokenizer.token_byte_lengths()
+    ctx.check_same(data.key, "the training data and tokenizer")
 
     # ---- model ----
     if init_ckpt is not None:
@@ -267,6 +269,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
         for layer in model.layers:
             layer.compile()
     raw_model = model
+    n_params = sum(p.numel() for p in model.parameters())  # counted before FSDP/ZeRO-3 partition them
 
     steps_per_epoch = data.steps_per_epoch // args.grad_accum
     if steps_per_epoch < 1:
@@ -311,7 +314,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
         log.say(f"resumed from {state_path} at epoch {epoch + 1}, step {step} ({step_in_epoch} into the epoch)")
 
     def checkpoint_meta(**extra) -> dict:
-        return {"epoch": epoch, "step": step, "config_name": args.config, "data_key": data.key,
+        return {"epoch": epoch, "step": step, "config_name": args.config, "seq_len": args.seq_len, "data_key": data.key,
                 **(meta or {}), **extra}
 
     def save_state(reason: str) -> None:
@@ -342,8 +345,8 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
     flops_per_token = train_flops_per_token(model_cfg, args.seq_len)
     peak = peak_flops(device)
     tokens_per_step = args.batch * args.seq_len * args.grad_accum * ctx.world_size
-    log.say(f"training {args.config} ({sum(p.numel() for p in raw_model.parameters()):,} parameters) on "
-            f"{device} {'bf16 autocast' if amp else 'float32'}, {ctx.world_size} process(es) | "
+    log.say(f"training {args.config} ({n_params:,} parameters) on "
+            f"{device} {'bf16 autocast' if amp else 'float32'}, {ctx.world_size} process(es) ({ctx.mode}) | "
             f"{args.epochs} epoch(s) x {steps_per_epoch} steps of {tokens_per_step:,} tokens | "
             f"lr {peak_lr:g}, warmup {warmup}, {args.schedule}")
     pbar = None
@@ -363,7 +366,9 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                 if step >= total_steps:
                     stop_reason = f"reached --max-steps {args.max_steps}"
                     break
-                if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit * 60:
+                # every rank must stop at the same step (the save is collective): rank clocks are summed
+                if args.time_limit is not None and ctx.all_reduce_sum(torch.tensor(
+                        float(time.perf_counter() - t_start > args.time_limit * 60))).item() > 0:
                     stop_reason = f"reached --time-limit {args.time_limit:g} min"
                     break
                 if args.eval_every and step > 0 and step % args.eval_every == 0:
@@ -408,10 +413,12 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     now = time.perf_counter()
                     tps = tok_window / max(now - t_window, 1e-9)
                     t_window, tok_window = now, 0
-                    mfu = tps * flops_per_token / peak if peak else None
+                    mfu = tps * flops_per_token / (peak * ctx.world_size) if peak else None  # tps is all GPUs'
                     from pakar.moe import expert_load_stats
 
                     imbalance = expert_load_stats(ctx.all_reduce_sum(loads.float()))["imbalance_max"]
+                    aux_sum, bal_sum, z_sum = (ctx.all_reduce_sum(torch.stack([torch.as_tensor(
+                        v, dtype=torch.float32) for v in (aux_sum, bal_sum, z_sum)])) / ctx.world_size).tolist()
                     gn = float(grad_norm)
                     log.say(f"epoch {epoch + 1}/{args.epochs} | step {step}/{total_steps} | loss {loss_val:.4f} | "
                             f"aux {float(aux_sum):.4f} (balance {float(bal_sum):.3f}, z {float(z_sum):.3f}) | "
@@ -431,10 +438,15 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                 # epoch end: validate, sample, save model_epoch{N}.pt and the resumable state
                 elapsed = time.perf_counter() - t_start
                 last_val = validate(f"epoch {epoch + 1}")
-                if ctx.is_main and data.can_sample:
-                    log.say(f"sample (epoch {epoch + 1}): {sample_text(raw_model, tokenizer, args.sample_prompt, device)!r}")
-                epoch, step_in_epoch = epoch + 1, 0
                 full = ctx.full_state(model, None)
+                if ctx.is_main and data.can_sample:
+                    # with sharded parameters a forward is collective: sample from a plain CPU copy instead
+                    sampler, where = (raw_model, device) if not ctx.shards_parameters else (
+                        _plain_model(model_cfg, full["model"], customize_model), torch.device("cpu"))
+                    text = sample_text(sampler, tokenizer, args.sample_prompt, where)
+                    log.say(f"sample (epoch {epoch + 1}): {text!r}")
+                    del sampler
+                epoch, step_in_epoch = epoch + 1, 0
                 if ctx.is_main:
                     path = ck_dir / f"model_epoch{epoch}.pt"
                     m = checkpoint_meta(val_loss=last_val["loss"], val_bpb=last_val.get("bits_per_byte"))
@@ -454,8 +466,11 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
         elapsed = time.perf_counter() - t_start
         if pbar is not None:
             pbar.close()
-        log.say("interrupted: saving the resumable state (continue with --resume)")
-        save_state("interrupted")
+        if ctx.distributed:  # the ranks were interrupted at different points: a collective save could hang
+            log.say("interrupted: continue with --resume from the last saved state (--save-every)")
+        else:
+            log.say("interrupted: saving the resumable state (continue with --resume)")
+            save_state("interrupted")
         raise
     except torch.OutOfMemoryError:
         raise PakarError("out of GPU memory. Remedies: a smaller --batch (keep the global batch with "
@@ -495,6 +510,19 @@ class TokenStreamData:
         from pakar.evaluate import evaluate_tokens
 
         return evaluate_tokens(model, self.tokens.val, self.args.batch, self.args.seq_len, **kw)
+
+
+def _plain_model(config: ModelConfig, state: dict, customize_model: Callable | None) -> Transformer:
+    """An unsharded CPU model from a full state dict (the tensors are shared, not copied)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    if customize_model is not None:
+        model = customize_model(model)
+    model.load_state_dict(state, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = model._rope_tables(config.max_position_embeddings)  # non-persistent
+    return model
 
 
 @torch.no_grad()
@@ -548,9 +576,14 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainArgs = TrainArgs()
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--init-from", default=d.init_from, help="start from this checkpoint's weights and tokenizer (fine-tuning)")
     p.add_argument("--sample-prompt", default=d.sample_prompt, help=f"prompt for the greedy sample at each epoch end (default {d.sample_prompt!r})")
-    p.add_argument("--deepspeed", action="store_true", help="train with DeepSpeed ZeRO (pip install pakar[deepspeed])")
-    p.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON config (default: built-in ZeRO-2)")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 (under torchrun)")
+    p.add_argument("--deepspeed", action="store_true", help="train with a DeepSpeed ZeRO engine (pip install "
+                   "'pakar[deepspeed]'; launch with torchrun or `deepspeed train.py ...`)")
+    p.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON config (default: built-in ZeRO-2; batch "
+                   "sizes, accumulation, clipping and bf16 come from pakar's flags, use \"auto\" for them)")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state with "
+                   "FSDP2 (launch with torchrun; bf16 compute, float32 reductions on GPUs)")
+    # the deepspeed launcher passes --local_rank=N; torchrun's LOCAL_RANK variable says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def args_from_namespace(ns: argparse.Namespace, cls=TrainArgs):

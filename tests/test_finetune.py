@@ -111,7 +111,7 @@ def test_bad_records_are_counted_and_reported(tmp_path, sample_tokenizer):
     assert (stats.invalid, stats.too_long, stats.no_assistant, stats.text_records) == (2, 1, 1, 1)
     assert (stats.corpus.bad_json, stats.corpus.missing_field) == (1, 1)
     warnings = " | ".join(stats.warnings(600))
-    assert "role 'bot'" in warnings and "longer than --seq-len 600" in warnings and "no assistant" in warnings
+    assert "role 'bot'" in warnings and "longer than 600 tokens" in warnings and "no assistant" in warnings
 
     only_bad = write_jsonl(tmp_path / "bad.jsonl", bad[1:4])
     with pytest.raises(PakarError, match="no usable conversation.*invalid messages"):
@@ -157,12 +157,14 @@ def test_padded_batch_equals_each_conversation_alone(sample_tokenizer):
     torch.manual_seed(0)
     model = Transformer(get_config("tiny", vocab_size=sample_tokenizer.vocab_size)).eval()
     convs = [tuple(map(np.asarray, encode_chat(sample_tokenizer, c["messages"]))) for c in conversations(5)]
-    alone = 0.0
+    alone, loads = 0.0, 0
     with torch.no_grad():
         for ids, mask in convs:
             x = torch.as_tensor(ids[:-1], dtype=torch.long)[None]
             y = torch.as_tensor(np.where(mask[1:], ids[1:], -100), dtype=torch.long)[None]
-            alone += F.cross_entropy(model(x).logits[0].double(), y[0], ignore_index=-100, reduction="sum").item()
+            out = model(x)
+            alone += F.cross_entropy(out.logits[0].double(), y[0], ignore_index=-100, reduction="sum").item()
+            loads = loads + out.expert_counts
         x, y = collate(convs, sample_tokenizer.eot_id, 512)
         batched = F.cross_entropy(model(x).logits.flatten(0, 1).double(), y.flatten(), ignore_index=-100,
                                   reduction="sum").item()
@@ -170,12 +172,13 @@ def test_padded_batch_equals_each_conversation_alone(sample_tokenizer):
     assert batched == pytest.approx(alone, rel=1e-5)
     res = evaluate_conversations(model, convs, batch_size=2, token_bytes=sample_tokenizer.token_byte_lengths())
     assert res["tokens"] == n and res["loss"] == pytest.approx(alone / n, rel=1e-5)
+    assert res["expert_counts"] == loads.tolist()  # padding positions are not counted as routed tokens
 
 
 # --- end to end through the training loop ------------------------------------------------------------
 
 def test_full_chat_finetune(tmp_path, base_ckpt, sample_tokenizer):
-    data = write_jsonl(tmp_path / "chat.jsonl", conversations(80))
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(48))
     out = tmp_path / "ft"
     summary = finetune(ft_args(base_ckpt, data, out, lr=3e-3, max_steps=None, epochs=1, batch=8), log=lambda m: None)
     assert summary["kind"] == "chat" and summary["val_loss"] < summary["val_loss_before"]
@@ -190,36 +193,53 @@ def test_full_chat_finetune(tmp_path, base_ckpt, sample_tokenizer):
     assert res["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
 
 
-def test_lora_finetune_changes_only_adapters_and_merges(tmp_path, base_ckpt):
+def test_lora_finetune_changes_only_adapters_and_merges(tmp_path, sample_tokenizer):
+    """LoRA on every target of a base that balances its experts with router biases (aux-loss-free):
+    the base weights stay bit-identical, the adapters and the router biases move, and both merges (the
+    --merge checkpoint and `pakar lora-merge` on the adapter file) compute what the adapted model does."""
+    from pakar.cli import main as cli
+
+    cfg = get_config("tiny", vocab_size=sample_tokenizer.vocab_size, expert_bias_update_rate=0.01)
+    torch.manual_seed(0)
+    base_ckpt = tmp_path / "base.pt"
+    save_model(base_ckpt, Transformer(cfg).state_dict(), cfg, sample_tokenizer.to_json(), config_name="tiny")
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(40))
     summary = finetune(ft_args(base_ckpt, data, tmp_path / "ft", lora_rank=4, lora_targets=["all"], merge=True,
-                               lr=1e-2), log=lambda m: None)
+                               lr=1e-2, max_steps=None), log=lambda m: None)
     ck = tmp_path / "ft" / "checkpoints"
     base = safe_load(base_ckpt)
     state = safe_load(ck / "state.pt")
     base_state, adapters = split_state(state["model"])
-    # after training, every base tensor is bit-identical to the checkpoint's, and every adapter moved
+    # after training, every base weight is bit-identical to the checkpoint's; adapters and biases moved
     assert base_state.keys() == base["model"].keys()
-    assert all(torch.equal(base_state[k], v) for k, v in base["model"].items())
-    assert adapters and all(ab["lora_B"].abs().max() > 0 for ab in adapters.values())
+    biases = {k for k in base_state if k.endswith("expert_bias")}
+    assert all(torch.equal(base_state[k], v) for k, v in base["model"].items() if k not in biases)
+    assert all(base_state[k].abs().max() > 0 for k in biases)
+    assert adapters and all(ab["lora_B" if "lora_B" in ab else "delta"].abs().max() > 0 for ab in adapters.values())
+    assert {k for k, ab in adapters.items() if "delta" in ab} == {"embed_tokens.weight", "lm_head.weight"}
     adapter = load_adapter(summary["checkpoint"])
     assert adapter["base"]["sha256"] and adapter["meta"]["chat"] is True
+    assert all(torch.equal(adapter["buffers"][k], base_state[k]) for k in biases)
     assert (ck / "lora_epoch1.pt").stat().st_size < 0.15 * base_ckpt.stat().st_size
-    # the merged checkpoint computes what the adapted model computes
-    merged, _, ckpt = load_model(summary["merged_checkpoint"])
-    adapted = apply_lora(Transformer(merged.config), LoraSpec(4, 8.0, ("all",)))
+    chat_rows = (1, 2)  # <|im_start|>, <|im_end|>: LoRA on chat data trains their embedding/output rows
+    assert adapter["lora"]["token_ids"] == list(chat_rows)
+    adapted = apply_lora(Transformer(cfg), LoraSpec(4, 8.0, ("all",), token_ids=chat_rows))
     adapted.load_state_dict(state["model"])
-    x = torch.randint(0, merged.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(merged(x).logits, adapted.eval()(x).logits, atol=2e-5, rtol=1e-5)
-    assert ckpt["meta"]["chat"] is True
+    x = torch.randint(0, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    expected = adapted.eval()(x).logits
+    assert cli(["lora-merge", "--adapter", summary["checkpoint"], "--out", str(tmp_path / "merged.pt")]) == 0
+    for path in (summary["merged_checkpoint"], tmp_path / "merged.pt"):
+        merged, _, ckpt = load_model(path)
+        torch.testing.assert_close(merged(x).logits, expected, atol=2e-5, rtol=1e-5)
+        assert ckpt["meta"]["chat"] is True
 
 
 def test_lora_resume_is_exact_and_refuses_other_lora_settings(tmp_path, base_ckpt):
     """Stop after 2 steps and resume to 5 == 5 steps straight (constant lr after warmup, so the schedule
-    does not depend on --max-steps); a different --lora-rank is refused with a one-line error."""
+    does not depend on --max-steps; the LoRA lr default is resolved the same way both times); a
+    different --lora-rank is refused with a one-line error."""
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(40))
-    kw = dict(lora_rank=4, lora_targets=["attention", "down_proj"], lr=1e-2, warmup=1, schedule="wsd",
-              min_lr_ratio=1.0)
+    kw = dict(lora_rank=4, lora_targets=["attention", "down_proj"], warmup=1, schedule="wsd", min_lr_ratio=1.0)
     quiet = lambda m: None
     finetune(ft_args(base_ckpt, data, tmp_path / "straight", max_steps=5, **kw), log=quiet)
     finetune(ft_args(base_ckpt, data, tmp_path / "resumed", max_steps=2, **kw), log=quiet)

@@ -20,20 +20,17 @@ from pakar.checkpoint import build_model, load_model, safe_load, save_model
 from pakar.config import get_config
 from pakar.hf import export_checkpoint, import_folder
 from pakar.model import Transformer
-from pakar.tokenizer import encode_chat, train_tokenizer
+from pakar.tokenizer import encode_chat
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from test_serve import CHAT_PAIRS, tiny_chat_checkpoint  # noqa: E402  (shared test model)
 
-CORPUS = [f"Saya suka makan nasi goreng nomor {i} di Jakarta, <b>enak</b> & 'pedas' \"sekali\" {i * 7}."
-          for i in range(200)] + ["Bahasa Indonesia adalah bahasa resmi Republik Indonesia.\n\nBaris baru."] * 20
-
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(CORPUS, 400)
+def tokenizer(sample_tokenizer):
+    return sample_tokenizer  # tests/conftest.py: BPE trained on the embedded Indonesian sample
 
 
 def random_checkpoint(tokenizer, path: Path, seed: int = 0, chat: bool = False, **overrides) -> dict:
@@ -87,6 +84,25 @@ def test_exported_folder_loads_in_transformers_with_equal_logits(tokenizer, tmp_
         ours = model(ids).logits
         theirs = hf_model(ids).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5 * ours.abs().max().item())
+
+
+def test_tokenizer_matches_on_real_text(tokenizer, tmp_path, shared_data):
+    """Every document of the embedded sample, and real conversations rendered by transformers'
+    apply_chat_template, tokenize exactly as pakar tokenizes them."""
+    from pakar.corpus import embedded_sample_path, iter_documents
+
+    ckpt = random_checkpoint(tokenizer, tmp_path / "m.pt", chat=True)
+    hf_tok = AutoTokenizer.from_pretrained(export_checkpoint(ckpt, tmp_path / "hf", log=lambda *a: None),
+                                           local_files_only=True)
+    docs = list(iter_documents([embedded_sample_path()]))
+    assert len(docs) > 100
+    for doc in docs:
+        assert hf_tok.encode(doc) == tokenizer.encode(doc)
+    with open(shared_data / "id_chat" / "train.jsonl", encoding="utf-8") as f:
+        conversations = [json.loads(line)["messages"] for _, line in zip(range(300), f)]
+    for messages in conversations:
+        theirs = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert theirs == encode_chat(tokenizer, messages)[0]
 
 
 def test_chat_template_matches_pakar(tokenizer, tmp_path):

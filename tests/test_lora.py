@@ -25,11 +25,11 @@ def base_model() -> Transformer:
 
 
 def randomise_adapters(model: torch.nn.Module, std: float = 0.05) -> None:
-    """B starts at zero (identity); give every B a value so that the adapters change the outputs."""
+    """B and the token-row deltas start at zero (identity); give them values that change the outputs."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
+            if name.endswith(("lora_B", "delta")):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -53,16 +53,16 @@ def test_parse_targets_groups_and_errors():
 def test_initialisation_leaves_outputs_unchanged(base_model, targets):
     x = tokens()
     ref = base_model(x).logits
-    model = apply_lora(copy.deepcopy(base_model), LoraSpec(4, 8.0, targets))
+    model = apply_lora(copy.deepcopy(base_model), LoraSpec(4, 8.0, targets, token_ids=(0, 5)))
     assert torch.equal(model(x).logits, ref)  # B = 0: exactly the base's outputs
 
 
 def test_only_adapters_are_trainable_and_get_gradients(base_model):
-    model = apply_lora(copy.deepcopy(base_model), LoraSpec(4, 8.0, ("all",))).train()
+    model = apply_lora(copy.deepcopy(base_model), LoraSpec(4, 8.0, ("all",), token_ids=(1, 2))).train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    # one A and one B for 4 projections and 3 expert tensors per layer, nothing else
-    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
-    assert len(trainable) == 2 * 7 * base_model.config.num_hidden_layers
+    # one A and one B for 4 projections and 3 expert tensors per layer, and the two token-row deltas
+    assert trainable and all(n.endswith(("lora_A", "lora_B", "delta")) for n in trainable)
+    assert len(trainable) == 2 * 7 * base_model.config.num_hidden_layers + 2
     x = tokens()
     model(x, x).loss.backward()
     for name, p in model.named_parameters():
@@ -70,6 +70,11 @@ def test_only_adapters_are_trainable_and_get_gradients(base_model):
     # B = 0 at the start, so A's gradient is exactly zero and B's is not
     assert all(p.grad.abs().sum() == 0 for n, p in model.named_parameters() if n.endswith("lora_A"))
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
+    # a token-row delta gets exactly the gradient of its rows of the full matrix
+    full = copy.deepcopy(base_model).train()
+    full(x, x).loss.backward()
+    head_delta = model.lm_head.parametrizations.weight[0].delta
+    torch.testing.assert_close(head_delta.grad, full.lm_head.weight.grad[[1, 2]], atol=1e-6, rtol=1e-5)
 
 
 def test_matches_peft_with_the_same_factors(base_model):
@@ -108,7 +113,7 @@ def test_matches_peft_with_the_same_factors(base_model):
 
 @pytest.mark.parametrize("grouped", [True, False])
 def test_merged_equals_unmerged(base_model, grouped):
-    model = apply_lora(copy.deepcopy(base_model), LoraSpec(8, 4.0, ("all",)))
+    model = apply_lora(copy.deepcopy(base_model), LoraSpec(8, 4.0, ("all",), token_ids=(3, 7)))
     randomise_adapters(model)
     base_state, adapters = split_state(model.state_dict())
     # the frozen base is untouched, under its own key names
@@ -142,7 +147,7 @@ def test_adapter_file_merge_and_checks(tmp_path, base_model, sample_tokenizer, c
     base = Transformer(cfg).eval()
     base_path = tmp_path / "base.pt"
     save_model(base_path, base.state_dict(), cfg, sample_tokenizer.to_json(), config_name="tiny")
-    spec = LoraSpec(4, 8.0, ("attention",))
+    spec = LoraSpec(4, 8.0, ("attention",), token_ids=(sample_tokenizer.im_start_id, sample_tokenizer.im_end_id))
     model = apply_lora(copy.deepcopy(base), spec)
     randomise_adapters(model)
     base_state, adapters = split_state(model.state_dict())

@@ -286,3 +286,39 @@ def test_presets_and_config_round_trip():
     for name, cfg in PRESETS.items():
         assert ModelConfig.from_dict(cfg.to_dict()) == cfg, name
     assert get_config("tiny", vocab_size=100).vocab_size == 100 and PRESETS["tiny"].vocab_size == 8192
+
+
+# ---- GPU: skipped, never faked, without one -------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("k,norm", [(1, False), (2, True)])
+def test_cuda_logits_match_hugging_face(k, norm):
+    model = make_model(num_experts_per_tok=k, norm_topk_prob=norm).eval()
+    hf = hf_model_from_pakar(model)
+    x = torch.randint(0, V, (3, 29))
+    with torch.no_grad():
+        ref = hf(input_ids=x).logits
+        ours = model.cuda()(x.cuda()).logits.cpu()
+    assert rel_err(ours, ref) < 1e-4
+
+
+@cuda
+def test_cuda_bf16_training_step_has_no_host_sync_and_stays_close_to_float32():
+    model = make_model(num_experts_per_tok=2).cuda()
+    x, y = torch.randint(0, V, (4, 64), device="cuda"), torch.randint(0, V, (4, 64), device="cuda")
+    _, g_exact = _loss_and_grads(model, x, y, True, "mean", autocast=False)
+    model(x, y, return_logits=False)  # warm-up outside the sync check (lazy CUDA initialisation)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host synchronisation raises
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, y, return_logits=False)
+        (out.loss + out.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name, p in model.named_parameters():
+        err = ((p.grad.float() - g_exact[name]).norm() / g_exact[name].norm()).item()
+        assert err < 0.1, name

@@ -267,3 +267,49 @@ def test_compiled_bf16_moe_equals_eager():
         out = torch.compile(moe)(x)[0]
     torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
     assert not math.isnan(out.float().sum().item())
+
+
+# ---- GPU: skipped, never faked, without one -------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("k", [1, 2])
+def test_cuda_grouped_mm_equals_loop_in_bf16(k):
+    moe = make_moe(num_experts_per_tok=k).cuda()
+    x = torch.randn(4, 33, moe.gate.weight.shape[1], device="cuda")
+    if not grouped_mm_available(x.bfloat16()):
+        pytest.skip("bfloat16 grouped matmul needs a Hopper (sm90) or newer GPU")
+    moe.gate.expert_bias[-1] = -10.0
+    y1, gx1, g1 = _run_cuda(moe, x, True)
+    y2, gx2, g2 = _run_cuda(moe, x, False)
+    for name, a, b in [("y", y1, y2), ("x.grad", gx1, gx2)] + [(n, g1[n], g2[n]) for n in g1]:
+        assert ((a - b).norm() / b.norm()).item() < 1e-2, name
+    assert g1["experts.down_proj"][-1].abs().max() == 0
+
+
+def _run_cuda(moe, x, grouped):
+    moe.experts.use_grouped_mm = grouped
+    moe.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, bal, z = moe(x)
+    (y.float().pow(2).sum() + bal + z).backward()
+    return y.detach().float(), x.grad.clone(), {n: p.grad.clone() for n, p in moe.named_parameters()}
+
+
+@cuda
+def test_cuda_grouped_path_never_waits_for_the_host():
+    moe = make_moe(num_experts_per_tok=2).cuda()
+    x = torch.randn(4, 33, moe.gate.weight.shape[1], device="cuda", requires_grad=True)
+    if not grouped_mm_available(x.bfloat16()):
+        pytest.skip("bfloat16 grouped matmul needs a Hopper (sm90) or newer GPU")
+    _run_cuda(moe, x, True)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host synchronisation raises
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, bal, z = moe(x)
+        (y.float().pow(2).sum() + bal + z).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

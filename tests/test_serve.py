@@ -13,7 +13,6 @@ logit margins: equality under different batch compositions tests the server, not
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -101,13 +100,15 @@ def free_socket() -> socket.socket:
 class LiveServer:
     """uvicorn serving create_app(...) in a background thread on an already bound loopback socket."""
 
-    def __init__(self, checkpoint: Path, api_key: str | None = None, max_batch: int = 16):
+    def __init__(self, checkpoint: Path, api_key: str | None = None, max_batch: int = 16, max_queue: int = 256,
+                 device: str = "cpu", model_name: str = MODEL_NAME):
         import uvicorn
 
         from pakar.serve import create_app, load_generator
 
-        self.gen, _ = load_generator(str(checkpoint), device="cpu", dtype="float32")
-        self.app = create_app(self.gen, MODEL_NAME, api_key=api_key, max_batch=max_batch)
+        self.gen, _ = load_generator(str(checkpoint), device=device)
+        self.model_name = model_name
+        self.app = create_app(self.gen, model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
         self.sock = free_socket()
         host, port = self.sock.getsockname()
         self.url = f"http://{host}:{port}"
@@ -368,6 +369,55 @@ def test_disconnect_cancels_generation(server):
     assert server.health()["active"] == 0
 
 
+def test_queue_waits_in_order_and_refuses_beyond_its_limit(checkpoint):
+    """--max-batch 1 --max-queue 1: a second request waits for the first, a third gets 429."""
+    s = LiveServer(checkpoint, max_batch=1, max_queue=1)
+    # 20 ms per forward, as for a bigger model: the first answer then outlasts the queue checks below
+    s.gen.engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.02))
+    try:
+        with httpx.stream("POST", s.url + "/v1/chat/completions",
+                          json={"messages": user(COUNT_PROMPT), "temperature": 0, "max_tokens": 450,
+                                "stream": True}) as first:
+            lines = first.iter_lines()  # (kept: dropping the iterator would close the stream)
+            next(lines)  # generating: it holds the only batch row
+            waiting = {}
+            t = threading.Thread(target=lambda: waiting.update(r=s.client().chat.completions.create(
+                model=MODEL_NAME, messages=user("Halo"), temperature=0)))
+            t.start()
+            deadline = time.time() + 30
+            while s.health()["queued"] != 1:
+                assert time.time() < deadline, "the second request never queued"
+                time.sleep(0.02)
+            r = httpx.post(s.url + "/v1/chat/completions", json={"messages": user("Halo")})
+            assert r.status_code == 429 and error_of(r)["code"] == "server_busy"
+        t.join(timeout=60)  # closing the first stream cancelled it, and the waiting request ran
+        assert waiting["r"].choices[0].message.content == CHAT_PAIRS[0][1]
+        assert s.health()["finished"] == {"stop": 1, "length": 0, "cancelled": 1}
+    finally:
+        s.close()
+
+
+def test_a_failing_model_answers_500_and_the_server_recovers(checkpoint):
+    s = LiveServer(checkpoint)
+
+    def broken(*_):
+        raise RuntimeError("simulated device failure")
+
+    try:
+        hook = s.gen.engine.model.register_forward_pre_hook(broken)
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": user("Halo")})
+        assert r.status_code == 500 and error_of(r)["type"] == "server_error"
+        with httpx.stream("POST", s.url + "/v1/chat/completions",
+                          json={"messages": user("Halo"), "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert '"server_error"' in events[-2] and events[-1] == "data: [DONE]"
+        hook.remove()
+        ok = s.client().chat.completions.create(model=MODEL_NAME, messages=user("Halo"), temperature=0)
+        assert ok.choices[0].message.content == CHAT_PAIRS[0][1]
+    finally:
+        s.close()
+
+
 def test_cli_serve_binds_loopback(checkpoint, tmp_path):
     """`pakar serve` as a user runs it: a subprocess on the default host, answering the client."""
     sock = free_socket()
@@ -387,10 +437,10 @@ def test_cli_serve_binds_loopback(checkpoint, tmp_path):
                 pass
             assert time.time() < deadline, "pakar serve did not come up"
             time.sleep(0.2)
-        out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout if sys.platform == "linux" \
-            else ""
-        if out:
-            assert f"127.0.0.1:{port}" in out and f"0.0.0.0:{port}" not in out
+        if Path("/proc/net/tcp").exists():  # Linux: the listening socket's address is loopback only
+            listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                         if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
+            assert listening == ["0100007F:%04X" % port]
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         r = c.chat.completions.create(model="tiny_chat", messages=user("Halo"), temperature=0)
         assert r.choices[0].message.content == CHAT_PAIRS[0][1]  # default model name: the file's stem

@@ -1,0 +1,180 @@
+"""`pakar info`: parameters, training FLOPs and training memory of a model config.
+
+Everything is computed from the config alone (no model is built), so even the 3B preset answers at
+once. The conventions, so that the numbers can be checked:
+
+- Parameters. `total_params` counts every parameter once (a tied lm_head is the embedding).
+  `embedding_params` are the vocabulary matrices: embed_tokens, plus lm_head when untied.
+  `active_params` are those one token uses: everything except the experts it is not routed to
+  (num_experts_per_tok of num_experts per layer). Norm weights are included in both.
+- FLOPs. `train_flops_per_token` = forward + backward = 3 x forward, where forward counts 2 FLOPs per
+  multiply-add of every matrix a token goes through (attention projections, router, its k experts,
+  lm_head; the embedding lookup is free) plus the attention scores and weighted values,
+  2 x 2 x seq_len x heads x head_dim per layer over the whole seq_len x seq_len square (PaLM's MFU
+  convention; causal masking makes about half of that useful). In short:
+  6 x active matmul params + 12 x layers x heads x head_dim x seq_len. Norms, softmaxes and the
+  router's top-k are left out (well under 1%).
+- Memory to train with AdamW, per GPU. Data parallel (DDP) keeps a full replica on every GPU;
+  FSDP / ZeRO-3 divide the weights + gradients + optimizer part by the number of GPUs.
+  * weights + gradients + AdamW's two moments: 4 + 4 + 8 = 16 bytes per parameter, in both modes
+    (bf16 mixed precision keeps float32 master weights and autocasts the matmuls);
+  * bf16 autocast also keeps a bfloat16 copy of every matmul weight alive from forward to backward
+    (2 bytes per matmul parameter; the router stays float32);
+  * activations: the bytes autograd saves for backward in this implementation, for batch x seq_len
+    tokens, with the fused loss head (the training loop passes return_logits=False). The formula
+    below is a census of those tensors; tests/test_info.py checks it against a real model's saved
+    tensors. With activation checkpointing only each block's input is kept, plus one block's
+    activations while it is recomputed.
+  Not counted: temporary buffers inside a kernel, allocator fragmentation, the CUDA context (about
+  0.5-1 GB), and the data loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pakar import PakarError
+from pakar.config import PRESETS, ModelConfig, get_config
+
+
+def param_counts(cfg: ModelConfig) -> dict:
+    """total / active / embedding / matmul parameter counts (see the module docstring)."""
+    D, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    E, k, I = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    attn = D * H * K + 2 * D * G * K + H * K * D  # q, k, v, o projections
+    norms = 2 * D + 2 * K  # input / post-attention layernorms, q_norm, k_norm
+    router = E * D
+    expert = 3 * D * I  # gate, up, down
+    embed = V * D
+    head = 0 if cfg.tie_word_embeddings else V * D
+    per_layer = attn + norms + router + E * expert
+    total = L * per_layer + embed + head + D  # + final norm
+    active = total - L * (E - k) * expert
+    return {
+        "total_params": total,
+        "active_params": active,
+        "embedding_params": embed + head,
+        "non_embedding_params": total - embed - head,
+        "active_non_embedding_params": active - embed - head,
+        "expert_params": L * E * expert,
+        # matrices a token is multiplied by (2 FLOPs per entry per forward); the lookup is free
+        "active_matmul_params": L * (attn + router + k * expert) + V * D,
+        # matrices whose bfloat16 autocast copies are kept for backward (all experts; the router stays
+        # float32; the fused loss head uses its copy of lm_head within the forward pass)
+        "autocast_matmul_params": L * (attn + E * expert),
+    }
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+    return 6 * param_counts(cfg)["active_matmul_params"] + attention
+
+
+def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, bf16: bool) -> dict:
+    """Bytes autograd keeps for backward: {"layer", "other", "total", "checkpointed"}."""
+    D, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    E, k, I = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    N = batch_size * seq_len
+    M = N * k  # routed rows
+    low = 2 if bf16 else 4  # bytes per element of the autocast (matmul) activations
+    f32, i64 = 4, 8
+    layer = (
+        f32 * 2 * N * D  # the residual stream at both norms (float32 in both modes)
+        + f32 * N * D  # the router's input (float32 in both modes)
+        + low * N * D  # the attention projections' input
+        + low * (3 * N * H * K + 3 * N * G * K)  # q, k, v before and after norm/rotary, attention output
+        + f32 * (N * H + N * (2 + H + G))  # attention log-sum-exp, 1/rms of the four norms
+        + low * (3 * M * D + 4 * M * I)  # expert inputs, outputs (sorted and unsorted), SwiGLU
+        + f32 * (N * E + N * k + N)  # router probabilities, gate values, z-loss
+        + i64 * (2 * M + N * k)  # sort order, chosen experts
+    )
+    # fused loss head: the float32 head-weight gradient, the hidden-state gradient, the final norm
+    other = f32 * V * D + low * N * D + f32 * N * D + i64 * 2 * N
+    checkpointed = L * f32 * N * D + layer + other
+    return {"layer": layer, "other": other, "total": L * layer + other, "checkpointed": checkpointed}
+
+
+def train_memory(cfg: ModelConfig, batch_size: int, seq_len: int, bf16: bool) -> dict:
+    """Per-GPU bytes to train with AdamW: states, activations, total (with and without checkpointing)."""
+    p = param_counts(cfg)
+    states = 16 * p["total_params"]
+    copies = 2 * p["autocast_matmul_params"] if bf16 else 0
+    act = activation_bytes(cfg, batch_size, seq_len, bf16)
+    return {"states_bytes": states, "weight_copy_bytes": copies, "activation_bytes": act["total"],
+            "total_bytes": states + copies + act["total"],
+            "total_bytes_checkpointed": states + copies + act["checkpointed"]}
+
+
+def info(cfg: ModelConfig, seq_len: int, batch_size: int) -> dict:
+    p = param_counts(cfg)
+    out = {"config": None, **cfg.to_dict(), **p, "seq_len": seq_len, "batch_size": batch_size,
+           "train_flops_per_token": train_flops_per_token(cfg, seq_len),
+           "memory_fp32": train_memory(cfg, batch_size, seq_len, bf16=False),
+           "memory_bf16": train_memory(cfg, batch_size, seq_len, bf16=True)}
+    del out["config"]
+    return out
+
+
+def _n(x: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return str(int(x))
+
+
+def _gb(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+def render(name: str, r: dict) -> str:
+    fl = r["train_flops_per_token"]
+    attn_fl = 12 * r["num_hidden_layers"] * r["num_attention_heads"] * r["head_dim"] * r["seq_len"]
+    lines = [
+        f"config {name}: {r['num_hidden_layers']} layers, hidden {r['hidden_size']}, "
+        f"{r['num_attention_heads']} heads ({r['num_key_value_heads']} key/value, head_dim {r['head_dim']}), "
+        f"{r['num_experts']} experts, top-{r['num_experts_per_tok']}, expert hidden {r['moe_intermediate_size']}, "
+        f"vocab {r['vocab_size']}{', tied embeddings' if r['tie_word_embeddings'] else ''}",
+        f"parameters: total {r['total_params']:,} ({_n(r['total_params'])}), of which embeddings "
+        f"{r['embedding_params']:,} ({_n(r['embedding_params'])}) and experts {_n(r['expert_params'])}",
+        f"active per token: {r['active_params']:,} ({_n(r['active_params'])}; "
+        f"{_n(r['active_non_embedding_params'])} without embeddings)",
+        f"training FLOPs per token at seq_len {r['seq_len']}: {fl / 1e9:.3f} GFLOP "
+        f"(6 x {_n(r['active_matmul_params'])} active matmul params + {attn_fl / 1e9:.3f} G attention)",
+        f"memory to train with AdamW, per GPU (data parallel), batch {r['batch_size']} x {r['seq_len']} tokens:",
+        f"  {'':16s}{'weights+grads+AdamW':>21s}{'bf16 copies':>13s}{'activations':>13s}{'total':>12s}"
+        f"{'with --activation-checkpointing':>33s}",
+    ]
+    for label, key in (("float32", "memory_fp32"), ("bf16 autocast", "memory_bf16")):
+        m = r[key]
+        lines.append(f"  {label:16s}{_gb(m['states_bytes']):>21s}{_gb(m['weight_copy_bytes']):>13s}"
+                     f"{_gb(m['activation_bytes']):>13s}{_gb(m['total_bytes']):>12s}"
+                     f"{_gb(m['total_bytes_checkpointed']):>33s}")
+    lines.append("  (FSDP / ZeRO-3 over n GPUs divide the first column by n; add ~1 GiB for the CUDA context)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str], prog: str = "pakar info") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Parameters, training FLOPs per token and training "
+                                "memory of a model config, computed from the config alone.")
+    p.add_argument("--config", default="default", help=f"preset: {', '.join(PRESETS)} (default: default)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size (default: the preset's, 8192; a trained tokenizer decides in practice)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    p.add_argument("--batch-size", type=int, default=2, help="sequences per GPU per micro-step, for the "
+                   "activation memory (default: 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = p.parse_args(argv)
+    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise PakarError(f"{flag} must be a positive integer, got {value}")
+    overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
+    cfg = get_config(args.config, **overrides)  # PakarError naming the preset or the field
+    if args.seq_len > cfg.max_position_embeddings:
+        cfg = cfg.replace(max_position_embeddings=args.seq_len)  # as `pakar train` does
+    r = info(cfg, args.seq_len, args.batch_size)
+    print(json.dumps({"config_name": args.config, **r}) if args.json else render(args.config, r))
+    return 0

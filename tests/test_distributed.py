@@ -1,0 +1,337 @@
+"""Data-parallel training through the real launchers, on the CPU with gloo.
+
+Each distributed run is `python -m torch.distributed.run --standalone --nproc_per_node=2 train.py ...`,
+compared with one plain process that sees the same rows in the same micro-batches: 2 ranks x --batch 4
+against --batch 4 --grad-accum 2 (BatchLoader gives rank r of global batch s the same 4 windows as
+micro-batch r of step s), and 2 ranks x --batch 2 --grad-accum 2 against --batch 2 --grad-accum 4.
+Such a reference is exact, not just close: the Switch balancing loss is a statistic of each
+micro-batch (a product of two batch means), so one batch of 8 computes a slightly different auxiliary
+gradient than two batches of 4; test_one_batch_of_8_differs_only_by_the_balancing_statistic shows
+that difference. We compare per-step losses and gradient norms (metrics.jsonl, every step logged),
+the validation loss (aggregated over ranks), and the final weights and AdamW moments (state.pt; a
+wrong gradient scale would hide from the weights, Adam being scale-invariant, but not from the
+moments or the logged gradient norm).
+
+The FSDP2 and DeepSpeed runs are killed with SIGKILL after their first periodic save and then
+resumed, so each of those tests checks equivalence and resume together; the DDP run is killed and
+resumed separately against an uninterrupted DDP run, which it must match bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pakar import PakarError
+from pakar.checkpoint import load_model, safe_load
+from pakar.corpus import embedded_sample_path
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED,
+                                     reason="deepspeed is not installed (pip install 'pakar[deepspeed]')")
+needs_posix = pytest.mark.skipif(os.name != "posix", reason="kills the launcher's process tree with SIGKILL")
+
+# about 24 optimizer steps of 8 x 32 tokens per epoch: a whole epoch in a second or two per run
+COMMON = ["--config", "tiny", "--seq-len", "32", "--epochs", "1", "--log-every", "1", "--save-every", "4",
+          "--device", "cpu", "--vocab-size", "512", "--val-fraction", "0.05", "--eval-tokens", "4096"]
+LR = 3e-3  # the tiny preset's default peak learning rate
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # partition every tensor
+         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The first 130 documents of the embedded sample corpus (~24 steps of 8 x 32 tokens)."""
+    lines = embedded_sample_path().read_text(encoding="utf-8").splitlines()[:130]
+    path = tmp_path_factory.mktemp("corpus") / "teks.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus):
+    """Runs shared by the tests of this module, each started once: name -> run directory."""
+    base, done = tmp_path_factory.mktemp("runs"), {}
+
+    def get(name: str, nproc: int, *flags: str, kill_after_save: bool = False) -> Path:
+        if name not in done:
+            out = base / name
+            if kill_after_save:
+                launch(out, nproc, corpus, *flags, kill_after_save=True)
+                launch(out, nproc, corpus, *flags, "--resume")
+            else:
+                launch(out, nproc, corpus, *flags)
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+def launch(out: Path, nproc: int, corpus: Path, *flags: str, kill_after_save: bool = False) -> int:
+    """Train (one plain process, or nproc ranks under torchrun); with kill_after_save, SIGKILL every
+    process once the first periodic state (step 4) is on disk and step 6 is logged, so that the resumed
+    run replays steps 5 and 6; returns the saved step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(ROOT / "train.py"), *COMMON, "--data", str(corpus), "--out", str(out), *flags]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+           if nproc > 1 else [sys.executable, *args])
+    if not kill_after_save:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+        return -1
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and '"step": 6,' in metrics.read_text(encoding="utf-8"):
+                kill_tree(proc.pid)
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    step = safe_load(out / "checkpoints" / "state.pt")["loop"]["step"]
+    assert step >= 4
+    return step
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL the launcher and its workers (torchrun starts each worker in a session of its own)."""
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    for p in [*map(int, children), pid]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def records(run: Path, kind: str = "train") -> dict[int, list[dict]]:
+    """step -> records of that step in metrics.jsonl (a killed and resumed run logs some steps twice)."""
+    out: dict[int, list[dict]] = {}
+    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == kind and not rec.get("base_model"):
+            out.setdefault(rec["step"], []).append(rec)
+    return out
+
+
+def assert_same_training(ref: Path, run: Path, *, exact: bool = False) -> None:
+    """`run` trained like `ref`: the same per-step losses and gradient norms (every record of a step,
+    both records of a replayed step included), validation loss, final weights and AdamW moments.
+
+    exact (DDP): agreement to float precision everywhere; DDP sums the same per-rank gradients the
+    reference accumulates. Otherwise (FSDP, ZeRO): the gradients differ from the reference by float
+    rounding (~1e-9; parameters are gathered into other buffers, so the matmuls accumulate in another
+    order), and AdamW turns that into a visible difference wherever a gradient element is itself at
+    that noise level: its update lr * m / (sqrt(v) + eps) is then about +-lr whatever the size of m.
+    So a handful of weights (at most 0.1%) may differ by more than 1e-5, by at most a learning rate
+    per step; losses, gradient norms and the moments still agree closely (a wrong gradient scale, to
+    which Adam's weights are blind, would show in the last two)."""
+    sa, sb = safe_load(ref / "checkpoints" / "state.pt"), safe_load(run / "checkpoints" / "state.pt")
+    n = sa["loop"]["step"]  # one epoch
+    assert sb["loop"]["step"] == n >= 16 and sa["loop"]["epoch"] == sb["loop"]["epoch"] == 1
+    rel, grad_rel, w_atol, moments_rel = (1e-6, 1e-6, 1e-7, 1e-6) if exact else (1e-5, 1e-4, 1e-5, 5e-3)
+    a, b = records(ref), records(run)
+    assert sorted(a) == sorted(b) == list(range(1, n + 1))
+    for step in a:
+        for rec in b[step]:
+            assert rec["loss"] == pytest.approx(a[step][-1]["loss"], rel=rel), step
+            if "grad_norm" in rec:
+                assert rec["grad_norm"] == pytest.approx(a[step][-1]["grad_norm"], rel=grad_rel), step
+    va, vb = records(ref, "val"), records(run, "val")  # validation summed over both ranks' windows
+    assert va.keys() == vb.keys() == {n}
+    assert vb[n][-1]["loss"] == pytest.approx(va[n][-1]["loss"], rel=rel)
+    assert vb[n][-1]["tokens"] == va[n][-1]["tokens"]
+
+    assert sa["model"].keys() == sb["model"].keys()
+    n_off = n_all = 0
+    for name, w in sa["model"].items():
+        d = (sb["model"][name].float() - w.float()).abs()
+        n_off += int((d > w_atol).sum())
+        n_all += d.numel()
+        assert float(d.max()) <= (w_atol if exact else n * LR), name
+    assert n_off <= (0 if exact else 1e-3 * n_all), f"{n_off} of {n_all} weights differ by more than {w_atol}"
+    oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert oa.keys() == ob.keys() and len(oa) == len([k for k in sa["model"] if not k.endswith("expert_bias")])
+    for name, st in oa.items():
+        assert float(ob[name]["step"]) == float(st["step"]) == n
+        for k in ("exp_avg", "exp_avg_sq"):
+            scale = float(st[k].abs().max())
+            assert float((ob[name][k] - st[k]).abs().max()) <= moments_rel * scale + 1e-12, (name, k)
+
+
+def assert_replay_consistent(run: Path) -> None:
+    """A killed and resumed run logged the steps between its last save and the kill twice: the replay
+    after resuming computed the same losses."""
+    twice = {s: r for s, r in records(run).items() if len(r) > 1}
+    assert twice, "no step was replayed: the kill came right after a save"
+    for step, recs in twice.items():
+        assert recs[0]["loss"] == pytest.approx(recs[1]["loss"], rel=1e-6), step
+
+
+def assert_epoch_checkpoint(run: Path) -> None:
+    """model_epoch1.pt is the self-contained checkpoint chat and export read, with the master weights
+    of the final state, and rank 0 wrote the epoch-end sample."""
+    model, tok, ckpt = load_model(run / "checkpoints" / "model_epoch1.pt")
+    state = safe_load(run / "checkpoints" / "state.pt")["model"]
+    assert ckpt["meta"]["epoch"] == 1 and tok.vocab_size == model.config.vocab_size
+    for k, v in ckpt["model"].items():
+        assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
+    assert "sample (epoch 1):" in (run / "training.log").read_text(encoding="utf-8")
+
+
+# ---- DDP ------------------------------------------------------------------------------------------
+def test_ddp_two_ranks_equal_one_process(runs):
+    ref = runs("ref", 1, "--batch", "4", "--grad-accum", "2")
+    ddp = runs("ddp", 2, "--batch", "4")
+    assert_same_training(ref, ddp, exact=True)
+    log = (ddp / "training.log").read_text(encoding="utf-8")
+    assert "2 process(es) (ddp)" in log and "sample (epoch 1):" in log
+    assert_epoch_checkpoint(ddp)
+
+
+@needs_posix
+def test_ddp_kill_and_resume_matches_uninterrupted_run(runs):
+    ddp = runs("ddp", 2, "--batch", "4")
+    killed = runs("ddp-killed", 2, "--batch", "4", kill_after_save=True)
+    assert "resumed from" in (killed / "training.log").read_text(encoding="utf-8")
+    assert_replay_consistent(killed)
+    a, b = safe_load(ddp / "checkpoints" / "state.pt"), safe_load(killed / "checkpoints" / "state.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert {s: r[-1]["loss"] for s, r in records(ddp).items()} == {s: r[-1]["loss"] for s, r in records(killed).items()}
+
+
+def test_resume_with_another_world_size_is_refused(runs):
+    """The 2-rank state resumed by one process: a one-line error naming both world sizes."""
+    import shutil
+
+    from pakar.train import TrainArgs, train
+
+    ddp = runs("ddp", 2, "--batch", "4")
+    copy = ddp.parent / "ddp-copy"
+    shutil.copytree(ddp, copy)
+    saved = safe_load(copy / "checkpoints" / "state.pt")["train_args"]
+    args = TrainArgs(**{**saved, "out": str(copy), "resume": True})
+    with pytest.raises(PakarError, match=r"world size \(saved with 2 processes, now 1\)"):
+        train(args)
+
+
+def test_one_batch_of_8_differs_only_by_the_balancing_statistic(runs):
+    """1 process x --batch 8 sees the same rows as 2 ranks x --batch 4: the first step's loss (same
+    weights, same rows) agrees to float precision; afterwards the runs drift apart by the difference
+    of the auxiliary gradient (the Switch loss of one batch of 8 versus the mean over two batches of
+    4), which stays far below the progress of training."""
+    ddp = runs("ddp", 2, "--batch", "4")
+    big = runs("batch8", 1, "--batch", "8")
+    a, b = records(ddp), records(big)
+    assert a[1][-1]["loss"] == pytest.approx(b[1][-1]["loss"], rel=1e-6)
+    assert a[1][-1]["balance"] != b[1][-1]["balance"]  # computed over 4 rows per rank versus 8
+    for s in a:
+        assert a[s][-1]["loss"] == pytest.approx(b[s][-1]["loss"], rel=2e-3), s
+    assert a[max(a)][-1]["loss"] < a[1][-1]["loss"] - 0.3
+
+
+# ---- FSDP2 ----------------------------------------------------------------------------------------
+@needs_posix
+def test_fsdp_two_ranks_equal_one_process_and_resume(runs):
+    """With gradient accumulation (a reduce-scatter after every micro-batch)."""
+    ref = runs("ref-accum", 1, "--batch", "2", "--grad-accum", "4")
+    fsdp = runs("fsdp", 2, "--batch", "2", "--grad-accum", "2", "--fsdp", kill_after_save=True)
+    assert "2 process(es) (fsdp)" in (fsdp / "training.log").read_text(encoding="utf-8")
+    assert_replay_consistent(fsdp)
+    assert_same_training(ref, fsdp)
+    assert_epoch_checkpoint(fsdp)
+
+
+# ---- DeepSpeed ------------------------------------------------------------------------------------
+@needs_deepspeed
+@needs_posix
+def test_deepspeed_zero2_equal_one_process_and_resume(runs):
+    """The built-in config (ZeRO-2, float32 on a CPU)."""
+    ref = runs("ref", 1, "--batch", "4", "--grad-accum", "2")
+    ds = runs("zero2", 2, "--batch", "4", "--deepspeed", kill_after_save=True)
+    assert "2 process(es) (deepspeed)" in (ds / "training.log").read_text(encoding="utf-8")
+    assert_replay_consistent(ds)
+    assert_same_training(ref, ds)
+    assert_epoch_checkpoint(ds)
+
+
+@needs_deepspeed
+@needs_posix
+def test_deepspeed_zero3_equal_one_process_and_resume(runs, tmp_path_factory):
+    """ZeRO-3 from a config file with "auto" batch fields and every tensor partitioned, with gradient
+    accumulation (DeepSpeed's own division by the accumulation steps switched off)."""
+    cfg = tmp_path_factory.mktemp("ds") / "zero3.json"
+    cfg.write_text(json.dumps(ZERO3))
+    ref = runs("ref-accum", 1, "--batch", "2", "--grad-accum", "4")
+    ds = runs("zero3", 2, "--batch", "2", "--grad-accum", "2", "--deepspeed", "--deepspeed-config", str(cfg),
+              kill_after_save=True)
+    assert_replay_consistent(ds)
+    assert_same_training(ref, ds)
+    assert_epoch_checkpoint(ds)
+
+
+# ---- configuration errors (in process, no launcher) -----------------------------------------------
+def test_deepspeed_config_takes_batch_accumulation_and_clipping_from_the_flags(tmp_path):
+    from pakar.distributed import deepspeed_config
+    from pakar.train import TrainArgs
+
+    args = TrainArgs(config="tiny", batch=4, grad_accum=3, grad_clip=0.5, device="cpu")
+    cfg = deepspeed_config(args, world_size=2, amp=None)
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"]["enabled"] is False
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"],
+            cfg["gradient_clipping"]) == (4, 3, 24, 0.5)
+    assert deepspeed_config(args, 1, torch.bfloat16)["bf16"]["enabled"] is True
+
+    bad = tmp_path / "ds.json"
+    for content, culprit in [({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu"),
+                             ({"gradient_clipping": 0.3}, "gradient_clipping"),
+                             ({"scheduler": {"type": "WarmupLR"}}, "scheduler"),
+                             ({"fp16": {"enabled": True}}, "fp16"),
+                             ({"bf16": {"enabled": True}}, "bf16"),
+                             ({"zero_optimization": {"stage": 4}}, "stage")]:
+        bad.write_text(json.dumps(content))
+        args = TrainArgs(config="tiny", batch=4, device="cpu", deepspeed=True, deepspeed_config=str(bad))
+        with pytest.raises(PakarError, match=culprit):
+            deepspeed_config(args, world_size=2, amp=None)
+    bad.write_text("{not json")
+    with pytest.raises(PakarError, match="not valid JSON"):
+        deepspeed_config(TrainArgs(config="tiny", deepspeed=True, deepspeed_config=str(bad)), 2, None)
+
+
+def test_launcher_flags_and_mode_errors(tmp_path, monkeypatch):
+    import argparse
+
+    from pakar import distributed
+    from pakar.train import TrainArgs, add_train_args, args_from_namespace
+
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    ns = p.parse_args(["--local_rank=1", "--config", "tiny"])  # what `deepspeed train.py` passes
+    assert args_from_namespace(ns).config == "tiny"
+    with pytest.raises(PakarError, match="alternatives"):
+        distributed.setup(TrainArgs(config="tiny", fsdp=True, deepspeed=True))
+    with pytest.raises(PakarError, match="needs --deepspeed"):
+        distributed.setup(TrainArgs(config="tiny", deepspeed_config="x.json"))
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if it were not installed
+    with pytest.raises(PakarError, match=r"pip install 'pakar\[deepspeed\]'"):
+        distributed.import_deepspeed(torch.device("cpu"))
+    # and through the command line: one line on stderr, exit status 2, no traceback
+    res = subprocess.run([sys.executable, "-c", "import sys; sys.modules['deepspeed'] = None; "
+                          "from pakar.cli import main; sys.exit(main(sys.argv[1:]))", "train", "--config", "tiny",
+                          "--deepspeed", "--device", "cpu", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
+    assert res.returncode == 2 and res.stderr.strip().startswith("error:") and "Traceback" not in res.stderr
