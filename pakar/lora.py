@@ -181,7 +181,8 @@ class TokenRows(nn.Module):
 
 
 def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
-    """Freeze every parameter of `model` and add adapters on spec.targets, in place. Returns the model."""
+    """Freeze every parameter of `model` and add adapters on spec.targets (and the token rows of
+    spec.token_ids), in place. Returns the model."""
     from pakar.moe import Experts
 
     if any(isinstance(m, LoRALinear) or parametrize.is_parametrized(m) for m in model.modules()):

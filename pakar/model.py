@@ -161,45 +161,69 @@ class Block(nn.Module):
 class LinearCrossEntropy(torch.autograd.Function):
     """lm_head and cross-entropy in one, chunk by chunk, never holding the (N, V) logits.
 
-    The forward pass computes each chunk's logits, their float32 log-sum-exp and loss, and at once the
-    chunk's gradient (softmax - one-hot) pushed through the matmul to the hidden states and the head
-    weight, so the backward pass is two scalings. This trades nothing in FLOPs (the same three
-    matmuls as lm_head + cross_entropy + backward) for never writing, converting, zero-filling and
-    re-reading a float32 (N, V) tensor: with a small model and an 8192-token vocabulary that memory
-    traffic costs more than all the matmuls of the head. Gradients are only computed when needed.
-    Rows whose target is -100 are ignored. Returns the summed loss and the number of counted rows.
+    The forward pass computes each chunk's logits, their float32 log-softmax and loss, and at once
+    the chunk's gradient (softmax - one-hot) pushed through the matmul to the hidden states and the
+    head weight, so the backward pass is two scalings. The FLOPs are those of lm_head +
+    cross_entropy + backward; what is saved is memory traffic: the unfused head writes, converts,
+    zero-fills and re-reads float32 (N, V) tensors, which with a small model and an 8192-token
+    vocabulary costs more than all the matmuls of the head. The chunk buffers are allocated once and
+    reused (a fresh multi-MB tensor per chunk costs page faults and cache misses on a CPU), and in
+    low precision the head-weight gradient is accumulated in float32 once per block of chunks (each
+    accumulation reads and writes all of V x D). Gradients are only computed when needed. Rows whose
+    target is -100 are ignored. Returns the summed loss and the number of counted rows.
     """
+
+    BLOCK_ELEMENTS = 8 << 20  # low precision: gradient rows (x V) gathered before each accumulation
 
     @staticmethod
     def forward(ctx, h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int):
-        N, V = h_ND.shape[0], w_VD.shape[0]
+        (N, D), V = h_ND.shape, w_VD.shape[0]
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        low = h_ND.dtype != torch.float32  # matmuls in the compute dtype, the softmax in float32
         valid_N = targets_N != -100
         safe_N = torch.where(valid_N, targets_N, 0)
-        loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+        C = max(1, min(chunk, N))
+        rows_C = torch.arange(C, device=h_ND.device)
+        logits_CV = h_ND.new_empty(C, V)
+        logits32_CV = torch.empty(C, V, dtype=torch.float32, device=h_ND.device) if low else logits_CV
+        logp_CV = torch.empty(C, V, dtype=torch.float32, device=h_ND.device)
+        nll_N = torch.empty(N, dtype=torch.float32, device=h_ND.device)
         if need_grad:
             grad_h_ND = torch.empty_like(h_ND)
-            grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
-        rows = torch.arange(min(chunk, N), device=h_ND.device)
-        for s in range(0, N, chunk):
-            h_CD, t_C, v_C = h_ND[s:s + chunk], safe_N[s:s + chunk], valid_N[s:s + chunk]
-            C = h_CD.shape[0]
-            logp_CV = torch.log_softmax((h_CD @ w_VD.T).float(), dim=-1)
-            nll_C = -logp_CV[rows[:C], t_C]
-            loss += torch.where(v_C, nll_C, 0.0).sum()
-            if need_grad:
-                p_CV = logp_CV.exp_()  # softmax, in place
-                p_CV[rows[:C], t_C] -= 1.0
-                g_CV = p_CV.mul_(v_C.unsqueeze(1)).to(h_ND.dtype)
-                torch.mm(g_CV, w_VD, out=grad_h_ND[s:s + C])
-                if g_CV.dtype == grad_w_VD.dtype:
-                    grad_w_VD.addmm_(g_CV.T, h_CD)
-                else:  # float32 accumulation across chunks of the low-precision products
-                    grad_w_VD += g_CV.T @ h_CD
+            grad_w_VD = torch.zeros(V, D, dtype=torch.float32, device=w_VD.device)
+            if low:  # gradient rows of up to `per_block` chunks, then one matmul and one accumulation
+                per_block = max(1, LinearCrossEntropy.BLOCK_ELEMENTS // (C * V))
+                g_FV = h_ND.new_empty(min(per_block * C, N), V)
+                grad_w_low_VD = h_ND.new_empty(V, D)
+        block_start = 0
+        for s in range(0, N, C):
+            c = min(C, N - s)
+            h_cD, t_c, v_c, r_c = h_ND[s:s + c], safe_N[s:s + c], valid_N[s:s + c], rows_C[:c]
+            torch.mm(h_cD, w_VD.T, out=logits_CV[:c])
+            if low:
+                logits32_CV[:c].copy_(logits_CV[:c])
+            logp_cV = torch.log_softmax(logits32_CV[:c], dim=-1, out=logp_CV[:c])
+            nll_N[s:s + c] = -logp_cV[r_c, t_c]
+            if not need_grad:
+                continue
+            p_cV = logp_cV.exp_()  # softmax, in place
+            p_cV[r_c, t_c] -= 1.0
+            p_cV.mul_(v_c.unsqueeze(1))  # ignored rows: no gradient
+            if not low:
+                torch.mm(p_cV, w_VD, out=grad_h_ND[s:s + c])
+                grad_w_VD.addmm_(p_cV.T, h_cD)
+                continue
+            g_cV = g_FV[s - block_start:s - block_start + c]
+            g_cV.copy_(p_cV)
+            torch.mm(g_cV, w_VD, out=grad_h_ND[s:s + c])
+            if s + c - block_start == g_FV.shape[0] or s + c == N:  # block full, or the last chunk
+                torch.mm(g_FV[:s + c - block_start].T, h_ND[block_start:s + c], out=grad_w_low_VD)
+                grad_w_VD += grad_w_low_VD
+                block_start = s + c
         if need_grad:
             ctx.save_for_backward(grad_h_ND, grad_w_VD)
         ctx.w_dtype = w_VD.dtype
-        return loss, valid_N.sum()
+        return torch.where(valid_N, nll_N, 0.0).sum(), valid_N.sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_count):

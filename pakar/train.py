@@ -115,7 +115,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float, sch
         decay_start = max(warmup, int(total * 0.8))
         if step < decay_start:
             return peak
-        frac = (step - decay_start) / max(1, total - decay_start)
+        frac = (step + 1 - decay_start) / max(1, total - decay_start)
         return peak * (1 - (1 - min_ratio) * frac)
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -295,7 +295,8 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
             raise PakarError(f"--resume: no saved state at {state_path}; start without --resume")
         state = safe_load(state_path)
         saved = state["train_args"]
-        changed = [k for k in TrainArgs.RESUME_KEYS if saved.get(k) != args_dict.get(k)]
+        changed = [f"--{k.replace('_', '-')} (was {saved.get(k)!r}, now {args_dict.get(k)!r})"
+                   for k in type(args).RESUME_KEYS if saved.get(k) != args_dict.get(k)]
         if state["world_size"] != ctx.world_size:
             changed.append(f"world size (saved with {state['world_size']} processes, now {ctx.world_size})")
         if state["config"] != model_cfg.to_dict():
@@ -304,7 +305,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
             changed.append("training data or tokenizer")
         if changed:
             raise PakarError("cannot resume: the run was saved with different settings: "
-                             + ", ".join(k.replace("_", "-") if "_" in k or k.isalpha() else k for k in changed)
+                             + ", ".join(changed)
                              + "; use the same flags, or start a new run in another --out")
         ctx.load_state(model, optimizer, state)
         loop = state["loop"]
@@ -323,7 +324,8 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
             obj = model_checkpoint(full["model"], model_cfg, tokenizer.to_json(), **checkpoint_meta())
             obj.update(optimizer=full["optimizer"], train_args=args_dict, world_size=ctx.world_size,
                        rng=rng_state(), loop={"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
-                                              "tokens_seen": tokens_seen, "elapsed": elapsed})
+                                              "tokens_seen": tokens_seen,
+                                              "elapsed": time.perf_counter() - t_start})
             atomic_save(obj, state_path)
             log.say(f"saved resumable state at step {step} ({reason}): {state_path}", console=False)
         ctx.barrier()
@@ -347,7 +349,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
     tokens_per_step = args.batch * args.seq_len * args.grad_accum * ctx.world_size
     log.say(f"training {args.config} ({n_params:,} parameters) on "
             f"{device} {'bf16 autocast' if amp else 'float32'}, {ctx.world_size} process(es) ({ctx.mode}) | "
-            f"{args.epochs} epoch(s) x {steps_per_epoch} steps of {tokens_per_step:,} tokens | "
+            f"{args.epochs} epoch(s) x {steps_per_epoch} steps of up to {tokens_per_step:,} tokens | "
             f"lr {peak_lr:g}, warmup {warmup}, {args.schedule}")
     pbar = None
     if ctx.is_main:
@@ -403,8 +405,9 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                                        model_cfg.expert_bias_update_rate)
                 step += 1
                 step_in_epoch += 1
-                tokens_seen += tokens_per_step
-                tok_window += tokens_per_step
+                step_tokens = int(n_targets)  # counted targets: padding of chat rows is not a token seen
+                tokens_seen += step_tokens
+                tok_window += step_tokens
 
                 # log: the loss is read every step (one host-device sync) for metrics.jsonl and exact-replay checks
                 loss_val = (ctx.all_reduce_sum(torch.as_tensor(loss_sum, dtype=torch.float32)) / n_targets).item()
@@ -432,7 +435,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     log.record(kind="train", step=step, epoch=epoch + 1, loss=loss_val, lr=lr)
                 if pbar is not None:
                     pbar.set_postfix_str(f"epoch {epoch + 1}/{args.epochs} loss {loss_val:.3f} "
-                                         f"{tokens_per_step * pbar.format_dict.get('rate', 0) or 0:,.0f} tok/s")
+                                         f"{step_tokens * (pbar.format_dict.get('rate') or 0):,.0f} tok/s")
                     pbar.update(1)
             else:
                 # epoch end: validate, sample, save model_epoch{N}.pt and the resumable state
@@ -596,7 +599,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_train_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object at the end")
     ns = p.parse_args(argv)
-    summary = train(args_from_namespace(ns))
+    args = args_from_namespace(ns)
+    from pakar.corpus import detect_kind
+
+    if args.data and detect_kind(args.data) == "chat":  # the seed's form of chat fine-tuning
+        from pakar.finetune import train_chat
+
+        summary = train_chat(args)
+    else:
+        summary = train(args)
     if ns.json and int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary))
     return 0

@@ -109,7 +109,10 @@ def launch(out: Path, nproc: int, corpus: Path, *flags: str, kill_after_save: bo
 
 def kill_tree(pid: int) -> None:
     """SIGKILL the launcher and its workers (torchrun starts each worker in a session of its own)."""
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    proc_children = Path(f"/proc/{pid}/task/{pid}/children")
+    children = (proc_children.read_text().split() if proc_children.exists() else
+                subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                               text=True).stdout.split())
     for p in [*map(int, children), pid]:
         try:
             os.kill(p, signal.SIGKILL)

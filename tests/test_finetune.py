@@ -281,3 +281,15 @@ def test_refusals(tmp_path, base_ckpt, capsys):
         assert err.startswith("error: ") and message in err and "Traceback" not in err
     with pytest.raises(PakarError, match="--init-from"):
         train_chat(TrainArgs(config="tiny", data=[str(data)], out=str(tmp_path / "y")))
+
+
+def test_train_py_form_with_chat_data(tmp_path, base_ckpt):
+    """`train.py --init-from CHECKPOINT --data chat.jsonl` (pakar.finetune.train_chat): the same chat SFT,
+    the preset taken from the checkpoint, not from train.py's --config default."""
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(20))
+    summary = train_chat(TrainArgs(init_from=str(base_ckpt), data=[str(data)], out=str(tmp_path / "run"),
+                                   batch=4, seq_len=256, max_steps=2, device="cpu", save_every=0,
+                                   eval_tokens=512))
+    assert summary["kind"] == "chat" and summary["steps"] == 2 and summary["val_loss_before"] is not None
+    state = safe_load(tmp_path / "run" / "checkpoints" / "state.pt")
+    assert state["train_args"]["config"] == "tiny" and state["meta"]["chat"] is True

@@ -97,20 +97,24 @@ def test_incompatible_resume_is_refused(tmp_path):
         train(small_args(tmp_path / "fresh", resume=True))
 
 
-def test_grad_accumulation_equals_one_big_batch(tmp_path):
+def test_grad_accumulation_equals_one_big_batch(tmp_path, monkeypatch):
     """4 micro-batches of 2 sequences give the same update as one batch of 8 (the loader hands
-    both the same 8 windows)."""
-    big = train(small_args(tmp_path / "big", batch=8, grad_accum=1, max_steps=2))
-    acc = train(small_args(tmp_path / "acc", batch=2, grad_accum=4, max_steps=2))
-    la, lb = losses(tmp_path / "big"), losses(tmp_path / "acc")
-    assert la.keys() == lb.keys() == {1, 2}
-    for s in la:
-        assert la[s] == pytest.approx(lb[s], rel=1e-5)
-    a = safe_load(tmp_path / "big" / "checkpoints" / "state.pt")["model"]
-    b = safe_load(tmp_path / "acc" / "checkpoints" / "state.pt")["model"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    assert big["steps"] == acc["steps"] == 2
+    both the same 8 windows). The Switch balance loss is defined per batch (a product of two batch
+    means), so it differs by design between the two groupings: it is switched off here; the
+    per-token z-loss stays on."""
+    from pakar import config
+
+    monkeypatch.setitem(config.PRESETS, "tiny", config.PRESETS["tiny"].replace(router_aux_loss_coef=0.0))
+    # one step: AdamW's first moment is then exactly 0.1 x the gradient, a linear function of it
+    big = train(small_args(tmp_path / "big", batch=8, grad_accum=1, max_steps=1))
+    acc = train(small_args(tmp_path / "acc", batch=2, grad_accum=4, max_steps=1))
+    assert big["steps"] == acc["steps"] == 1
+    assert losses(tmp_path / "big")[1] == pytest.approx(losses(tmp_path / "acc")[1], rel=1e-6)
+    ga = safe_load(tmp_path / "big" / "checkpoints" / "state.pt")["optimizer"]["state"]
+    gb = safe_load(tmp_path / "acc" / "checkpoints" / "state.pt")["optimizer"]["state"]
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for k in ga:
+        torch.testing.assert_close(ga[k]["exp_avg"], gb[k]["exp_avg"], rtol=1e-4, atol=1e-9)
 
 
 def test_lr_schedule_shapes():
