@@ -11,6 +11,11 @@ the figure kept is the fastest repetition of each (the least disturbed one); the
 too. The matmul peak (2048^3, float32 and bfloat16) is measured the same way in the same run, and MFU
 is tokens/s x training FLOPs per token (pakar.info.train_flops_per_token) / that peak.
 
+`--ablations` also times pakar with one of its speed choices undone at a time (same model, same
+interleaving), to show what each one buys: the fused loss head (return_logits=True instead), the
+experts' row padding on the CPU in bfloat16 (Experts.row_bucket -> 1), and the RMSNorm autograd
+function (plain F.rms_norm instead). `--compile` adds pakar with torch.compile'd blocks.
+
 Prints a table, then one JSON object on the last line.
 """
 
@@ -30,9 +35,37 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import torch.nn.functional as F  # noqa: E402
+
+import pakar.model  # noqa: E402
+import pakar.moe  # noqa: E402
 from pakar.config import get_config  # noqa: E402
 from pakar.info import train_flops_per_token  # noqa: E402
 from pakar.model import Transformer  # noqa: E402
+
+_ROW_BUCKET = pakar.moe.Experts.__dict__["row_bucket"]
+_RMSNORM_FORWARD = pakar.model.RMSNorm.forward
+
+
+def _plain_rmsnorm(self, x):
+    return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+@contextlib.contextmanager
+def ablation(name: str):
+    """Undo one speed choice for the duration of a step (benchmark-only monkeypatching)."""
+    if name == "no-row-padding":
+        pakar.moe.Experts.row_bucket = staticmethod(lambda x: 1)
+    elif name == "autograd-rmsnorm":
+        pakar.model.RMSNorm.forward = _plain_rmsnorm
+    try:
+        yield
+    finally:
+        pakar.moe.Experts.row_bucket = _ROW_BUCKET
+        pakar.model.RMSNorm.forward = _RMSNORM_FORWARD
+
+
+ABLATIONS = ("unfused-head", "no-row-padding", "autograd-rmsnorm")
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -55,7 +88,8 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def make_steps(name: str, batch: int, seq_len: int, hf_experts: list[str], compile_: bool, seed: int = 0):
+def make_steps(name: str, batch: int, seq_len: int, hf_experts: list[str], compile_: bool, ablations: bool,
+               seed: int = 0):
     """{variant: step function} for one config; every step is forward + backward + AdamW."""
     cfg = get_config(name)
     g = torch.Generator().manual_seed(seed)
@@ -65,20 +99,29 @@ def make_steps(name: str, batch: int, seq_len: int, hf_experts: list[str], compi
 
     torch.manual_seed(seed)
     model = Transformer(cfg).train()
-    if compile_:
-        for layer in model.layers:
-            layer.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    def pakar_step(precision, model=model, opt=opt):
-        with amp(precision):
-            out = model(x, y, return_logits=False)
-        (out.loss + out.aux_loss).backward()
+    def pakar_step(precision, model=model, opt=opt, undo=None):
+        with amp(precision), ablation(undo or ""):
+            out = model(x, y, return_logits=undo == "unfused-head")
+        with ablation(undo or ""):
+            (out.loss + out.aux_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     for p in PRECISIONS:
-        steps[("pakar" + ("+compile" if compile_ else ""), p)] = lambda p=p: pakar_step(p)
+        steps[("pakar", p)] = lambda p=p: pakar_step(p)
+    for undo in ABLATIONS if ablations else ():
+        for p in PRECISIONS:
+            steps[(f"pakar-{undo}", p)] = lambda p=p, u=undo: pakar_step(p, undo=u)
+    if compile_:
+        torch.manual_seed(seed)
+        compiled = Transformer(cfg).train()
+        for layer in compiled.layers:
+            layer.compile()
+        copt = torch.optim.AdamW(compiled.parameters(), lr=1e-4, fused=True)
+        for p in PRECISIONS:
+            steps[("pakar+compile", p)] = lambda p=p: pakar_step(p, compiled, copt)
 
     from hf_reference import hf_model_from_pakar
 
@@ -103,7 +146,7 @@ def make_steps(name: str, batch: int, seq_len: int, hf_experts: list[str], compi
 
 
 def bench_config(name: str, args) -> dict:
-    cfg, steps = make_steps(name, args.batch, args.seq_len, args.hf_experts, args.compile)
+    cfg, steps = make_steps(name, args.batch, args.seq_len, args.hf_experts, args.compile, args.ablations)
     tokens = args.batch * args.seq_len
     for fn in steps.values():  # warm-up (and compilation) outside the timing
         fn()
@@ -120,16 +163,18 @@ def bench_config(name: str, args) -> dict:
             "tokens_per_s": round(tps, 1), "median_tokens_per_s": round(tokens / statistics.median(ts), 1),
             "step_ms": round(1000 * min(ts), 2), "mfu": round(tps * flops / args.peaks[p], 4)}
     best = {impl: max(v.values(), key=lambda r: r["tokens_per_s"]) for impl, v in res["variants"].items()}
-    pk = next(k for k in best if k.startswith("pakar"))
-    hf_best = max((k for k in best if k.startswith("hf")), key=lambda k: best[k]["tokens_per_s"])
-    res["pakar_best"] = {"variant": pk, "precision": _prec(res["variants"][pk], best[pk]),
-                         "tokens_per_s": best[pk]["tokens_per_s"]}
-    res["hf_best"] = {"variant": hf_best, "precision": _prec(res["variants"][hf_best], best[hf_best]),
-                      "tokens_per_s": best[hf_best]["tokens_per_s"]}
-    res["speedup_best_vs_best"] = round(best[pk]["tokens_per_s"] / best[hf_best]["tokens_per_s"], 3)
-    for p in PRECISIONS:
-        res[f"speedup_{p}"] = round(res["variants"][pk][p]["tokens_per_s"]
-                                    / res["variants"][hf_best][p]["tokens_per_s"], 3)
+    hf = max((k for k in best if k.startswith("hf")), key=lambda k: best[k]["tokens_per_s"])
+    res["hf_best"] = {"variant": hf, "precision": _prec(res["variants"][hf], best[hf]),
+                      "tokens_per_s": best[hf]["tokens_per_s"]}
+    for key, candidates in (("pakar_best", ("pakar", "pakar+compile")), ("pakar_eager_best", ("pakar",))):
+        pk = max((k for k in best if k in candidates), key=lambda k: best[k]["tokens_per_s"])
+        res[key] = {"variant": pk, "precision": _prec(res["variants"][pk], best[pk]),
+                    "tokens_per_s": best[pk]["tokens_per_s"]}
+    res["speedup_best_vs_best"] = round(res["pakar_best"]["tokens_per_s"] / best[hf]["tokens_per_s"], 3)
+    res["speedup_eager_best_vs_best"] = round(res["pakar_eager_best"]["tokens_per_s"] / best[hf]["tokens_per_s"], 3)
+    for p in PRECISIONS:  # eager pakar against Hugging Face in the same precision
+        res[f"speedup_{p}"] = round(res["variants"]["pakar"][p]["tokens_per_s"]
+                                    / res["variants"][hf][p]["tokens_per_s"], 3)
     return res
 
 
@@ -147,7 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--hf-experts", default="default",
                    help="Hugging Face experts implementations to time, comma-separated: default, eager, "
                         "grouped_mm (default: default)")
-    p.add_argument("--compile", action="store_true", help="torch.compile pakar's blocks (slow to compile)")
+    p.add_argument("--compile", action="store_true", help="also time pakar with torch.compile'd blocks "
+                   "(compiling takes a minute or more on 2 cores)")
+    p.add_argument("--ablations", action="store_true", help="also time pakar with each speed choice undone")
     args = p.parse_args(argv)
     args.hf_experts = [s for s in args.hf_experts.split(",") if s]
     torch.set_num_threads(args.threads)
@@ -170,11 +217,13 @@ def main(argv=None) -> int:
         print(f"\n{name}: {r['tokens_per_step']} tokens/step, {r['train_flops_per_token'] / 1e6:.1f} MFLOP/token")
         for impl, v in r["variants"].items():
             for prec, row in v.items():
-                print(f"  {impl:18s} {prec}: {row['tokens_per_s']:9.0f} tok/s (median {row['median_tokens_per_s']:7.0f}) "
+                print(f"  {impl:24s} {prec}: {row['tokens_per_s']:9.0f} tok/s "
+                      f"(median {row['median_tokens_per_s']:7.0f}) "
                       f"step {row['step_ms']:8.1f} ms  MFU {100 * row['mfu']:5.1f}%")
         print(f"  best vs best: {r['pakar_best']['variant']} {r['pakar_best']['precision']} / "
               f"{r['hf_best']['variant']} {r['hf_best']['precision']} = {r['speedup_best_vs_best']:.2f}x "
-              f"(fp32 {r['speedup_fp32']:.2f}x, bf16 {r['speedup_bf16']:.2f}x)")
+              f"(eager {r['speedup_eager_best_vs_best']:.2f}x; same precision: fp32 {r['speedup_fp32']:.2f}x, "
+              f"bf16 {r['speedup_bf16']:.2f}x)")
     print(json.dumps(report))
     return 0
 

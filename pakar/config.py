@@ -18,6 +18,7 @@ Presets (the vocabulary comes from the tokenizer at train time; 8192 is the defa
            1408 puts the active parameters at 170M (the seed's "~150-200M"); 1.60B in total
   3b       the seed's "larger model: 3B config": 2.93B total, 385M active (32 experts, top-2)
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -73,13 +73,15 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * param_counts(cfg)["active_matmul_params"] + attention
 
 
-def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, bf16: bool) -> dict:
-    """Bytes autograd keeps for backward: {"layer", "other", "total", "checkpointed"}."""
+def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, bf16: bool, row_bucket: int = 1) -> dict:
+    """Bytes autograd keeps for backward: {"layer", "other", "total", "checkpointed"}. `row_bucket`:
+    the experts' row padding (pakar.moe.Experts.row_bucket; only bfloat16 on a CPU pads)."""
     D, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     E, k, I = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     N = batch_size * seq_len
     M = N * k  # routed rows
+    P = M + E * (row_bucket - 1) if row_bucket > 1 else M  # rows the experts run on
     low = 2 if bf16 else 4  # bytes per element of the autocast (matmul) activations
     f32, i64 = 4, 8
     layer = (
@@ -88,9 +90,9 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, bf16: bool
         + low * N * D  # the attention projections' input
         + low * (3 * N * H * K + 3 * N * G * K)  # q, k, v before and after norm/rotary, attention output
         + f32 * (N * H + N * (2 + H + G))  # attention log-sum-exp, 1/rms of the four norms
-        + low * (3 * M * D + 4 * M * I)  # expert inputs, outputs (sorted and unsorted), SwiGLU
-        + f32 * (N * E + N * k + N)  # router probabilities, gate values, z-loss
-        + i64 * (2 * M + N * k)  # sort order, chosen experts
+        + low * (P * D + M * D + 4 * P * I)  # expert inputs, token-order outputs, SwiGLU
+        + f32 * (N * E + N) + low * N * k  # router probabilities, z-loss; gate values
+        + i64 * (2 * M + N * k + (M if P > M else 0))  # sort order, chosen experts, padded rows
     )
     # fused loss head: the float32 head-weight gradient, the hidden-state gradient, the final norm
     other = f32 * V * D + low * N * D + f32 * N * D + i64 * 2 * N

@@ -12,16 +12,18 @@ embed_tokens -> num_hidden_layers x [x + attn(RMSNorm(x)); x + moe(RMSNorm(x))] 
   (left-padded batches), and can compute logits for the last position only.
 - Training-ready: with targets and return_logits=False the head and the cross-entropy run fused,
   chunk by chunk (LinearCrossEntropy), so the (tokens x vocabulary) logits are never stored.
-- Mixed precision is torch.autocast with float32 weights. Three choices make bfloat16 pay on a CPU,
-  where elementwise passes cost as much as the matmuls (measured in benchmarks/bench_model.py):
-  the q/k/v weights are cast into one matrix (one matmul, one cast of the input), the fused head
-  never converts full-size logits to float32, and RMSNorm keeps bfloat16 inputs in bfloat16 with a
-  backward that saves only its input (on the CPU, F.rms_norm's autograd saves three float32 copies).
-  The router, softmaxes, norms' statistics and the loss stay float32.
+- Mixed precision is torch.autocast with float32 weights. The router, softmaxes, the norms'
+  statistics, the loss and the residual stream stay float32. On a CPU, where elementwise passes cost
+  as much as bfloat16 matmuls, two choices here make bfloat16 pay (measured in
+  benchmarks/bench_model.py): the fused head never converts full-size logits to float32, and RMSNorm
+  keeps bfloat16 inputs in bfloat16 with a backward that saves only its input (on the CPU, F.rms_norm's
+  autograd saves three float32 copies). The attention input is cast once, not once per projection.
+  The experts' share is in pakar/moe.py.
 
 Shape legend: B batch, T new tokens, S cached+new tokens, D hidden, H query heads, G key/value heads,
 K head_dim, V vocabulary, L layers, E experts, N tokens in a batch (B x T), C rows in a chunk.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pakar import PakarError
 from pakar.config import ModelConfig
-from pakar.moe import MoE, cat_cast, compute_dtype
+from pakar.moe import MoE, compute_dtype
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -74,9 +76,11 @@ class RMSNorm(nn.Module):
         # being promoted to float32 by a float32 weight.
         weight = self.weight.to(x.dtype)
         if x.device.type == "cpu" and _HAS_FUSED_RMS_NORM and torch.is_grad_enabled() \
-                and (x.requires_grad or weight.requires_grad):
+                and (x.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling():
             return _RMSNormFunction.apply(x, weight, self.eps)
-        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)  # fused kernels (CUDA: also backward)
+        # fused kernels: CUDA's forward and backward, CPU inference; under torch.compile the
+        # compiler fuses the decomposition itself and chooses what to save
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -122,19 +126,10 @@ class Attention(nn.Module):
     def forward(self, x_BTD, cos, sin, kv_cache: KVCache | None, mask, is_causal: bool):
         B, T, _ = x_BTD.shape
         H, G, K = self.n_head, self.n_kv, self.head_dim
-        dtype = compute_dtype(x_BTD)
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if dtype != self.q_proj.weight.dtype and all(type(p) is nn.Linear for p in projections):
-            # Autocast: the weights are cast every step anyway; cast them into one [q; k; v] matrix and
-            # run one matmul on one cast of the input, instead of three of each. (Only for plain
-            # nn.Linear: a swapped-in module, e.g. LoRA, must run its own forward.)
-            w_JD = cat_cast(tuple(p.weight for p in projections), 0, dtype)  # J = (H + 2G) K
-            q, k, v = F.linear(x_BTD.to(dtype), w_JD).split([H * K, G * K, G * K], dim=-1)
-        else:
-            q, k, v = (p(x_BTD) for p in projections)
-        q = self.q_norm(q.view(B, T, H, K)).transpose(1, 2)
-        k = self.k_norm(k.view(B, T, G, K)).transpose(1, 2)
-        v = v.view(B, T, G, K).transpose(1, 2)
+        x_BTD = x_BTD.to(compute_dtype(x_BTD))  # autocast would cast (and keep) one copy per projection
+        q = self.q_norm(self.q_proj(x_BTD).view(B, T, H, K)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x_BTD).view(B, T, G, K)).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(B, T, G, K).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, K), (B, G, T, K)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
@@ -176,9 +171,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     BLOCK_ELEMENTS = 8 << 20  # low precision: gradient rows (x V) gathered before each accumulation
 
     @staticmethod
-    def forward(ctx, h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int):
-        (N, D), V = h_ND.shape, w_VD.shape[0]
+    def forward(ctx, h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int):
+        """h_ND in the compute dtype; weight_VD as stored (cast here, so that its gradient leaves in
+        float32 straight from the float32 accumulator, without a round trip through bfloat16)."""
+        (N, D), V = h_ND.shape, weight_VD.shape[0]
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        w_VD = weight_VD.to(h_ND.dtype)
         low = h_ND.dtype != torch.float32  # matmuls in the compute dtype, the softmax in float32
         valid_N = targets_N != -100
         safe_N = torch.where(valid_N, targets_N, 0)
@@ -222,7 +220,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 block_start = s + c
         if need_grad:
             ctx.save_for_backward(grad_h_ND, grad_w_VD)
-        ctx.w_dtype = w_VD.dtype
+        ctx.w_dtype = weight_VD.dtype
         return torch.where(valid_N, nll_N, 0.0).sum(), valid_N.sum()
 
     @staticmethod
@@ -353,7 +351,7 @@ class Transformer(nn.Module):
             dtype = compute_dtype(x)
             with torch.autocast(x.device.type, enabled=False):
                 loss_sum, n = LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]).to(dtype),
-                                                       self.lm_head.weight.to(dtype), targets.reshape(-1),
+                                                       self.lm_head.weight, targets.reshape(-1),
                                                        self.loss_chunk_rows or self._auto_chunk_rows(x))
             loss = loss_sum / n if loss_reduction == "mean" else loss_sum
         else:

@@ -11,22 +11,26 @@ Design (Qwen3-MoE compatible, torchtitan-style dispatch):
   `experts.gate_proj[i]` and export to per-expert Hugging Face names is a slice.
 - Dispatch is dropless: the N*K (token, expert) pairs are sorted by expert and run as one grouped
   matmul (`torch._grouped_mm`) over contiguous per-expert row blocks, then put back in token order and
-  combined with the gate weights. The activations are cast to the compute dtype *before* the gather,
-  so under bfloat16 autocast the N*K-row copies move half the bytes. Gate and up projections run as
-  one grouped matmul over [gate; up] concatenated along the output dimension: under autocast the
-  weights are cast to bfloat16 every step anyway, and concatenating in the same copy makes the
-  fusion free (measured in benchmarks/bench_model.py); in float32 the two projections run apart,
-  since there the concatenation would be an extra copy of every expert weight.
+  combined with the gate weights. Activations are cast to the compute dtype *before* the gather, so
+  under bfloat16 autocast the N*K-row copies move half the bytes; the scatters back keep only their
+  index for backward. Under autocast, gate and up run as one grouped matmul over [gate; up]: the
+  weights are cast every step anyway, and casting them into one tensor costs no extra pass.
+- On the CPU in bfloat16 each expert's rows are padded to a multiple of a bucket (Experts.row_bucket):
+  oneDNN builds a kernel per matmul shape, routing changes every expert's row count at every step,
+  and without the padding the expert matmuls ran ~6x slower (benchmarks/bench_model.py).
 - Where the grouped matmul is not available (float32 under torch.compile on CPU, float32 or pre-Hopper
-  GPUs, old torch) the per-expert loop runs instead; it is also the test oracle. Both paths give every
-  expert a gradient (zero when it got no tokens) every step, so data-parallel gradient reduction never
-  waits for a missing parameter.
+  GPUs, old torch, strides that are not 16-byte multiples) the per-expert loop runs instead; it is also
+  the test oracle. Both paths give every expert a gradient (zero when it got no tokens) every step, so
+  data-parallel gradient reduction never waits for a missing parameter.
 - The grouped path needs no host-device synchronisation: expert offsets come from a searchsorted on
-  the sorted expert ids and stay on the device (bincount would read its size back to the host on GPU).
+  the sorted expert ids and stay on the device (bincount would read its size back to the host on GPU),
+  and the padded buffer has a static size.
 - The model keeps no load accumulator: the training loop sums `expert_counts` over micro-steps (and
-  ranks) and calls `update_expert_bias` once per optimizer step.
+  ranks) and calls `update_expert_bias` once per optimizer step. `expert_load_stats` turns counts into
+  the figures logs and `pakar eval` print.
 
-Shapes: N tokens, M = N*K routed rows, D hidden, E experts, K top-k, I expert hidden size, L layers.
+Shapes: N tokens, M = N*K routed rows, P padded rows, D hidden, E experts, K top-k, I expert hidden
+size, J = 2I, L layers.
 """
 
 from __future__ import annotations
@@ -67,9 +71,32 @@ class _CatCast(torch.autograd.Function):
         return (None, None, *(g.to(dt) for g, dt in zip(parts, ctx.dtypes)))
 
 
+class _ScatterRows(torch.autograd.Function):
+    """out = zeros(rows, D) with out[index] = x, for distinct indices (rows == M: a permutation, no
+    zero fill needed). Autograd's index_copy keeps the whole source for its backward; this keeps only
+    the index (the backward is a gather)."""
+
+    @staticmethod
+    def forward(ctx, x_MD: torch.Tensor, index_M: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(index_M)
+        out = x_MD.new_empty(rows, x_MD.shape[1]) if rows == x_MD.shape[0] else x_MD.new_zeros(rows, x_MD.shape[1])
+        return out.index_copy_(0, index_M, x_MD)
+
+    @staticmethod
+    def backward(ctx, grad_PD: torch.Tensor):
+        (index_M,) = ctx.saved_tensors
+        return grad_PD.index_select(0, index_M), None, None
+
+
+def scatter_rows(x_MD: torch.Tensor, index_M: torch.Tensor, rows: int) -> torch.Tensor:
+    return _ScatterRows.apply(x_MD, index_M, rows)
+
+
 def cat_cast(tensors: tuple[torch.Tensor, ...], dim: int, dtype: torch.dtype) -> torch.Tensor:
     """Weights concatenated along `dim` and cast to `dtype` in a single copy. Under autocast every
     weight is cast each step anyway; doing it into one matrix lets several matmuls run as one."""
+    if torch.compiler.is_compiling():  # the compiler fuses cat and cast into one kernel by itself
+        return torch.cat(tensors, dim=dim).to(dtype)
     return _CatCast.apply(dim, dtype, *tensors)
 
 
@@ -109,9 +136,11 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
 
 def _aligned(*tensors: torch.Tensor) -> bool:
     """torch._grouped_mm needs 16-byte aligned data and row strides (a hidden size of 70 in float32
-    is not); such shapes take the loop. Reads only metadata: no device synchronisation."""
-    return all(t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride() if st != 1)
-               for t in tensors)
+    is not); such shapes take the loop. Reads only metadata: no device synchronisation. (Under
+    torch.compile data pointers do not exist yet; the compiler's buffers are aligned.)"""
+    compiling = torch.compiler.is_compiling()
+    return all((compiling or t.data_ptr() % 16 == 0)
+               and all((st * t.element_size()) % 16 == 0 for st in t.stride() if st != 1) for t in tensors)
 
 
 class Experts(nn.Module):
@@ -123,30 +152,65 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.use_grouped_mm = True  # tests switch it off to compare against the loop
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, offsets_E: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor,
+                offsets_E: torch.Tensor | None = None) -> torch.Tensor:
         """x_MD: rows sorted by expert, in the compute dtype; counts_E: rows per expert; offsets_E
         (optional, int32): their running sum. Returns (M, D) in x_MD's dtype."""
         dtype = x_MD.dtype
         I = self.gate_proj.shape[1]
         native = dtype == self.gate_proj.dtype  # else autocast: fresh (aligned) low-precision copies
-        if (self.use_grouped_mm and grouped_mm_available(x_MD) and (I * x_MD.element_size()) % 16 == 0
+        if not (self.use_grouped_mm and grouped_mm_available(x_MD) and (I * x_MD.element_size()) % 16 == 0
                 and _aligned(x_MD, *((self.gate_proj, self.up_proj, self.down_proj) if native else ()))):
-            if offsets_E is None:
-                offsets_E = counts_E.cumsum(0, dtype=torch.int32)
-            if not native:
-                # the cast is a copy anyway: concatenate in the same pass and run one grouped matmul
-                w_gate_up_EJD = cat_cast((self.gate_proj, self.up_proj), 1, dtype)  # J = 2I
-                h_MJ = torch._grouped_mm(x_MD, w_gate_up_EJD.transpose(-2, -1), offs=offsets_E)
-                # split, not two slices: backward concatenates the two gradients in one copy, where
-                # slices would each zero-fill an (M, 2I) buffer and add them
-                g_MI, u_MI = h_MJ.split([I, I], dim=1)
-            else:
-                g_MI = torch._grouped_mm(x_MD, self.gate_proj.transpose(-2, -1), offs=offsets_E)
-                u_MI = torch._grouped_mm(x_MD, self.up_proj.transpose(-2, -1), offs=offsets_E)
-            h_MI = F.silu(g_MI) * u_MI
-            return torch._grouped_mm(h_MI, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
-        w_gate, w_up, w_down = (w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
-        return self.forward_loop(x_MD, counts_E, w_gate, w_up, w_down)
+            w_gate, w_up, w_down = (w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
+            return self.forward_loop(x_MD, counts_E, w_gate, w_up, w_down)
+        if offsets_E is None:
+            offsets_E = counts_E.cumsum(0, dtype=torch.int32)
+        bucket = self.row_bucket(x_MD)
+        if bucket > 1:
+            x_MD, rows_M, counts_E, offsets_E = self._pad_rows(x_MD, counts_E, offsets_E, bucket)
+        # (inline, not a helper method: a separate frame could be compiled on its own after a graph
+        # break, past the float32 check above)
+        if not native:
+            # the cast is a copy anyway: concatenate in the same pass and run one grouped matmul
+            w_gate_up_EJD = cat_cast((self.gate_proj, self.up_proj), 1, dtype)  # J = 2I
+            h_MJ = torch._grouped_mm(x_MD, w_gate_up_EJD.transpose(-2, -1), offs=offsets_E)
+            # split, not two slices: backward concatenates the two gradients in one copy, where
+            # slices would each zero-fill an (M, 2I) buffer and add them
+            g_MI, u_MI = h_MJ.split([I, I], dim=1)
+        else:
+            g_MI = torch._grouped_mm(x_MD, self.gate_proj.transpose(-2, -1), offs=offsets_E)
+            u_MI = torch._grouped_mm(x_MD, self.up_proj.transpose(-2, -1), offs=offsets_E)
+        h_MI = F.silu(g_MI) * u_MI
+        y_MD = torch._grouped_mm(h_MI, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
+        return y_MD.index_select(0, rows_M) if bucket > 1 else y_MD
+
+    @staticmethod
+    def row_bucket(x_MD: torch.Tensor) -> int:
+        """Rows per expert are padded to a multiple of this (1: no padding). On the CPU, bfloat16 (and
+        float16) matmuls run through oneDNN, which builds a kernel for every new shape: routing gives
+        every expert a new row count at every step, and the expert matmuls then ran at ~120 GFLOP/s
+        instead of ~900 (2 cores). Padding to multiples of `bucket` (zero rows) leaves at most
+        M / bucket + 1 row counts, whose kernels stay cached; bucket = M / 128 (at least 8) keeps
+        that at 129 while wasting on average E * bucket / 2 rows, about 3% at M = 4096 and 8 experts.
+        float32 (MKL) and GPUs have no such cost."""
+        if x_MD.device.type != "cpu" or x_MD.dtype not in (torch.bfloat16, torch.float16):
+            return 1
+        return 8 * -(-max(8, -(-x_MD.shape[0] // 128)) // 8)
+
+    @staticmethod
+    def _pad_rows(x_MD, counts_E, offsets_E, bucket):
+        """Each expert's block padded with zero rows to a multiple of `bucket`. Returns the padded
+        rows (a static upper bound of M + E * (bucket - 1) rows, so no host synchronisation; rows past
+        the last block stay zero and are skipped by the grouped matmul), the padded position of each
+        input row, and the padded counts and offsets."""
+        M, E = x_MD.shape[0], counts_E.shape[0]
+        padded_E = (counts_E + bucket - 1) // bucket * bucket
+        ends_E = padded_E.cumsum(0)
+        arange_M = torch.arange(M, device=x_MD.device)
+        expert_M = torch.searchsorted(offsets_E.to(torch.int64), arange_M, right=True)
+        rows_M = (ends_E - padded_E - (offsets_E - counts_E))[expert_M] + arange_M
+        x_PD = scatter_rows(x_MD, rows_M, M + E * (bucket - 1))
+        return x_PD, rows_M, padded_E, ends_E.to(torch.int32)
 
     @staticmethod
     def forward_loop(x_MD, counts_E, w_gate_EID, w_up_EID, w_down_EDI):
@@ -186,8 +250,9 @@ class MoE(nn.Module):
         y_MD = self.experts(x_ND.to(dtype)[order_M // K], counts_E, offsets_E.to(torch.int32))
 
         # back to token order (a scatter with distinct indices: its backward is a plain gather),
-        # then the gate-weighted sum over each token's K experts, accumulated in float32
-        y_NKD = torch.empty_like(y_MD).index_copy_(0, order_M, y_MD).view(-1, K, D)
+        # then the gate-weighted sum over each token's K experts
+        y_NKD = scatter_rows(y_MD, order_M, y_MD.shape[0]).view(-1, K, D)
+        weight_NK = weight_NK.to(y_NKD.dtype)  # low precision: half the bytes; the residual add is float32
         y_ND = (y_NKD * weight_NK.unsqueeze(-1)).sum(dim=1) if K > 1 else y_NKD.view(-1, D) * weight_NK
 
         # Switch load-balancing loss: E * sum_e f_e * P_e, with f_e the fraction of the N*K assignments

@@ -279,7 +279,8 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     warmup = args.warmup if args.warmup is not None else max(1, min(200, total_steps // 20))
-    peak_lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.config, 3e-4)
+    preset = init_ckpt["meta"].get("config_name", args.config) if init_ckpt is not None else args.config
+    peak_lr = args.lr if args.lr is not None else DEFAULT_LR.get(preset, 3e-4)
     if init_ckpt is not None and args.lr is None:
         peak_lr /= 10  # fine-tuning: a lower default than pretraining
 
@@ -391,7 +392,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with ctx.no_sync(model, last=m == len(micro) - 1), \
                             torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        out = model(x, y, loss_reduction="sum")
+                        out = model(x, y, loss_reduction="sum", return_logits=False)  # fused head + loss
                         loss = out.loss / n_targets.clamp(min=1) * ctx.world_size + out.aux_loss / len(micro)
                     ctx.backward(model, loss)
                     loss_sum += out.loss.detach()

@@ -29,15 +29,6 @@ INDONESIAN = ("Kafe “Kopi Tubruk” di Yogyakarta — harga Rp 15.000 (½ pors
               "Ɣ, 日本語 dan emoji 🙂🇮🇩 tetap utuh.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP spin-waits on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(tokenizer, window: int = 512, never_special: bool = False) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(get_config("tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=window)).eval()

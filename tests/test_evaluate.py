@@ -25,15 +25,6 @@ DOCS = ["Jakarta adalah ibu kota Indonesia dan kota terbesar di Asia Tenggara.",
         "Gunung Merapi adalah salah satu gunung berapi paling aktif di pulau Jawa."] * 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP spin-waits on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model(sample_tokenizer):
     torch.manual_seed(0)

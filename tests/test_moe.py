@@ -1,8 +1,6 @@
 """The MoE block against independent references: a per-token Python oracle, the per-expert loop,
 a dense SwiGLU MLP, Hugging Face's load-balancing loss, and hand-computed invariants."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -238,14 +236,15 @@ def test_bias_balancing_evens_out_a_skewed_router():
     moe = make_moe(num_experts=4, num_experts_per_tok=1)
     with torch.no_grad():
         moe.gate.weight[0] += 1.0  # expert 0 wins most tokens
-    x = torch.randn(1, 256, moe.gate.weight.shape[1])
+    x = torch.randn(1, 256, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(0))
     moe(x)
     start = expert_load_stats(moe.last_counts[None])["imbalance_max"]
-    for _ in range(300):
+    history = []
+    for _ in range(80):
+        update_expert_bias([moe], moe.last_counts[None], rate=0.01)
         moe(x)
-        update_expert_bias([moe], moe.last_counts[None], rate=0.005)
-    end = expert_load_stats(moe.last_counts[None])["imbalance_max"]
-    assert start > 1.5 and end < 1.1
+        history.append(expert_load_stats(moe.last_counts[None])["imbalance_max"])
+    assert start > 1.5 and sum(history[-10:]) / 10 < 1.15
 
 
 def test_expert_load_stats():
@@ -260,13 +259,21 @@ def test_expert_load_stats():
 
 @pytest.mark.slow
 def test_compiled_bf16_moe_equals_eager():
+    """torch.compile (the training loop's --compile) runs the grouped bfloat16 path as one graph; its
+    fused kernels round differently, so compare relative to the norm, forward and gradients."""
     moe = make_moe(num_experts_per_tok=2)
-    x = torch.randn(2, 16, moe.gate.weight.shape[1])
+    x = torch.randn(2, 48, moe.gate.weight.shape[1])
+    y_ref, gx_ref, g_ref = _run(moe, x, grouped=True, autocast=True)
+    compiled = torch.compile(moe)
+    moe.zero_grad(set_to_none=True)
+    xc = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = moe(x)[0]
-        out = torch.compile(moe)(x)[0]
-    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
-    assert not math.isnan(out.float().sum().item())
+        y, bal, z = compiled(xc)
+    (y.float().pow(2).sum() + bal + z).backward()
+    pairs = [("y", y.detach().float(), y_ref), ("x.grad", xc.grad, gx_ref)]
+    pairs += [(n, p.grad, g_ref[n]) for n, p in moe.named_parameters()]
+    for name, a, b in pairs:
+        assert ((a - b).norm() / b.norm()).item() < 1e-2, name
 
 
 # ---- GPU: skipped, never faked, without one -------------------------------------------------------
