@@ -286,6 +286,9 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
 
     optimizer = make_optimizer(model, peak_lr, args.weight_decay, device)
     model, optimizer = ctx.wrap(model, optimizer)
+    # The fused head + loss reads lm_head.weight inside the model's forward, without calling lm_head:
+    # ZeRO-3 gathers a partitioned weight only in its own module's forward, so it keeps the plain head.
+    fused_head = not (ctx.mode == "deepspeed" and ctx.zero_stage == 3)
 
     # ---- resume ----
     state_path = ck_dir / "state.pt"
@@ -392,7 +395,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with ctx.no_sync(model, last=m == len(micro) - 1), \
                             torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        out = model(x, y, loss_reduction="sum", return_logits=False)  # fused head + loss
+                        out = model(x, y, loss_reduction="sum", return_logits=not fused_head)
                         loss = out.loss / n_targets.clamp(min=1) * ctx.world_size + out.aux_loss / len(micro)
                     ctx.backward(model, loss)
                     loss_sum += out.loss.detach()
