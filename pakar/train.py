@@ -26,7 +26,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 from pakar import PakarError
-from pakar.checkpoint import FORMAT, atomic_save, model_checkpoint, safe_load
+from pakar.checkpoint import atomic_save, model_checkpoint, safe_load
 from pakar.config import PRESETS, ModelConfig, get_config
+from pakar.corpus import VAL_FRACTION
 from pakar.model import Transformer
-from pakar.moe import update_expert_bias
+from pakar.moe import expert_load_stats, update_expert_bias
 
 # Peak dense bf16 tensor throughput (FLOP/s) of common accelerators, for MFU in the log.
 # First match wins, so "H100 PCIe" (756 TFLOP/s) must come before the SXM "H100".
@@ -236,8 +237,6 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
 
         if init_ckpt is not None and tokenizer is None:
             tokenizer = Tokenizer.from_json(init_ckpt["tokenizer"])
-        from pakar.corpus import VAL_FRACTION
-
         val_fraction = args.val_fraction or (VAL_FRACTION if args.data else 0.05)
         tokenizer, tokens = D.run_on_main_first(ctx, lambda: prepare(
             args.data, run_dir, vocab_size=args.vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
@@ -421,8 +420,6 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     tps = tok_window / max(now - t_window, 1e-9)
                     t_window, tok_window = now, 0
                     mfu = tps * flops_per_token / (peak * ctx.world_size) if peak else None  # tps is all GPUs'
-                    from pakar.moe import expert_load_stats
-
                     imbalance = expert_load_stats(ctx.all_reduce_sum(loads.float()))["imbalance_max"]
                     aux_sum, bal_sum, z_sum = (ctx.all_reduce_sum(torch.stack([torch.as_tensor(
                         v, dtype=torch.float32) for v in (aux_sum, bal_sum, z_sum)])) / ctx.world_size).tolist()

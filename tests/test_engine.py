@@ -140,7 +140,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(model):
 def test_processors_match_hugging_face():
     """Repetition penalty, temperature, top-k and top-p leave exactly the tokens (and, where not
     filtered, the logits) that transformers' logits processors leave."""
-    tr = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                               TopPLogitsWarper)
 
