@@ -48,22 +48,29 @@ def atomic_save(obj, path: str | Path) -> None:
             os.close(fd)
 
 
-def safe_load(path: str | Path, map_location="cpu") -> dict:
-    """torch.load with weights_only=True and one-line errors for missing, truncated or foreign files."""
+def safe_load(path: str | Path, map_location="cpu", fmt: str = FORMAT, what: str = "checkpoint") -> dict:
+    """torch.load with weights_only=True and one-line errors for missing, truncated or foreign files.
+    `fmt` is the expected "format" field (a model checkpoint by default; pakar.lora's adapters too)."""
     path = Path(path)
     if not path.is_file():
-        raise PakarError(f"checkpoint not found: {path}")
+        raise PakarError(f"{what} not found: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PakarError(f"refusing to load {path}: it contains objects that are not plain weights "
-                         f"(a pickle that could run code, or not a pakar checkpoint): {first}") from None
+                         f"(a pickle that could run code, or not a pakar file): {first}") from None
     except Exception as e:  # a truncated zip fails in many ways (RuntimeError, EOFError, KeyError, ...)
-        raise PakarError(f"cannot read checkpoint {path}: truncated or not a PyTorch file "
+        raise PakarError(f"cannot read {what} {path}: truncated or not a PyTorch file "
                          f"({type(e).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise PakarError(f"{path} is not a pakar checkpoint (expected format {FORMAT!r})")
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        hint = ""
+        if isinstance(obj, dict) and obj.get("format") == FORMAT and fmt != FORMAT:
+            hint = " (it is a full model checkpoint)"
+        elif isinstance(obj, dict) and fmt == FORMAT and "adapters" in obj:
+            hint = " (it is a LoRA adapter: fold it into a checkpoint with `pakar lora-merge`)"
+        name = "pakar checkpoint" if fmt == FORMAT else f"pakar {what}"
+        raise PakarError(f"{path} is not a {name} (expected format {fmt!r}){hint}")
     return obj
 
 

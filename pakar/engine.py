@@ -48,13 +48,11 @@ Shape legend: B active rows, V vocabulary, C cache columns, L layers, G key/valu
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from pakar import PakarError
 from pakar.model import KVCache
@@ -182,9 +180,8 @@ def lean_decode_step(model, tok_B1: torch.Tensor, cache: KVCache, position_ids_B
     model.forward(tok_B1, kv_cache=cache, position_ids=..., attention_mask=mask_BS, last_only=True),
     minus what decoding does not need: the load-balancing and z-losses, the expert-count bookkeeping,
     the general mask construction (one query at the newest column sees exactly the valid columns),
-    and the sort-based expert dispatch, replaced by a loop over the experts actually chosen (on a CPU
-    reading the choice back costs nothing, and each chosen expert is three small matmuls).
-    Attention, norms and the router are the model's own modules."""
+    and the sort-based expert dispatch, replaced by MoE.forward_chosen (a loop over the experts
+    actually chosen). Attention, norms, router and experts are the model's own modules."""
     S = cache.pos
     if S + 1 > model.config.max_position_embeddings:
         raise ContextLengthError(f"a sequence of {S + 1} tokens exceeds the model's context "
@@ -199,30 +196,7 @@ def lean_decode_step(model, tok_B1: torch.Tensor, cache: KVCache, position_ids_B
     for layer in model.layers:
         x_B1D = x_B1D + layer.self_attn(layer.input_layernorm(x_B1D), cos, sin, cache, mask, False)
         h_BD = layer.post_attention_layernorm(x_B1D).view(B, D)
-        moe = layer.mlp
-        _, _, idx_BK, weight_BK = moe.gate(h_BD)
-        ex = moe.experts
-        K = idx_BK.shape[1]
-        chosen = idx_BK.tolist()
-        if B == 1:  # the common interactive case: K experts on one row, no gather or scatter
-            y_KD = [F.linear(F.silu(F.linear(h_BD, ex.gate_proj[e])) * F.linear(h_BD, ex.up_proj[e]),
-                             ex.down_proj[e]) for e in chosen[0]]
-            y_BKD = torch.stack(y_KD, dim=1) if K > 1 else y_KD[0].view(1, 1, D)
-        else:  # rows sorted by expert, one gather in, one matmul chain per chosen expert, one gather out
-            pairs = sorted((e, b * K + k) for b, row in enumerate(chosen) for k, e in enumerate(row))
-            order_M = torch.tensor([m for _, m in pairs], device=h_BD.device)
-            h_MD = h_BD.index_select(0, order_M // K)
-            outs, start = [], 0
-            for e, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
-                n = len(list(group))
-                h_RD = h_MD[start:start + n]
-                outs.append(F.linear(F.silu(F.linear(h_RD, ex.gate_proj[e])) * F.linear(h_RD, ex.up_proj[e]),
-                                     ex.down_proj[e]))
-                start += n
-            y_BKD = torch.empty(B * K, D, dtype=h_BD.dtype, device=h_BD.device).index_copy_(
-                0, order_M, torch.cat(outs)).view(B, K, D)
-        # the model's combination: gate-weighted sum over each token's K experts
-        y_BD = (y_BKD * weight_BK.unsqueeze(-1)).sum(dim=1) if K > 1 else y_BKD.view(B, D) * weight_BK
+        y_BD = layer.mlp.forward_chosen(h_BD)
         x_B1D = x_B1D + y_BD.view(B, 1, D).to(x_B1D.dtype)
     cache.pos = S + 1
     return model.lm_head(model.norm(x_B1D)).view(B, -1)

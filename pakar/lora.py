@@ -57,7 +57,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,6 +66,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from pakar import PakarError
+from pakar.checkpoint import safe_load
 
 ADAPTER_FORMAT = "pakar-lora-v1"
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -284,24 +284,12 @@ def router_buffers(base_state: dict) -> dict:
 
 def load_adapter(path: str | os.PathLike) -> dict:
     """An adapter file, loaded with weights_only=True; one-line errors for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise PakarError(f"adapter not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise PakarError(f"refusing to load {path}: it contains objects that are not plain weights") from None
-    except Exception as e:  # a truncated file fails in many ways
-        raise PakarError(f"cannot read adapter {path}: truncated or not a PyTorch file ({type(e).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") != ADAPTER_FORMAT:
-        hint = " (a full model checkpoint: it needs no merging)" if isinstance(obj, dict) and "model" in obj else ""
-        raise PakarError(f"{path} is not a pakar LoRA adapter (expected format {ADAPTER_FORMAT!r}){hint}")
-    return obj
+    return safe_load(path, fmt=ADAPTER_FORMAT, what="LoRA adapter")
 
 
 def merge_adapter_file(adapter_path, base_path=None, out_path=None, log=print) -> Path:
     """Fold an adapter file into its base checkpoint and write a self-contained model checkpoint."""
-    from pakar.checkpoint import atomic_save, model_checkpoint, safe_load
+    from pakar.checkpoint import atomic_save, model_checkpoint
 
     adapter = load_adapter(adapter_path)
     base_path = Path(base_path if base_path is not None else adapter["base"]["path"])

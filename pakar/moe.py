@@ -35,6 +35,8 @@ size, J = 2I, L layers.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -263,6 +265,35 @@ class MoE(nn.Module):
         z_loss = torch.logsumexp(logits_NE, dim=-1).square().mean()
         self.last_counts = counts_E.detach()
         return y_ND.view(B, T, D).to(x_BTD.dtype), balance_loss, z_loss
+
+    def forward_chosen(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """The same output as forward() for a handful of tokens at inference: the chosen experts are
+        read back to the host and run as three small matmuls each, instead of the sort-by-expert grouped
+        matmul that suits thousands of tokens; no losses, no counts. For CPU decoding, where the read-back
+        is free and per-operator overhead dominates (pakar.engine uses it); on a GPU it would be a sync."""
+        N, D = x_ND.shape
+        _, _, idx_NK, weight_NK = self.gate(x_ND)
+        ex, K = self.experts, idx_NK.shape[1]
+        chosen = idx_NK.tolist()
+
+        def swiglu(x, e):
+            return F.linear(F.silu(F.linear(x, ex.gate_proj[e])) * F.linear(x, ex.up_proj[e]), ex.down_proj[e])
+
+        if N == 1:  # the common interactive case: K experts on one row, no gather or scatter
+            y_NKD = torch.stack([swiglu(x_ND, e) for e in chosen[0]], dim=1)
+        else:  # rows sorted by expert: one gather in, one matmul chain per chosen expert, one scatter out
+            pairs = sorted((e, n * K + k) for n, row in enumerate(chosen) for k, e in enumerate(row))
+            order_M = torch.tensor([m for _, m in pairs], device=x_ND.device)
+            x_MD = x_ND.index_select(0, order_M // K)
+            outs, start = [], 0
+            for e, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
+                n = len(list(group))
+                outs.append(swiglu(x_MD[start:start + n], e))
+                start += n
+            y_NKD = torch.empty(N * K, D, dtype=x_ND.dtype, device=x_ND.device).index_copy_(
+                0, order_M, torch.cat(outs)).view(N, K, D)
+        # the gate-weighted sum over each token's K experts, as in forward()
+        return (y_NKD * weight_NK.unsqueeze(-1)).sum(dim=1) if K > 1 else y_NKD.view(N, D) * weight_NK
 
 
 @torch.no_grad()
