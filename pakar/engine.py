@@ -183,9 +183,7 @@ def lean_decode_step(model, tok_B1: torch.Tensor, cache: KVCache, position_ids_B
     and the sort-based expert dispatch, replaced by MoE.forward_chosen (a loop over the experts
     actually chosen). Attention, norms, router and experts are the model's own modules."""
     S = cache.pos
-    if S + 1 > model.config.max_position_embeddings:
-        raise ContextLengthError(f"a sequence of {S + 1} tokens exceeds the model's context "
-                                 f"({model.config.max_position_embeddings})")
+    _check_window(model, S + 1)
     if position_ids_B1 is None:
         cos, sin = model.rope_cos[S:S + 1][None, None], model.rope_sin[S:S + 1][None, None]
     else:
@@ -202,6 +200,124 @@ def lean_decode_step(model, tok_B1: torch.Tensor, cache: KVCache, position_ids_B
     return model.lm_head(model.norm(x_B1D)).view(B, -1)
 
 
+def _check_window(model, n: int) -> None:
+    if n > model.config.max_position_embeddings:
+        raise ContextLengthError(f"a sequence of {n} tokens exceeds the model's context "
+                                 f"({model.config.max_position_embeddings})")
+
+
+class RowDecoder:
+    """The decode step of a batch with one row (the interactive case: a chat, one client) on the CPU
+    in float32, written for the fewest PyTorch operators the arithmetic allows.
+
+    At batch 1 a step is a chain of matrix-vector products over the active weights (which the model's
+    forward and transformers pay alike: on this project's 2-core CPU, ~2 ms per token of `small`, ~0.2
+    ms of `tiny`) plus several hundred small operators, each costing microseconds of dispatch whatever
+    its size; the operators are what this class cuts, to about 40 per layer:
+    - 1-D vectors and `addmv`/`mv` (a BLAS gemv, faster than the gemm behind F.linear for one row),
+      with a norm's scalar 1/rms passed as the product's `alpha` and the o_proj and down-projection
+      products accumulated straight into the residual stream (`addmv`'s add);
+    - each RMSNorm of the residual stream as one dot product, its root taken in Python;
+    - q and k projected into one buffer, their per-head norms computed together, the rotary
+      embedding as one (K x K) matrix product for both;
+    - attention over the row's own cache columns as two small batched products, no mask;
+    - the router's top-k read back (free on a CPU) and three products per chosen expert, the gate
+      weight folded into the down-projection's alpha.
+    It holds views of the model's parameters, no copies, so in-place updates (an optimizer step, a
+    LoRA merge) are seen; whether a layer has a non-zero expert-selection bias is read once, here.
+    The tests hold it to the model's own forward; `Engine` uses it when `applies(model)`.
+    """
+
+    def __init__(self, model):
+        cfg = model.config
+        self.model, self.config = model, cfg
+        K, half = cfg.head_dim, cfg.head_dim // 2
+        # y @ (diag(cos) + swap * sin) = y * cos + rotate_half(y) * sin
+        i = torch.arange(half)
+        self.swap = torch.zeros(K, K)
+        self.swap[i + half, i], self.swap[i, i + half] = -1.0, 1.0
+        self.eye = torch.eye(K)
+        self.layers = []
+        for layer in model.layers:
+            a, moe = layer.self_attn, layer.mlp
+            ex, bias = moe.experts, moe.gate.expert_bias
+            self.layers.append((layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                                a.q_norm.weight, a.k_norm.weight, a.o_proj.weight,
+                                layer.post_attention_layernorm.weight, moe.gate.weight,
+                                bias if bool(bias.any()) else None,
+                                ex.gate_proj.unbind(0), ex.up_proj.unbind(0), ex.down_proj.unbind(0)))
+
+    @staticmethod
+    def applies(model) -> bool:
+        """A stock pakar Transformer (no LoRA or other wrapped modules), float32, eval mode, CPU."""
+        from pakar.model import Attention, Block, RMSNorm, Transformer
+        from pakar.moe import Experts, MoE, Router
+
+        stock = (Transformer, torch.nn.ModuleList, Block, Attention, RMSNorm, torch.nn.Linear,
+                 torch.nn.Embedding, MoE, Router, Experts)
+        return (lean_decode_ok(model) and all(type(m) in stock for m in model.modules())
+                and all(p.dtype == torch.float32 for p in model.parameters()))
+
+    def __call__(self, token: int, cache: KVCache, n: int) -> torch.Tensor:
+        """Feed `token` as the n-th token of the only row in `cache` (its earlier n - 1 tokens fill the
+        last n - 1 columns; any columns before are left padding); returns the next-token logits (1, V)."""
+        cfg, m = self.config, self.model
+        H, G, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        eps, top_k, norm_topk = cfg.rms_norm_eps, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        S = cache.pos  # the column this token goes to
+        _check_window(m, n)
+        start, pos = S + 1 - n, n - 1
+        rope_KK = torch.addcmul(self.eye * m.rope_cos[pos], self.swap, m.rope_sin[pos])
+        scale = 1.0 / math.sqrt(K)
+        HK, GK = H * K, G * K
+        qkv = torch.empty(HK + 2 * GK)
+        q, k, v = qkv[:HK], qkv[HK:HK + GK], qkv[HK + GK:]
+        qk_XK = qkv[:HK + GK].view(H + G, K)  # X = H + G heads
+        q_HK, k_GK, v_GK = qk_XK[:H], qk_XK[H:], v.view(G, K)
+        eps_X1 = torch.full((H + G, 1), eps)
+        probs_E, gate_I = torch.empty(cfg.num_experts), torch.empty(cfg.moe_intermediate_size)
+        keys, values = cache.k[:, 0].unbind(0), cache.v[:, 0].unbind(0)  # per layer (G, C, K)
+
+        def inv_rms(x_D):  # 1 / rms(x), as the norm's scalar
+            return (torch.dot(x_D, x_D).item() / D + eps) ** -0.5
+
+        x = m.embed_tokens.weight[token]
+        for l, (ln1, wq, wk, wv, qn, kn, wo, ln2, wr, bias, gate, up, down) in enumerate(self.layers):
+            r = inv_rms(x)
+            h = x * ln1
+            torch.addmv(q, wq, h, beta=0, alpha=r, out=q)
+            torch.addmv(k, wk, h, beta=0, alpha=r, out=k)
+            torch.addmv(v, wv, h, beta=0, alpha=r, out=v)
+            r_X1 = torch.add(eps_X1, (qk_XK * qk_XK).sum(-1, keepdim=True), alpha=1.0 / K).rsqrt_()
+            q_HK.mul_(qn)
+            k_GK.mul_(kn)
+            qk = torch.mm(qk_XK, rope_KK).mul_(r_X1)  # per-head norm scale commutes with the rotation
+            key_GCK, value_GCK = keys[l], values[l]
+            key_GCK.select(1, S).copy_(qk[H:])
+            value_GCK.select(1, S).copy_(v_GK)
+            scores = torch.bmm(qk[:H].view(G, H // G, K), key_GCK.narrow(1, start, n).transpose(1, 2))
+            att = torch.bmm(scores.mul_(scale).softmax(-1), value_GCK.narrow(1, start, n))
+            x = torch.addmv(x, wo, att.view(HK))
+
+            r = inv_rms(x)
+            h = x * ln2
+            probs = torch.addmv(probs_E, wr, h, beta=0, alpha=r, out=probs_E).softmax(-1)
+            if bias is None:
+                weights, chosen = torch.topk(probs, top_k)
+            else:  # the bias only picks the experts; gate values stay the probabilities
+                chosen = torch.topk(probs + bias, top_k).indices
+                weights = probs[chosen]
+            weights = weights.tolist()
+            if norm_topk:
+                weights = [w / sum(weights) for w in weights]
+            for e, w in zip(chosen.tolist(), weights):
+                a = torch.addmv(gate_I, gate[e], h, beta=0, alpha=r, out=gate_I)
+                a = torch.nn.functional.silu(a).mul_(torch.mv(up[e], h))
+                x = torch.addmv(x, down[e], a, alpha=w * r)  # (the up product still lacks its r)
+        cache.pos = S + 1
+        return torch.mv(m.lm_head.weight, x * m.norm.weight).mul_(inv_rms(x)).view(1, -1)
+
+
 class Engine:
     """Generation over `model` (a pakar Transformer; put in eval mode). Not thread-safe: drive each
     engine from one thread; several Batches may be stepped in turn."""
@@ -212,8 +328,10 @@ class Engine:
         self.context_window = model.config.max_position_embeddings
         p = model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
-        # decode steps through lean_decode_step where it applies (None = decide from the model)
+        # decode steps through lean_decode_step where it applies (None = decide from the model), and
+        # single-row steps through a RowDecoder where that applies too
         self.lean = lean_decode_ok(model) if lean is None else lean
+        self.row_decoder = RowDecoder(model) if self.lean and RowDecoder.applies(model) else None
 
     def check_prompt(self, prompt_ids: Sequence[int], what: str = "prompt") -> None:
         """Raise ContextLengthError (or PakarError for an empty/invalid prompt) if it cannot be run."""
@@ -401,17 +519,20 @@ class Batch:
             self._make_room()
         S = cache.pos
         self.mask_BC[:, S] = True
-        mask_BS = pos_B1 = None
         lengths = [r.length for r in self.rows]
-        if any(n != S + 1 for n in lengths):  # some row is left-padded: explicit mask and positions
-            mask_BS = self.mask_BC[:, :S + 1]
-            pos_B1 = torch.tensor(lengths, device=self.last_B1.device)[:, None] - 1
-        if self.engine.lean:
-            self.logits_BV = lean_decode_step(self.model, self.last_B1, cache, pos_B1, mask_BS).float()
+        if len(lengths) == 1 and self.engine.row_decoder is not None:
+            self.logits_BV = self.engine.row_decoder(int(self.last_B1), cache, lengths[0])
         else:
-            out = self.model(self.last_B1, kv_cache=cache, last_only=True, position_ids=pos_B1,
-                             attention_mask=mask_BS)
-            self.logits_BV = out.logits[:, -1].float()
+            mask_BS = pos_B1 = None
+            if any(n != S + 1 for n in lengths):  # some row is left-padded: explicit mask and positions
+                mask_BS = self.mask_BC[:, :S + 1]
+                pos_B1 = torch.tensor(lengths, device=self.last_B1.device)[:, None] - 1
+            if self.engine.lean:
+                self.logits_BV = lean_decode_step(self.model, self.last_B1, cache, pos_B1, mask_BS).float()
+            else:
+                out = self.model(self.last_B1, kv_cache=cache, last_only=True, position_ids=pos_B1,
+                                 attention_mask=mask_BS)
+                self.logits_BV = out.logits[:, -1].float()
         self.last_B1 = None
 
     def _make_room(self) -> None:

@@ -267,6 +267,65 @@ def test_cancel_removes_only_that_row(model):
     assert out[0] == alone[0] and out[2] == alone[2]
 
 
+@pytest.mark.parametrize("k,norm,tied,bias", [(1, False, False, False), (2, True, False, False),
+                                               (2, False, True, False), (2, False, False, True)])
+def test_row_decoder_matches_model_forward(k, norm, tied, bias):
+    """The single-row decode step computes the model's own logits over a run of steps: top-1 and
+    top-2 routing, renormalised gates, tied embeddings, a non-zero expert-selection bias, and a row
+    whose cache starts with left padding (what a batch leaves behind when its other rows finish)."""
+    from pakar.engine import RowDecoder
+    from pakar.model import KVCache
+
+    torch.manual_seed(3)
+    cfg = get_config("tiny", vocab_size=V, max_position_embeddings=W, num_experts_per_tok=k,
+                     norm_topk_prob=norm, tie_word_embeddings=tied)
+    model = Transformer(cfg).eval()
+    if bias:
+        for layer in model.layers:
+            layer.mlp.gate.expert_bias.copy_(torch.randn(cfg.num_experts) * 0.1)
+    assert RowDecoder.applies(model)
+    decoder = RowDecoder(model)
+    prompt = prompts_of([9], seed=4)[0]
+    for pad in (0, 5):
+        valid = torch.tensor([[False] * pad + [True] * len(prompt)])
+        ids = torch.tensor([[0] * pad + prompt])
+        pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+        with torch.no_grad():
+            ref_cache, row_cache = KVCache(cfg, 1, 20), KVCache(cfg, 1, 20)
+            for c in (ref_cache, row_cache):
+                model(ids, kv_cache=c, attention_mask=valid, position_ids=pos)
+            for step, tok in enumerate([5, 9, 200, 17]):
+                valid = torch.cat([valid, torch.ones(1, 1, dtype=torch.bool)], 1)
+                n = len(prompt) + step + 1
+                ref = model(torch.tensor([[tok]]), kv_cache=ref_cache, attention_mask=valid,
+                            position_ids=torch.tensor([[n - 1]])).logits[:, -1]
+                got = decoder(tok, row_cache, n)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+                assert row_cache.pos == ref_cache.pos
+        torch.testing.assert_close(row_cache.k, ref_cache.k, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(row_cache.v, ref_cache.v, rtol=1e-5, atol=1e-6)
+
+
+def test_row_decoder_applies_only_to_stock_float32_models(model):
+    from pakar.engine import RowDecoder
+    from pakar.lora import LoraSpec, apply_lora
+
+    assert RowDecoder.applies(model) and Engine(model).row_decoder is not None
+    assert Engine(model, lean=False).row_decoder is None
+    assert not RowDecoder.applies(make_model().to(torch.bfloat16))
+    wrapped = apply_lora(make_model(), LoraSpec(rank=2, alpha=4.0, targets=("q_proj",))).eval()
+    with torch.no_grad():  # non-zero adapters, so that ignoring them would change the tokens
+        for name, prm in wrapped.named_parameters():
+            if prm.requires_grad:
+                prm.normal_(0, 0.5)
+    assert not RowDecoder.applies(wrapped)
+    # a LoRA-wrapped model decodes through the general lean step, still equal to full forwards
+    p = prompts_of([7])[0]
+    ref, gaps = full_forward_greedy(wrapped, p, 8)
+    assert_same_greedy(Engine(wrapped).generate([p], SamplingParams(max_new_tokens=8, temperature=0.0))[0],
+                       ref, gaps, "LoRA-wrapped")
+
+
 def test_sampling_params_are_validated():
     for bad, field in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"),
                        (dict(max_new_tokens=0), "max_new_tokens"), (dict(repetition_penalty=0), "repetition_penalty"),
