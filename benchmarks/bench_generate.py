@@ -5,8 +5,13 @@ For the `tiny` and `small` presets (random weights, vocabulary 8192, a 64-token 
 - decode tokens/s at batch 1 and at batch 8 (aggregate), from the time of N new tokens minus the
   time of 1, so prefill does not count;
 - the same for Qwen3MoeForCausalLM (sdpa attention) holding the same weights, in the same run.
-Both must produce the same greedy tokens (checked and reported: `tokens_match`).
+Both must produce the same greedy tokens (checked and reported: `tokens_match`). The two engines'
+runs are interleaved, so a slower stretch of a shared machine slows both.
 Target: decode at batch 1 at least 3x transformers on a CPU.
+
+Also measured at batch 1: the matrix-vector products alone (`matvec_floor_ms`: the weights a token
+reads, which every engine pays) and so the most any engine could gain over transformers here
+(`ceiling_speedup` = transformers' time per token / the floor).
 
 Run: python benchmarks/bench_generate.py [--configs tiny small] [--new-tokens 64] [--repeats 3]
 The last line printed is one JSON object. Both engines run with the same --threads (default 1).
@@ -57,12 +62,53 @@ def time_hf(hf, prompts: list[list[int]], n_new: int) -> tuple[float, list[list[
     return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
 
 
-def measure(fn, target, prompts, n_new, repeats):
-    """(median seconds for 1 new token, median seconds for n_new, tokens of the last long run)."""
-    fn(target, prompts, 2)  # warm-up
-    t1 = statistics.median(fn(target, prompts, 1)[0] for _ in range(repeats))
-    runs = [fn(target, prompts, n_new) for _ in range(repeats)]
-    return t1, statistics.median(r[0] for r in runs), runs[-1][1]
+def measure(engine, hf, prompts, n_new, repeats):
+    """Medians of the time for 1 and for n_new new tokens, for both engines, runs interleaved (ours,
+    then transformers, then again) so that a slower stretch of a shared machine hits both alike.
+    Returns ((ours_1, ours_n), (hf_1, hf_n), our tokens, transformers' tokens) of the last long runs."""
+    time_ours(engine, prompts, 2), time_hf(hf, prompts, 2)  # warm-up
+    runs = {k: [] for k in ("o1", "h1", "on", "hn")}
+    for _ in range(repeats):
+        runs["o1"].append(time_ours(engine, prompts, 1)[0])
+        runs["h1"].append(time_hf(hf, prompts, 1)[0])
+        t, ours_tok = time_ours(engine, prompts, n_new)
+        runs["on"].append(t)
+        t, hf_tok = time_hf(hf, prompts, n_new)
+        runs["hn"].append(t)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return (med["o1"], med["on"]), (med["h1"], med["hn"]), ours_tok, hf_tok
+
+
+@torch.inference_mode()
+def matvec_floor(model: Transformer, tokens: int = 64) -> float:
+    """Seconds per token of nothing but the matrix-vector products of a batch-1 decode step: q, k, v,
+    o, router, three per chosen expert (chosen at random per layer and token, so that, as in real
+    routing, all experts' weights take turns in the caches) and the head, on the model's own float32
+    weights. Any batch-1 engine reads these weights once per token, so transformers' step time over
+    this floor is the most any engine could gain over it here."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    x, a = torch.randn(cfg.hidden_size), torch.randn(cfg.num_attention_heads * cfg.head_dim)
+    h = torch.randn(cfg.moe_intermediate_size)
+    choices = [[torch.randperm(cfg.num_experts, generator=g)[:cfg.num_experts_per_tok].tolist()
+                for _ in model.layers] for _ in range(tokens)]
+
+    def run(chosen_per_layer):
+        for layer, chosen in zip(model.layers, chosen_per_layer):
+            att, ex = layer.self_attn, layer.mlp.experts
+            for w in (att.q_proj.weight, att.k_proj.weight, att.v_proj.weight, layer.mlp.gate.weight):
+                torch.mv(w, x)
+            torch.mv(att.o_proj.weight, a)
+            for e in chosen:
+                torch.mv(ex.gate_proj[e], x), torch.mv(ex.up_proj[e], x), torch.mv(ex.down_proj[e], h)
+        torch.mv(model.lm_head.weight, x)
+
+    for c in choices[:8]:
+        run(c)
+    t0 = time.perf_counter()
+    for c in choices:
+        run(c)
+    return (time.perf_counter() - t0) / tokens
 
 
 def bench_config(name: str, n_new: int, repeats: int, prompt_len: int) -> dict:
@@ -78,8 +124,7 @@ def bench_config(name: str, n_new: int, repeats: int, prompt_len: int) -> dict:
     match = True
     for B in (1, 8):
         prompts = torch.randint(3, 8192, (B, prompt_len), generator=g).tolist()
-        o1, oN, ours_tok = measure(time_ours, engine, prompts, n_new, repeats)
-        h1, hN, hf_tok = measure(time_hf, hf, prompts, n_new, repeats)
+        (o1, oN), (h1, hN), ours_tok, hf_tok = measure(engine, hf, prompts, n_new, repeats)
         match &= ours_tok == hf_tok
         ours_rate, hf_rate = B * (n_new - 1) / (oN - o1), B * (n_new - 1) / (hN - h1)
         res[f"batch{B}"] = {"ours_decode_tok_s": round(ours_rate, 1), "hf_decode_tok_s": round(hf_rate, 1),
@@ -88,6 +133,14 @@ def bench_config(name: str, n_new: int, repeats: int, prompt_len: int) -> dict:
         print(f"{name} batch {B}: ours {ours_rate:,.0f} tok/s, transformers {hf_rate:,.0f} tok/s "
               f"({ours_rate / hf_rate:.2f}x); time to first token {1000 * o1:.1f} ms vs {1000 * h1:.1f} ms",
               flush=True)
+        if B == 1:
+            floor = matvec_floor(model)
+            b1 = res["batch1"]
+            b1["matvec_floor_ms"] = round(1000 * floor, 3)
+            b1["ceiling_speedup"] = round(1 / hf_rate / floor, 2)  # transformers' step / the floor
+            print(f"{name} batch 1: the matrix-vector products alone take {1000 * floor:.2f} ms per token; "
+                  f"ours {1000 / ours_rate:.2f} ms, transformers {1000 / hf_rate:.2f} ms: no engine could "
+                  f"beat transformers by more than {b1['ceiling_speedup']:.2f}x here", flush=True)
     res["tokens_match"] = match
     return res
 

@@ -22,14 +22,17 @@ live in pakar/generate.py). Design choices:
   mask and position ids are omitted so the model takes its plain fast path.
 - The decode step is lean: last-position logits only, one host sync per step (the sampled ids, which
   the caller needs anyway), sorting only for rows that ask for top-k/top-p, `torch.inference_mode`.
-- On a CPU the decode step skips the model's training-oriented forward (`lean_decode_step`): same
-  modules and weights, but no load-balancing/z-loss/expert-count bookkeeping and, instead of the
-  sort-by-expert grouped matmul that suits thousands of tokens, three small matmuls per expert that
-  was actually chosen (reading the choice back is free on a CPU; on a GPU it would be a sync, so GPUs
-  keep the model's forward). With a handful of tokens per step, decoding is dominated by per-operator
-  overhead and by reading the active weights, and this halves the step time of the small presets
-  (benchmarks/bench_generate.py). Prefill always uses the model's forward. The tests hold the
-  shortcut to the model's own logits.
+- On a CPU the decode step skips the model's training-oriented forward. A batch of one row (a chat,
+  one client) steps through a `RowDecoder`: the same weights and arithmetic as float32 vectors and
+  matrix-vector products, in ~47 torch calls per layer of `small` where the model's forward makes
+  ~158 (at batch 1 each call's fixed cost, not its arithmetic, is most of what a step spends beyond
+  reading the weights). Larger
+  batches go through `lean_decode_step`: the model's modules, but no load-balancing/z-loss/expert-
+  count bookkeeping and, instead of the sort-by-expert grouped matmul that suits thousands of tokens,
+  three small matmuls per expert that was actually chosen (reading the choice back is free on a CPU;
+  on a GPU it would be a sync, so GPUs keep the model's forward). benchmarks/bench_generate.py
+  measures both against transformers; prefill always uses the model's forward. The tests hold both
+  shortcuts to the model's own logits.
 
 Context-window policy (W = config.max_position_embeddings): a row's prompt plus its generated tokens
 never exceed W tokens. A prompt of W tokens or more raises `ContextLengthError` (a `PakarError`, so the
@@ -154,8 +157,10 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator | None], seen_BV: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row, (B,) int64: argmax for greedy rows (temperature 0), otherwise a draw from
     softmax(process_logits(...)) with the row's own generator."""
+    if seen_BV is None and all(p.temperature == 0 for p in params):  # greedy, no penalty: nothing to process
+        return logits_BV.max(dim=-1).indices  # the first maximum, as argmax, in half its time on a CPU
     x_BV = process_logits(logits_BV, params, seen_BV)
-    out_B = x_BV.argmax(dim=-1)
+    out_B = x_BV.max(dim=-1).indices
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:
         probs_RV = x_BV[rows].softmax(dim=-1)
@@ -183,7 +188,9 @@ def lean_decode_step(model, tok_B1: torch.Tensor, cache: KVCache, position_ids_B
     and the sort-based expert dispatch, replaced by MoE.forward_chosen (a loop over the experts
     actually chosen). Attention, norms, router and experts are the model's own modules."""
     S = cache.pos
-    _check_window(model, S + 1)
+    if S + 1 > model.config.max_position_embeddings:
+        raise ContextLengthError(f"a sequence of {S + 1} tokens exceeds the model's context "
+                                 f"({model.config.max_position_embeddings})")
     if position_ids_B1 is None:
         cos, sin = model.rope_cos[S:S + 1][None, None], model.rope_sin[S:S + 1][None, None]
     else:
@@ -200,20 +207,15 @@ def lean_decode_step(model, tok_B1: torch.Tensor, cache: KVCache, position_ids_B
     return model.lm_head(model.norm(x_B1D)).view(B, -1)
 
 
-def _check_window(model, n: int) -> None:
-    if n > model.config.max_position_embeddings:
-        raise ContextLengthError(f"a sequence of {n} tokens exceeds the model's context "
-                                 f"({model.config.max_position_embeddings})")
-
-
 class RowDecoder:
     """The decode step of a batch with one row (the interactive case: a chat, one client) on the CPU
     in float32, written for the fewest PyTorch operators the arithmetic allows.
 
     At batch 1 a step is a chain of matrix-vector products over the active weights (which the model's
-    forward and transformers pay alike: on this project's 2-core CPU, ~2 ms per token of `small`, ~0.2
-    ms of `tiny`) plus several hundred small operators, each costing microseconds of dispatch whatever
-    its size; the operators are what this class cuts, to about 40 per layer:
+    forward and transformers pay alike: on this project's 2-core CPU, ~1.8 ms per token of `small`,
+    ~0.2 ms of `tiny`; benchmarks/bench_generate.py measures it) plus several hundred small operators, each costing microseconds of dispatch whatever
+    its size; the operators are what this class cuts, to ~47 torch calls per layer (the model's
+    forward: ~158, lean_decode_step: ~109; counted with a TorchFunctionMode on `small`):
     - 1-D vectors and `addmv`/`mv` (a BLAS gemv, faster than the gemm behind F.linear for one row),
       with a norm's scalar 1/rms passed as the product's `alpha` and the o_proj and down-projection
       products accumulated straight into the residual stream (`addmv`'s add);
@@ -223,20 +225,34 @@ class RowDecoder:
     - attention over the row's own cache columns as two small batched products, no mask;
     - the router's top-k read back (free on a CPU) and three products per chosen expert, the gate
       weight folded into the down-projection's alpha.
+    Float32 only: at these sizes a bfloat16 matrix-vector product on a CPU (oneDNN) costs more than the
+    float32 one (BLAS), so bfloat16 models take lean_decode_step.
     It holds views of the model's parameters, no copies, so in-place updates (an optimizer step, a
     LoRA merge) are seen; whether a layer has a non-zero expert-selection bias is read once, here.
     The tests hold it to the model's own forward; `Engine` uses it when `applies(model)`.
     """
 
     def __init__(self, model):
-        cfg = model.config
-        self.model, self.config = model, cfg
-        K, half = cfg.head_dim, cfg.head_dim // 2
+        cfg = self.config = model.config
+        H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        HK, GK, half = H * K, G * K, K // 2
+        self.embed, self.final_norm, self.head = model.embed_tokens.weight, model.norm.weight, model.lm_head.weight
+        self.cos, self.sin = model.rope_cos, model.rope_sin
         # y @ (diag(cos) + swap * sin) = y * cos + rotate_half(y) * sin
         i = torch.arange(half)
         self.swap = torch.zeros(K, K)
         self.swap[i + half, i], self.swap[i, i + half] = -1.0, 1.0
         self.eye = torch.eye(K)
+        # work buffers and views of them, reused by every step (an Engine is driven from one thread)
+        qkv = torch.empty(HK + 2 * GK)
+        self.q, self.k, self.v = qkv[:HK], qkv[HK:HK + GK], qkv[HK + GK:]
+        self.qk_XK = qkv[:HK + GK].view(H + G, K)  # X = H + G heads
+        self.q_HK, self.k_GK, self.v_GK = self.qk_XK[:H], self.qk_XK[H:], self.v.view(G, K)
+        self.rot_XK = torch.empty(H + G, K)  # q and k after the rotary embedding
+        self.q_GJK, self.k_rot_GK = self.rot_XK[:H].view(G, H // G, K), self.rot_XK[H:]  # J = H / G
+        self.eps_X1 = torch.full((H + G, 1), cfg.rms_norm_eps)
+        self.zero = torch.zeros(1, 1, 1)  # baddbmm's ignored input
+        self.probs_E, self.gate_I = torch.empty(cfg.num_experts), torch.empty(cfg.moe_intermediate_size)
         self.layers = []
         for layer in model.layers:
             a, moe = layer.self_attn, layer.mlp
@@ -261,43 +277,38 @@ class RowDecoder:
     def __call__(self, token: int, cache: KVCache, n: int) -> torch.Tensor:
         """Feed `token` as the n-th token of the only row in `cache` (its earlier n - 1 tokens fill the
         last n - 1 columns; any columns before are left padding); returns the next-token logits (1, V)."""
-        cfg, m = self.config, self.model
-        H, G, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        eps, top_k, norm_topk = cfg.rms_norm_eps, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        cfg = self.config
+        D, K, top_k, eps = cfg.hidden_size, cfg.head_dim, cfg.num_experts_per_tok, cfg.rms_norm_eps
+        if n > cfg.max_position_embeddings:
+            raise ContextLengthError(f"a sequence of {n} tokens exceeds the model's context "
+                                     f"({cfg.max_position_embeddings})")
         S = cache.pos  # the column this token goes to
-        _check_window(m, n)
-        start, pos = S + 1 - n, n - 1
-        rope_KK = torch.addcmul(self.eye * m.rope_cos[pos], self.swap, m.rope_sin[pos])
-        scale = 1.0 / math.sqrt(K)
-        HK, GK = H * K, G * K
-        qkv = torch.empty(HK + 2 * GK)
-        q, k, v = qkv[:HK], qkv[HK:HK + GK], qkv[HK + GK:]
-        qk_XK = qkv[:HK + GK].view(H + G, K)  # X = H + G heads
-        q_HK, k_GK, v_GK = qk_XK[:H], qk_XK[H:], v.view(G, K)
-        eps_X1 = torch.full((H + G, 1), eps)
-        probs_E, gate_I = torch.empty(cfg.num_experts), torch.empty(cfg.moe_intermediate_size)
+        start, scale = S + 1 - n, 1.0 / math.sqrt(K)
+        q, k, v, qk_XK, q_HK, k_GK, v_GK = self.q, self.k, self.v, self.qk_XK, self.q_HK, self.k_GK, self.v_GK
+        rot_XK, q_GJK, k_rot_GK, probs_E, gate_I = self.rot_XK, self.q_GJK, self.k_rot_GK, self.probs_E, self.gate_I
+        rope_KK = torch.addcmul(self.eye * self.cos[n - 1], self.swap, self.sin[n - 1])
         keys, values = cache.k[:, 0].unbind(0), cache.v[:, 0].unbind(0)  # per layer (G, C, K)
 
         def inv_rms(x_D):  # 1 / rms(x), as the norm's scalar
             return (torch.dot(x_D, x_D).item() / D + eps) ** -0.5
 
-        x = m.embed_tokens.weight[token]
+        x = self.embed[token]
         for l, (ln1, wq, wk, wv, qn, kn, wo, ln2, wr, bias, gate, up, down) in enumerate(self.layers):
             r = inv_rms(x)
             h = x * ln1
             torch.addmv(q, wq, h, beta=0, alpha=r, out=q)
             torch.addmv(k, wk, h, beta=0, alpha=r, out=k)
             torch.addmv(v, wv, h, beta=0, alpha=r, out=v)
-            r_X1 = torch.add(eps_X1, (qk_XK * qk_XK).sum(-1, keepdim=True), alpha=1.0 / K).rsqrt_()
+            r_X1 = torch.add(self.eps_X1, (qk_XK * qk_XK).sum(-1, keepdim=True), alpha=1.0 / K).rsqrt_()
             q_HK.mul_(qn)
             k_GK.mul_(kn)
-            qk = torch.mm(qk_XK, rope_KK).mul_(r_X1)  # per-head norm scale commutes with the rotation
+            torch.mm(qk_XK, rope_KK, out=rot_XK).mul_(r_X1)  # the per-head norm scale commutes with rope
             key_GCK, value_GCK = keys[l], values[l]
-            key_GCK.select(1, S).copy_(qk[H:])
+            key_GCK.select(1, S).copy_(k_rot_GK)
             value_GCK.select(1, S).copy_(v_GK)
-            scores = torch.bmm(qk[:H].view(G, H // G, K), key_GCK.narrow(1, start, n).transpose(1, 2))
-            att = torch.bmm(scores.mul_(scale).softmax(-1), value_GCK.narrow(1, start, n))
-            x = torch.addmv(x, wo, att.view(HK))
+            scores = torch.baddbmm(self.zero, q_GJK, key_GCK.narrow(1, start, n).transpose(1, 2), beta=0, alpha=scale)
+            att = torch.bmm(scores.softmax(-1), value_GCK.narrow(1, start, n))
+            x = torch.addmv(x, wo, att.view(-1))
 
             r = inv_rms(x)
             h = x * ln2
@@ -308,14 +319,14 @@ class RowDecoder:
                 chosen = torch.topk(probs + bias, top_k).indices
                 weights = probs[chosen]
             weights = weights.tolist()
-            if norm_topk:
+            if cfg.norm_topk_prob:
                 weights = [w / sum(weights) for w in weights]
             for e, w in zip(chosen.tolist(), weights):
                 a = torch.addmv(gate_I, gate[e], h, beta=0, alpha=r, out=gate_I)
-                a = torch.nn.functional.silu(a).mul_(torch.mv(up[e], h))
+                a = torch.nn.functional.silu(a, inplace=True).mul_(torch.mv(up[e], h))
                 x = torch.addmv(x, down[e], a, alpha=w * r)  # (the up product still lacks its r)
         cache.pos = S + 1
-        return torch.mv(m.lm_head.weight, x * m.norm.weight).mul_(inv_rms(x)).view(1, -1)
+        return torch.mv(self.head, x * self.final_norm).mul_(inv_rms(x)).view(1, -1)
 
 
 class Engine:
