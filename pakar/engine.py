@@ -250,6 +250,8 @@ class RowDecoder:
         self.q_HK, self.k_GK, self.v_GK = self.qk_XK[:H], self.qk_XK[H:], self.v.view(G, K)
         self.rot_XK = torch.empty(H + G, K)  # q and k after the rotary embedding
         self.q_GJK, self.k_rot_GK = self.rot_XK[:H].view(G, H // G, K), self.rot_XK[H:]  # J = H / G
+        self.att_GJK = torch.empty(G, H // G, K)
+        self.att = self.att_GJK.view(HK)
         self.eps_X1 = torch.full((H + G, 1), cfg.rms_norm_eps)
         self.zero = torch.zeros(1, 1, 1)  # baddbmm's ignored input
         self.probs_E, self.gate_I = torch.empty(cfg.num_experts), torch.empty(cfg.moe_intermediate_size)
@@ -287,7 +289,10 @@ class RowDecoder:
         q, k, v, qk_XK, q_HK, k_GK, v_GK = self.q, self.k, self.v, self.qk_XK, self.q_HK, self.k_GK, self.v_GK
         rot_XK, q_GJK, k_rot_GK, probs_E, gate_I = self.rot_XK, self.q_GJK, self.k_rot_GK, self.probs_E, self.gate_I
         rope_KK = torch.addcmul(self.eye * self.cos[n - 1], self.swap, self.sin[n - 1])
-        keys, values = cache.k[:, 0].unbind(0), cache.v[:, 0].unbind(0)  # per layer (G, C, K)
+        # per layer: the column this token's key and value go to, and the row's columns after that
+        new_keys, new_values = cache.k[:, 0, :, S].unbind(0), cache.v[:, 0, :, S].unbind(0)  # (G, K) each
+        keys_T = cache.k[:, 0, :, start:S + 1].transpose(-1, -2).unbind(0)  # (G, K, n) each
+        values = cache.v[:, 0, :, start:S + 1].unbind(0)  # (G, n, K) each
 
         def inv_rms(x_D):  # 1 / rms(x), as the norm's scalar
             return (torch.dot(x_D, x_D).item() / D + eps) ** -0.5
@@ -303,12 +308,11 @@ class RowDecoder:
             q_HK.mul_(qn)
             k_GK.mul_(kn)
             torch.mm(qk_XK, rope_KK, out=rot_XK).mul_(r_X1)  # the per-head norm scale commutes with rope
-            key_GCK, value_GCK = keys[l], values[l]
-            key_GCK.select(1, S).copy_(k_rot_GK)
-            value_GCK.select(1, S).copy_(v_GK)
-            scores = torch.baddbmm(self.zero, q_GJK, key_GCK.narrow(1, start, n).transpose(1, 2), beta=0, alpha=scale)
-            att = torch.bmm(scores.softmax(-1), value_GCK.narrow(1, start, n))
-            x = torch.addmv(x, wo, att.view(-1))
+            new_keys[l].copy_(k_rot_GK)
+            new_values[l].copy_(v_GK)
+            scores = torch.baddbmm(self.zero, q_GJK, keys_T[l], beta=0, alpha=scale)
+            torch.bmm(scores.softmax(-1), values[l], out=self.att_GJK)
+            x = torch.addmv(x, wo, self.att)
 
             r = inv_rms(x)
             h = x * ln2
