@@ -24,15 +24,14 @@ live in pakar/generate.py). Design choices:
   the caller needs anyway), sorting only for rows that ask for top-k/top-p, `torch.inference_mode`.
 - On a CPU the decode step skips the model's training-oriented forward. A batch of one row (a chat,
   one client) steps through a `RowDecoder`: the same weights and arithmetic as float32 vectors and
-  matrix-vector products, in ~47 torch calls per layer of `small` where the model's forward makes
+  matrix-vector products, in ~41 torch calls per layer of `small` where the model's forward makes
   ~158 (at batch 1 each call's fixed cost, not its arithmetic, is most of what a step spends beyond
-  reading the weights). Larger
-  batches go through `lean_decode_step`: the model's modules, but no load-balancing/z-loss/expert-
-  count bookkeeping and, instead of the sort-by-expert grouped matmul that suits thousands of tokens,
-  three small matmuls per expert that was actually chosen (reading the choice back is free on a CPU;
-  on a GPU it would be a sync, so GPUs keep the model's forward). benchmarks/bench_generate.py
-  measures both against transformers; prefill always uses the model's forward. The tests hold both
-  shortcuts to the model's own logits.
+  reading the weights). Larger batches go through `lean_decode_step`: the model's modules, but no
+  load-balancing/z-loss/expert-count bookkeeping and, instead of the sort-by-expert grouped matmul
+  that suits thousands of tokens, three small matmuls per expert that was actually chosen (reading
+  the choice back is free on a CPU; on a GPU it would be a sync, so GPUs keep the model's forward).
+  benchmarks/bench_generate.py measures both against transformers; prefill always uses the model's
+  forward. The tests hold both shortcuts to the model's own logits.
 
 Context-window policy (W = config.max_position_embeddings): a row's prompt plus its generated tokens
 never exceed W tokens. A prompt of W tokens or more raises `ContextLengthError` (a `PakarError`, so the
@@ -212,17 +211,19 @@ class RowDecoder:
     in float32, written for the fewest PyTorch operators the arithmetic allows.
 
     At batch 1 a step is a chain of matrix-vector products over the active weights (which the model's
-    forward and transformers pay alike: on this project's 2-core CPU, ~1.8 ms per token of `small`,
-    ~0.2 ms of `tiny`; benchmarks/bench_generate.py measures it) plus several hundred small operators, each costing microseconds of dispatch whatever
-    its size; the operators are what this class cuts, to ~47 torch calls per layer (the model's
-    forward: ~158, lean_decode_step: ~109; counted with a TorchFunctionMode on `small`):
+    forward and transformers pay alike: on this project's 2-core CPU ~1.8 ms per token of `small`,
+    ~0.2 ms of `tiny`; benchmarks/bench_generate.py measures it) plus several hundred small operators,
+    each costing microseconds of dispatch whatever its size. The operators are what this class cuts,
+    to ~41 torch calls per layer (the model's forward: ~158, lean_decode_step: ~109; counted with a
+    TorchFunctionMode on `small`):
     - 1-D vectors and `addmv`/`mv` (a BLAS gemv, faster than the gemm behind F.linear for one row),
       with a norm's scalar 1/rms passed as the product's `alpha` and the o_proj and down-projection
       products accumulated straight into the residual stream (`addmv`'s add);
     - each RMSNorm of the residual stream as one dot product, its root taken in Python;
     - q and k projected into one buffer, their per-head norms computed together, the rotary
       embedding as one (K x K) matrix product for both;
-    - attention over the row's own cache columns as two small batched products, no mask;
+    - attention over the row's own cache columns as two small batched products, no mask, with the
+      cache's per-layer views for this step taken once for all layers;
     - the router's top-k read back (free on a CPU) and three products per chosen expert, the gate
       weight folded into the down-projection's alpha.
     Float32 only: at these sizes a bfloat16 matrix-vector product on a CPU (oneDNN) costs more than the
