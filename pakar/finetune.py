@@ -32,9 +32,12 @@ Design choices:
 - Batches: an epoch shuffles the conversations (numpy PCG64 seeded by (seed, epoch), like the
   pretraining loader), sorts each run of BUCKET global batches by length and cuts it into global
   batches, then shuffles the batch order: rows of a batch have similar lengths, so little compute
-  goes to padding, while the order stays random. A row is padded to a multiple of 8 tokens. The last
-  global batch is completed by wrapping around to the start of the epoch's order, so every
-  conversation is seen every epoch. get(epoch, step) is a pure function of its arguments (resume).
+  goes to padding, while the order stays random. A global batch is what one optimizer step sees,
+  --batch x ranks x --grad-accum conversations: micro-step m of rank r takes its slice m x ranks + r,
+  so 2 ranks give the same steps as 1 process with --grad-accum 2 (tests/test_distributed.py). A row
+  is padded to a multiple of 8 tokens. The last global batch is completed by wrapping around to the
+  start of the epoch's order, so every conversation is seen every epoch. get(epoch, step) is a pure
+  function of its arguments (resume).
 - Bad records are counted and reported, never fatal one by one: bad JSON and missing fields (the
   corpus reader), unknown roles or empty contents (pakar.tokenizer.validate_messages), conversations
   longer than --seq-len tokens (the context; they are skipped, not cut, since a cut conversation
@@ -348,33 +351,38 @@ class ChatData:
     can_sample = False  # the epoch-end sample continues a plain prompt: meaningless for a chat model
 
     def __init__(self, train, val, batch_size: int, max_len: int, seed: int, pad_id: int, key: str,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):
         if not train:
             raise PakarError("no training conversations (all were held out or skipped)")
         self.train, self.val = train, val
         self.batch_size, self.max_len, self.seed, self.pad_id = batch_size, max_len, seed, pad_id
-        self.rank, self.world_size, self.key = rank, world_size, key
+        self.rank, self.world_size, self.grad_accum, self.key = rank, world_size, grad_accum, key
         self.lengths = np.array([len(ids) for ids, _ in train])
-        self.steps_per_epoch = -(-len(train) // (batch_size * world_size))
+        self.global_batch = batch_size * world_size * grad_accum  # conversations per optimizer step
+        self.steps_per_epoch = -(-len(train) // self.global_batch) * grad_accum  # micro-steps of one rank
         self._plan_epoch, self._plan = -1, None
 
     def plan(self, epoch: int) -> np.ndarray:
-        """(steps_per_epoch, batch_size * world_size) conversation indices of epoch `epoch`."""
+        """(optimizer steps, global batch) conversation indices of epoch `epoch`."""
         if epoch != self._plan_epoch:
-            G = self.batch_size * self.world_size
+            G, steps = self.global_batch, self.steps_per_epoch // self.grad_accum
             rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            order = np.resize(rng.permutation(len(self.train)), self.steps_per_epoch * G)  # wrap to fill
+            order = np.resize(rng.permutation(len(self.train)), steps * G)  # wrap to fill
             for s in range(0, len(order), G * BUCKET):
                 run = order[s:s + G * BUCKET]
                 order[s:s + G * BUCKET] = run[np.argsort(self.lengths[run], kind="stable")]
-            batches = order.reshape(self.steps_per_epoch, G)
-            self._plan_epoch, self._plan = epoch, batches[rng.permutation(self.steps_per_epoch)]
+            batches = order.reshape(steps, G)
+            self._plan_epoch, self._plan = epoch, batches[rng.permutation(steps)]
         return self._plan
 
     def get(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `step` of this rank: micro-step step % grad_accum of optimizer step
+        step // grad_accum."""
         if not 0 <= step < self.steps_per_epoch or epoch < 0:
             raise IndexError(f"step {step} of epoch {epoch} outside [0, {self.steps_per_epoch}) steps")
-        rows = self.plan(epoch)[step][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        optimizer_step, micro = divmod(step, self.grad_accum)
+        start = (micro * self.world_size + self.rank) * self.batch_size
+        rows = self.plan(epoch)[optimizer_step][start:start + self.batch_size]
         return collate([self.train[i] for i in rows], self.pad_id, self.max_len)
 
     def evaluate(self, model, token_bytes=None, device=None, autocast_dtype=None, max_tokens=None, **_) -> dict:
@@ -449,7 +457,7 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
                 log(f"warning: {w}")
         data = ChatData(train_convs, val_convs, args.batch, args.seq_len, args.seed, tokenizer.eot_id,
                         chat_data_key(tokenizer, train_convs, val_convs, args.seq_len, args.val_fraction),
-                        rank, world_size)
+                        rank, world_size, args.grad_accum)
 
     # the base model on the held-out data, for a before/after comparison
     before = None

@@ -259,6 +259,56 @@ def test_fsdp_two_ranks_equal_one_process_and_resume(runs):
     assert_epoch_checkpoint(fsdp)
 
 
+# ---- LoRA chat fine-tuning ------------------------------------------------------------------------
+def finetune(out: Path, nproc: int, base: Path, chats: Path, *flags: str) -> Path:
+    """`pakar finetune` with LoRA on the chats, in one process or nproc ranks under torchrun."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "pakar", "finetune", "--checkpoint", str(base), "--data", str(chats), "--out", str(out),
+            "--lora-rank", "4", "--epochs", "1", "--log-every", "1", "--device", "cpu", *flags]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+           if nproc > 1 else [sys.executable, *args])
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory, corpus) -> Path:
+    """48 two-turn conversations made of the sample corpus's sentences."""
+    lines = [ln for ln in corpus.read_text(encoding="utf-8").splitlines() if 20 < len(ln) < 300]
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for q, a in zip(lines[0:96:2], lines[1:96:2]):
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": a}]}) + "\n")
+    return path
+
+
+@needs_posix
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_lora_finetune_two_ranks_equal_one_process(runs, chats, tmp_path, mode):
+    """Chat LoRA fine-tuning (frozen base; adapters and the ChatML token rows train) on 2 ranks x
+    --batch 2 takes the steps of one process with --batch 2 --grad-accum 2: the same per-step losses
+    and gradient norms, and the same adapters. DDP to float precision; FSDP shards the frozen base
+    and the adapters alike and agrees to rounding."""
+    base = runs("ref", 1, "--batch", "4", "--grad-accum", "2") / "checkpoints" / "model_epoch1.pt"
+    one = finetune(tmp_path / "one", 1, base, chats, "--batch", "2", "--grad-accum", "2")
+    two = finetune(tmp_path / mode, 2, base, chats, "--batch", "2", *(["--fsdp"] if mode == "fsdp" else []))
+    rel = 1e-6 if mode == "ddp" else 1e-5
+    a, b = records(one), records(two)
+    assert sorted(a) == sorted(b) and len(a) >= 10
+    for step in a:
+        assert b[step][-1]["loss"] == pytest.approx(a[step][-1]["loss"], rel=rel), step
+        assert b[step][-1]["grad_norm"] == pytest.approx(a[step][-1]["grad_norm"], rel=10 * rel), step
+    assert records(two, "val")[len(a)][-1]["loss"] == pytest.approx(records(one, "val")[len(a)][-1]["loss"], rel=rel)
+    la, lb = (safe_load(run / "checkpoints" / "lora_epoch1.pt", fmt="pakar-lora-v1") for run in (one, two))
+    assert la["adapters"].keys() == lb["adapters"].keys()
+    for name, parts in la["adapters"].items():
+        for k, t in parts.items():
+            torch.testing.assert_close(lb["adapters"][name][k], t, rtol=0, atol=1e-7 if mode == "ddp" else 1e-5,
+                                       msg=f"{name}.{k}")
+
+
 # ---- DeepSpeed ------------------------------------------------------------------------------------
 @needs_deepspeed
 @needs_posix

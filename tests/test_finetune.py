@@ -137,14 +137,21 @@ def test_batches_cover_every_conversation_and_split_across_ranks(sample_tokenize
         seen = one.plan(epoch).flatten()
         assert set(seen.tolist()) == set(range(45)) and len(seen) == 48
     assert not np.array_equal(one.plan(0), one.plan(1))
-    # batches are a pure function of (seed, epoch, step); ranks take slices of the same global batch
-    ranks = [ChatData(convs, [], 4, 512, 7, 0, "k", rank=r, world_size=2) for r in (0, 1)]
-    for step in (0, 3, 5):
-        x1, y1 = one.get(1, step)
-        parts = [r.get(1, step) for r in ranks]
-        T = min(p[0].shape[1] for p in parts)
-        for r, (x, y) in enumerate(parts):
-            assert torch.equal(x[:, :T], x1[4 * r:4 * r + 4, :T]) and torch.equal(y[:, :T], y1[4 * r:4 * r + 4, :T])
+    # batches are a pure function of (seed, epoch, step); ranks and accumulation micro-steps take
+    # slices of the same global batch, so every split of an optimizer step's 8 rows sees the same rows
+    splits = {"2 ranks": [ChatData(convs, [], 4, 512, 7, 0, "k", rank=r, world_size=2) for r in (0, 1)],
+              "accum 2": [ChatData(convs, [], 4, 512, 7, 0, "k", grad_accum=2)],
+              "2 ranks x accum 2": [ChatData(convs, [], 2, 512, 7, 0, "k", rank=r, world_size=2, grad_accum=2)
+                                    for r in (0, 1)]}
+    for name, parts in splits.items():
+        assert all(p.steps_per_epoch // p.grad_accum == one.steps_per_epoch for p in parts), name
+        for step in (0, 3, 5):
+            x1, y1 = one.get(1, step)
+            got = [p.get(1, step * p.grad_accum + m) for m in range(parts[0].grad_accum) for p in parts]
+            x = torch.cat([torch.nn.functional.pad(x, (0, x1.shape[1] - x.shape[1])) for x, _ in got])
+            y = torch.cat([torch.nn.functional.pad(y, (0, y1.shape[1] - y.shape[1]), value=-100) for _, y in got])
+            key = lambda t: sorted(map(tuple, t.tolist()))
+            assert key(x) == key(x1) and key(y) == key(y1), (name, step)
     # length bucketing: rows of a batch are much more alike than random rows
     lengths = np.array([len(ids) for ids, _ in convs])
     spread = np.mean([np.ptp(lengths[b]) for b in one.plan(0)])
