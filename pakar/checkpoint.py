@@ -94,16 +94,13 @@ def build_model(ckpt: dict, device="cpu", dtype: torch.dtype | None = None):
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device)
-    model.rope_cos, model.rope_sin = (t.to(device) for t in model._rope_tables(config.max_position_embeddings))
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
         raise PakarError(f"checkpoint weights do not match its config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
     if dtype is not None:
         model = model.to(dtype)
-        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    model.finish_meta_build(device)
     return model.eval(), Tokenizer.from_json(ckpt["tokenizer"])
 
 

@@ -118,7 +118,7 @@ class TokenData:
         return cls(arrays[0], arrays[1], manifest, directory)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -265,7 +265,7 @@ def prepare(specs: list[str] | None, out_dir: str | os.PathLike = ".", vocab_siz
             log(f"wrote {tok_path}")
 
     source_info = [{"path": str(p), "bytes": p.stat().st_size, "mtime": p.stat().st_mtime,
-                    "sha256": _file_sha256(p)} for p in sources]
+                    "sha256": file_sha256(p)} for p in sources]
     tok_sha = tokenizer.sha256()
     key_material = json.dumps([FORMAT_VERSION, tok_sha, val_fraction, [s["sha256"] for s in source_info]])
     key = hashlib.sha256(key_material.encode()).hexdigest()[:16]

@@ -416,10 +416,11 @@ def _check_out_dir(args: FinetuneArgs) -> None:
 
 def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
     """Fine-tune args.init_from on args.data. `base` is that checkpoint already loaded, if the caller
-    has it; its "model" tensors are dropped here before training loads the checkpoint again."""
+    has it; training takes over its "model" tensors (pakar.train.train's init_ckpt)."""
     from pakar.checkpoint import atomic_save, build_model, model_checkpoint, safe_load
     from pakar.config import ModelConfig
-    from pakar.lora import adapter_checkpoint, apply_lora, file_sha256, merge_state, router_buffers, split_state
+    from pakar.data import file_sha256
+    from pakar.lora import adapter_checkpoint, apply_lora, merge_state, router_buffers, split_state
     from pakar.tokenizer import Tokenizer
     from pakar.train import RunLog, autocast_dtype, resolve_device, train
 
@@ -485,7 +486,6 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
             runlog.record(kind="val", step=0, epoch=0, loss=before["loss"], perplexity=before["perplexity"],
                           bits_per_byte=bpb, tokens=before["tokens"], base_model=True)
             runlog.close()
-    base.pop("model", None)  # train() loads the checkpoint itself; do not hold two copies
 
     meta = {"chat": kind == "chat" or bool(base_meta.get("chat", False)),
             "finetune": {"kind": kind, "base": str(Path(args.init_from).resolve()),
@@ -521,8 +521,8 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
                 log(f"merged the adapters into {merged}")
             return path
 
-    summary = train(args, data=data, tokenizer=tokenizer,
-                    customize_model=customize_model, save_epoch=save_epoch, meta=meta)
+    summary = train(args, data=data, tokenizer=tokenizer, customize_model=customize_model,
+                    save_epoch=save_epoch, meta=meta, init_ckpt=base)
     summary |= {"kind": kind, "lora": spec.to_dict() if spec else None,
                 "val_loss_before": before["loss"] if before and before["tokens"] else None,
                 "val_bpb_before": before.get("bits_per_byte") if before and before["tokens"] else None}

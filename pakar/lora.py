@@ -53,7 +53,6 @@ Shape legend: E experts, O out features, I in features, R rank.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -67,6 +66,7 @@ from torch.nn.utils import parametrize
 
 from pakar import PakarError
 from pakar.checkpoint import safe_load
+from pakar.data import file_sha256
 
 ADAPTER_FORMAT = "pakar-lora-v1"
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -255,14 +255,6 @@ def merge_state(base: dict, adapters: dict, scale: float) -> dict:
                              f"base tensor {tuple(W.shape)}")
         merged[key] = (W.double() + scale * (B.double() @ A.double())).to(W.dtype)
     return merged
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def adapter_checkpoint(adapters: dict, buffers: dict, spec: LoraSpec, base_path: str | os.PathLike,

@@ -256,6 +256,14 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
+    def finish_meta_build(self, device) -> None:
+        """For a model built on the meta device and then given its weights (to_empty + load_state_dict,
+        or load_state_dict(assign=True)): what no state dict carries, on `device`: the head tied to the
+        embedding, and the rotary tables (non-persistent float32 buffers)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope_cos, self.rope_sin = (t.to(device) for t in self._rope_tables(self.config.max_position_embeddings))
+
     def _rope_tables(self, n: int):
         K = self.config.head_dim
         inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, K, 2, dtype=torch.int64).float() / K))

@@ -154,19 +154,17 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.use_grouped_mm = True  # tests switch it off to compare against the loop
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor,
-                offsets_E: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """x_MD: rows sorted by expert, in the compute dtype; counts_E: rows per expert; offsets_E
-        (optional, int32): their running sum. Returns (M, D) in x_MD's dtype."""
+        (int32): their running sum. Returns (M, D) in x_MD's dtype."""
+        # each weight read once: under a parametrization (LoRA on the experts) every read recomputes it
+        w_gate, w_up, w_down = self.gate_proj, self.up_proj, self.down_proj
         dtype = x_MD.dtype
-        I = self.gate_proj.shape[1]
-        native = dtype == self.gate_proj.dtype  # else autocast: fresh (aligned) low-precision copies
+        I = w_gate.shape[1]
+        native = dtype == w_gate.dtype  # else autocast: fresh (aligned) low-precision copies
         if not (self.use_grouped_mm and grouped_mm_available(x_MD) and (I * x_MD.element_size()) % 16 == 0
-                and _aligned(x_MD, *((self.gate_proj, self.up_proj, self.down_proj) if native else ()))):
-            w_gate, w_up, w_down = (w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
-            return self.forward_loop(x_MD, counts_E, w_gate, w_up, w_down)
-        if offsets_E is None:
-            offsets_E = counts_E.cumsum(0, dtype=torch.int32)
+                and _aligned(x_MD, *((w_gate, w_up, w_down) if native else ()))):
+            return self.forward_loop(x_MD, counts_E, w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype))
         bucket = self.row_bucket(x_MD)
         if bucket > 1:
             x_MD, rows_M, counts_E, offsets_E = self._pad_rows(x_MD, counts_E, offsets_E, bucket)
@@ -174,16 +172,16 @@ class Experts(nn.Module):
         # break, past the float32 check above)
         if not native:
             # the cast is a copy anyway: concatenate in the same pass and run one grouped matmul
-            w_gate_up_EJD = cat_cast((self.gate_proj, self.up_proj), 1, dtype)  # J = 2I
+            w_gate_up_EJD = cat_cast((w_gate, w_up), 1, dtype)  # J = 2I
             h_MJ = torch._grouped_mm(x_MD, w_gate_up_EJD.transpose(-2, -1), offs=offsets_E)
             # split, not two slices: backward concatenates the two gradients in one copy, where
             # slices would each zero-fill an (M, 2I) buffer and add them
             g_MI, u_MI = h_MJ.split([I, I], dim=1)
         else:
-            g_MI = torch._grouped_mm(x_MD, self.gate_proj.transpose(-2, -1), offs=offsets_E)
-            u_MI = torch._grouped_mm(x_MD, self.up_proj.transpose(-2, -1), offs=offsets_E)
+            g_MI = torch._grouped_mm(x_MD, w_gate.transpose(-2, -1), offs=offsets_E)
+            u_MI = torch._grouped_mm(x_MD, w_up.transpose(-2, -1), offs=offsets_E)
         h_MI = F.silu(g_MI) * u_MI
-        y_MD = torch._grouped_mm(h_MI, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
+        y_MD = torch._grouped_mm(h_MI, w_down.to(dtype).transpose(-2, -1), offs=offsets_E)
         return y_MD.index_select(0, rows_M) if bucket > 1 else y_MD
 
     @staticmethod
@@ -225,6 +223,12 @@ class Experts(nn.Module):
         return torch.cat(outs)
 
 
+def combine(y_NKD: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:
+    """The gate-weighted sum over each token's K expert outputs: (N, D)."""
+    N, K, D = y_NKD.shape
+    return (y_NKD * weight_NK.unsqueeze(-1)).sum(dim=1) if K > 1 else y_NKD.view(N, D) * weight_NK
+
+
 class MoE(nn.Module):
     """Sparse MoE block. forward(x) -> (y, balance_loss, z_loss); the per-expert token counts of the
     last call are kept in `last_counts` (detached) for logging and bias balancing."""
@@ -255,7 +259,7 @@ class MoE(nn.Module):
         # then the gate-weighted sum over each token's K experts
         y_NKD = scatter_rows(y_MD, order_M, y_MD.shape[0]).view(-1, K, D)
         weight_NK = weight_NK.to(y_NKD.dtype)  # low precision: half the bytes; the residual add is float32
-        y_ND = (y_NKD * weight_NK.unsqueeze(-1)).sum(dim=1) if K > 1 else y_NKD.view(-1, D) * weight_NK
+        y_ND = combine(y_NKD, weight_NK)
 
         # Switch load-balancing loss: E * sum_e f_e * P_e, with f_e the fraction of the N*K assignments
         # that went to expert e and P_e its mean router probability; exactly 1.0 when routing is uniform.
@@ -273,11 +277,13 @@ class MoE(nn.Module):
         is free and per-operator overhead dominates (pakar.engine uses it); on a GPU it would be a sync."""
         N, D = x_ND.shape
         _, _, idx_NK, weight_NK = self.gate(x_ND)
-        ex, K = self.experts, idx_NK.shape[1]
+        K = idx_NK.shape[1]
         chosen = idx_NK.tolist()
+        ex = self.experts  # each weight read once: under a parametrization every read recomputes it
+        w_gate, w_up, w_down = ex.gate_proj, ex.up_proj, ex.down_proj
 
         def swiglu(x, e):
-            return F.linear(F.silu(F.linear(x, ex.gate_proj[e])) * F.linear(x, ex.up_proj[e]), ex.down_proj[e])
+            return F.linear(F.silu(F.linear(x, w_gate[e])) * F.linear(x, w_up[e]), w_down[e])
 
         if N == 1:  # the common interactive case: K experts on one row, no gather or scatter
             y_NKD = torch.stack([swiglu(x_ND, e) for e in chosen[0]], dim=1)
@@ -292,8 +298,7 @@ class MoE(nn.Module):
                 start += n
             y_NKD = torch.empty(N * K, D, dtype=x_ND.dtype, device=x_ND.device).index_copy_(
                 0, order_M, torch.cat(outs)).view(N, K, D)
-        # the gate-weighted sum over each token's K experts, as in forward()
-        return (y_NKD * weight_NK.unsqueeze(-1)).sum(dim=1) if K > 1 else y_NKD.view(N, D) * weight_NK
+        return combine(y_NKD, weight_NK)
 
 
 @torch.no_grad()

@@ -208,13 +208,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callable | None = None,
-          save_epoch: Callable | None = None, meta: dict | None = None) -> dict:
+          save_epoch: Callable | None = None, meta: dict | None = None, init_ckpt: dict | None = None) -> dict:
     """Train and return a summary dict. Extension points for fine-tuning (pakar.finetune):
     `data` (an object with .steps_per_epoch, .get(epoch, step) -> (x, y) with y = -100 where not
     counted, and .evaluate(model, **kw) -> dict), `tokenizer`, `customize_model(model) -> model`
     (e.g. wrap with LoRA adapters; only parameters left trainable are optimised), `save_epoch(model,
     path_stem, meta)` to write epoch checkpoints differently (e.g. adapters only), `meta` added to
-    every checkpoint's meta."""
+    every checkpoint's meta, `init_ckpt` the args.init_from checkpoint if the caller has already loaded
+    it (its "model" tensors are popped once the model holds them, so no second copy stays in memory)."""
     from pakar import distributed as D
 
     ctx = D.setup(args)
@@ -230,7 +231,8 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
         torch.backends.cudnn.allow_tf32 = True
 
     # ---- data and tokenizer ----
-    init_ckpt = safe_load(args.init_from) if args.init_from else None
+    if init_ckpt is None and args.init_from:
+        init_ckpt = safe_load(args.init_from)
     if data is None:
         from pakar.data import BatchLoader, prepare
         from pakar.tokenizer import Tokenizer
@@ -259,7 +261,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
     torch.manual_seed(args.seed)
     model = Transformer(model_cfg)
     if init_ckpt is not None:
-        model.load_state_dict(init_ckpt["model"])
+        model.load_state_dict(init_ckpt.pop("model"))
     if customize_model is not None:
         model = customize_model(model)
     model.to(device)
@@ -403,9 +405,10 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     z_sum += out.z_loss.detach() / len(micro)
                     loads = out.expert_counts if loads is None else loads + out.expert_counts
                 grad_norm = ctx.clip_and_step(model, optimizer, args.grad_clip)
+                global_loads = None  # summed over ranks, when bias balancing or the log needs them
                 if model_cfg.expert_bias_update_rate > 0:
-                    update_expert_bias(raw_model.moe_layers(), ctx.all_reduce_sum(loads.float()),
-                                       model_cfg.expert_bias_update_rate)
+                    global_loads = ctx.all_reduce_sum(loads.float())
+                    update_expert_bias(raw_model.moe_layers(), global_loads, model_cfg.expert_bias_update_rate)
                 step += 1
                 step_in_epoch += 1
                 step_tokens = int(n_targets)  # counted targets: padding of chat rows is not a token seen
@@ -420,7 +423,9 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     tps = tok_window / max(now - t_window, 1e-9)
                     t_window, tok_window = now, 0
                     mfu = tps * flops_per_token / (peak * ctx.world_size) if peak else None  # tps is all GPUs'
-                    imbalance = expert_load_stats(ctx.all_reduce_sum(loads.float()))["imbalance_max"]
+                    if global_loads is None:
+                        global_loads = ctx.all_reduce_sum(loads.float())
+                    imbalance = expert_load_stats(global_loads)["imbalance_max"]
                     aux_sum, bal_sum, z_sum = (ctx.all_reduce_sum(torch.stack([torch.as_tensor(
                         v, dtype=torch.float32) for v in (aux_sum, bal_sum, z_sum)])) / ctx.world_size).tolist()
                     gn = float(grad_norm)
@@ -523,9 +528,7 @@ def _plain_model(config: ModelConfig, state: dict, customize_model: Callable | N
     if customize_model is not None:
         model = customize_model(model)
     model.load_state_dict(state, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = model._rope_tables(config.max_position_embeddings)  # non-persistent
+    model.finish_meta_build("cpu")
     return model
 
 
