@@ -20,7 +20,6 @@ and keeps the best of each.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -46,16 +45,8 @@ sys.exit(rc)
 """
 
 
-def bare_encode(tokenizer, docs: list[str], chunk_chars: int | None) -> tuple[float, int]:
-    """Seconds and tokens to encode docs with the raw `tokenizers` encoder (whole list or chunks)."""
-    chunks, cur, size = [], [], 0
-    for d in docs:
-        cur.append(d)
-        size += len(d)
-        if chunk_chars and size >= chunk_chars:
-            chunks.append(cur)
-            cur, size = [], 0
-    chunks.append(cur)
+def bare_encode(tokenizer, chunks: list[list[str]]) -> tuple[float, int]:
+    """Seconds and tokens to encode lists of documents with the raw `tokenizers` batch encoder."""
     t0 = time.perf_counter()
     n = 0
     for chunk in chunks:
@@ -75,7 +66,8 @@ def main() -> int:
         print(f"error: {data} not found (pass --data)", file=sys.stderr)
         return 2
 
-    from pakar.data import CHUNK_CHARS
+    from pakar.corpus import iter_documents
+    from pakar.data import document_chunks
     from pakar.tokenizer import Tokenizer, train_on_corpus
 
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
@@ -87,9 +79,8 @@ def main() -> int:
             tokenizer, _, _ = train_on_corpus([str(data)], args.vocab_size, log=lambda *a: None)
         tokenizer.save(run / "tokenizer.json")
         train_s = time.perf_counter() - t0
-        opener = gzip.open if data.suffix == ".gz" else open
-        with opener(data, "rt", encoding="utf-8", errors="replace") as f:
-            docs = [line.rstrip("\r\n") for line in f if line.strip()]
+        docs = list(iter_documents([str(data)]))  # the documents prepare reads, in memory
+        chunks = list(document_chunks(iter(docs)))  # prepare's chunks of ~4 MB
 
         prepare_s, peak_kib, whole, chunked = [], 0, [], []
         for _ in range(args.repeat):  # interleaved, so a burst of load from elsewhere hits both sides
@@ -100,8 +91,8 @@ def main() -> int:
             out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
             prepare_s.append(time.perf_counter() - t0)
             peak_kib = max(peak_kib, int(out.split()[-1]))
-            whole.append(bare_encode(tokenizer, docs, None))
-            chunked.append(bare_encode(tokenizer, docs, CHUNK_CHARS))
+            whole.append(bare_encode(tokenizer, [docs]))
+            chunked.append(bare_encode(tokenizer, chunks))
         manifest = json.loads(next((run / "data").glob("*/manifest.json")).read_text())
         tokens = manifest["train"]["tokens"] + manifest["val"]["tokens"]
         documents = manifest["train"]["documents"] + manifest["val"]["documents"]

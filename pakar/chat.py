@@ -84,7 +84,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "in the current folder)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and cache dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+                   help="weights and cache dtype (default auto: bfloat16 on a GPU that supports it, else float32)")
     p.add_argument("--mode", default="auto", choices=["auto", "chat", "text"],
                    help="chat: ChatML template; text: continue text; auto: chat when the checkpoint was "
                    "chat fine-tuned (default auto)")
@@ -101,33 +101,21 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_new: i
     p.add_argument("--system", default=None, help="system prompt for chat mode (default: none)")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise PakarError(f"--device {name!r}: not a device (use cpu, cuda, cuda:N or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PakarError(f"--device {name}: CUDA is not available on this machine")
-    return dev
-
-
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Weights and cache dtype for inference: auto = bfloat16 on a GPU that supports it, else float32."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
 
 
-def load_generator(args) -> tuple[TextGenerator, Path, dict]:
-    from pakar.checkpoint import latest_epoch_checkpoint, load_model
+def load_generator(args) -> tuple[TextGenerator, Path]:
+    from pakar.checkpoint import latest_epoch_checkpoint, safe_load
+    from pakar.train import resolve_device
 
     path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
-    device = pick_device(args.device)
-    model, tokenizer, ckpt = load_model(path, device, pick_dtype(args.dtype, device))
-    meta = ckpt.get("meta", {})
-    chat = bool(meta.get("chat", False)) if args.mode == "auto" else args.mode == "chat"
-    return TextGenerator(model, tokenizer, chat=chat), path, meta
+    device = resolve_device(args.device)
+    chat = None if args.mode == "auto" else args.mode == "chat"
+    return TextGenerator.from_ckpt(safe_load(path), device, pick_dtype(args.dtype, device), chat), path
 
 
 def sampling_from_args(args, seed: int | None = None) -> SamplingParams:
@@ -265,7 +253,7 @@ def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_sampling_args(p, temperature=0.8, max_new=256)
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible answers (default: random)")
     args = p.parse_args(argv)
-    gen, path, _ = load_generator(args)
+    gen, path = load_generator(args)
     if args.seed is not None:
         torch.manual_seed(args.seed)  # unseeded rows draw their generator seeds from torch's RNG
     params = sampling_from_args(args)
@@ -351,21 +339,16 @@ def run_batch(gen: TextGenerator, items: list[tuple[str, object]], make_params, 
         except PakarError as e:
             raise PakarError(f"prompt {i + 1} ({_shown(r.prompt)[:40]!r}...): {e}") from None
     t0 = time.perf_counter()
-    batch = None
+    batch = gen.start([])
     order: dict[int, int] = {}  # batch index -> prompt index
     nxt = 0
     results: dict[int, dict] = {}
-    while nxt < len(requests) or (batch and batch.active):
-        free = batch_size - (batch.active if batch else 0)
+    while nxt < len(requests) or batch.active:
+        free = batch_size - batch.active
         if free > 0 and nxt < len(requests):
             group = list(range(nxt, min(len(requests), nxt + free)))
             nxt += len(group)
-            if batch is None:
-                batch = gen.start([requests[i] for i in group])
-                idx = list(range(len(group)))
-            else:
-                idx = batch.add([requests[i] for i in group])
-            order.update(zip(idx, group))
+            order.update(zip(batch.add([requests[i] for i in group]), group))
         for d in batch.step():
             if d.finish_reason is None:
                 continue
@@ -418,7 +401,7 @@ def main_batch(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.batch_size < 1:
         raise PakarError(f"--batch-size must be >= 1, got {args.batch_size}")
     sampling_from_args(args)  # validate the flags before loading the model
-    gen, path, _ = load_generator(args)
+    gen, path = load_generator(args)
     if args.prompts:
         items = read_prompts(Path(args.prompts))
     else:

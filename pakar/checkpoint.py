@@ -114,8 +114,11 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
 def latest_epoch_checkpoint(run_dir: str | Path = ".") -> Path:
     """The newest checkpoints/model_epoch{N}.pt (highest N) in a run directory."""
     ckdir = Path(run_dir) / "checkpoints"
-    found = sorted(ckdir.glob("model_epoch*.pt"), key=lambda p: int(p.stem.removeprefix("model_epoch") or 0)
-                   if p.stem.removeprefix("model_epoch").isdigit() else -1)
+    def epoch(p: Path) -> int:
+        n = p.stem.removeprefix("model_epoch")
+        return int(n) if n.isdigit() else -1
+
+    found = sorted(ckdir.glob("model_epoch*.pt"), key=epoch)
     if not found:
         raise PakarError(f"no checkpoints/model_epoch*.pt in {Path(run_dir).resolve()}; "
                          f"train first (python train.py ...) or pass --checkpoint PATH")

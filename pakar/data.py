@@ -126,7 +126,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _chunks(documents: Iterator[str]) -> Iterator[list[str]]:
+def document_chunks(documents: Iterator[str]) -> Iterator[list[str]]:
+    """Documents in lists of about CHUNK_CHARS characters: the unit prepare hands the encoder."""
     chunk, size = [], 0
     for doc in documents:
         chunk.append(doc)
@@ -227,7 +228,7 @@ def _tokenize(sources: list[Path], tokenizer: Tokenizer, directory: Path, val_fr
                     log(f"  ... {stats.bytes / 1e6:,.0f} MB read, {n / 1e6:,.1f}M tokens, "
                         f"{n / (last_log - t0) / 1e6:.2f}M tokens/s")
 
-            for chunk in _chunks(iter_documents(sources, stats)):
+            for chunk in document_chunks(iter_documents(sources, stats)):
                 pending.append((pool.submit(tokenizer.encode_batch, chunk), [doc_hash(d) for d in chunk]))
                 if len(pending) >= IN_FLIGHT:
                     drain_one()

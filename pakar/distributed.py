@@ -281,10 +281,9 @@ class Context:
 
         module = engine.module
         inner = engine.optimizer.optimizer if with_optimizer else None  # the torch optimizer ZeRO wraps
-        if inner is not None and inner.state:
-            _relink_zero_views(engine.optimizer)
         keys, step = [], None
         if inner is not None and inner.state:
+            _relink_zero_views(engine.optimizer)
             first = next(iter(inner.state.values()))
             keys = [k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0]
             step = first.get("step", inner.param_groups[0].get("step"))

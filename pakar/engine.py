@@ -57,7 +57,8 @@ from typing import Iterator, Sequence
 import torch
 
 from pakar import PakarError
-from pakar.model import KVCache
+from pakar.model import Attention, Block, KVCache, RMSNorm, Transformer
+from pakar.moe import Experts, MoE, Router
 
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
 
@@ -172,8 +173,6 @@ def lean_decode_ok(model: torch.nn.Module) -> bool:
     """Whether `lean_decode_step` may stand in for the model's forward: a plain pakar Transformer (any
     attention or norm submodules, e.g. LoRA-wrapped, are called as modules; the MoE block and its
     stacked experts must be the stock ones), in eval mode, on the CPU."""
-    from pakar.moe import MoE, Experts
-
     return (model.embed_tokens.weight.device.type == "cpu" and not model.training
             and all(type(layer.mlp) is MoE and type(layer.mlp.experts) is Experts for layer in model.layers))
 
@@ -269,9 +268,6 @@ class RowDecoder:
     @staticmethod
     def applies(model) -> bool:
         """A stock pakar Transformer (no LoRA or other wrapped modules), float32, eval mode, CPU."""
-        from pakar.model import Attention, Block, RMSNorm, Transformer
-        from pakar.moe import Experts, MoE, Router
-
         stock = (Transformer, torch.nn.ModuleList, Block, Attention, RMSNorm, torch.nn.Linear,
                  torch.nn.Embedding, MoE, Router, Experts)
         return (lean_decode_ok(model) and all(type(m) in stock for m in model.modules())

@@ -56,7 +56,7 @@ from pakar import PakarError
 LN2 = math.log(2.0)
 
 
-def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
+def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
     import torch.distributed as dist
 
     initialised = dist.is_available() and dist.is_initialized()
@@ -83,7 +83,7 @@ def _eval_plan(n_targets: int, batch_size: int, seq_len: int, rank: int, world_s
     return steps
 
 
-class _Sums:
+class EvalSums:
     """Running float64 sums of one evaluation; several token arrays may add to the same sums."""
 
     def __init__(self, device: torch.device, token_bytes):
@@ -112,24 +112,30 @@ class _Sums:
             out = model(x_BT)
             nll_BT = F.cross_entropy(out.logits.float().flatten(0, 1), y_BT.reshape(-1),
                                      reduction="none").view(y_BT.shape).double()
+            keep_BT = None
             if loss_mask is not None:
                 keep = np.stack([np.asarray(loss_mask[s + 1:s + T + 1], dtype=bool) for s, _ in rows])
                 keep_BT = torch.from_numpy(keep).to(dev)
                 nll_BT = nll_BT * keep_BT
-                self.t[1] += keep_BT.sum()
-            else:
-                keep_BT = None
-                self.t[1] += y_BT.numel()
-            self.t[0] += nll_BT.sum()
-            if self.bytes_V is not None:
-                b_BT = self.bytes_V[y_BT] if keep_BT is None else self.bytes_V[y_BT] * keep_BT
-                self.t[2] += (nll_BT * (b_BT > 0)).sum()
-                self.t[3] += b_BT.sum()
-            counts = out.expert_counts.to(torch.int64)
-            self.counts_LE = counts if self.counts_LE is None else self.counts_LE + counts
+            self.add_targets(nll_BT, y_BT, keep_BT)
+            self.add_counts(out.expert_counts)
             self.windows += len(rows)
             if progress is not None:
                 progress(i + 1, len(steps))
+
+    def add_targets(self, nll_BT: torch.Tensor, y_BT: torch.Tensor, keep_BT: torch.Tensor | None) -> None:
+        """Add a batch's per-target losses (float64, zero where not kept); keep_BT None: every target
+        counts. Targets of special tokens (0 bytes) are left out of the bits-per-byte sums."""
+        self.t[0] += nll_BT.sum()
+        self.t[1] += y_BT.numel() if keep_BT is None else keep_BT.sum()
+        if self.bytes_V is not None:
+            b_BT = self.bytes_V[y_BT] if keep_BT is None else self.bytes_V[y_BT.clamp(min=0)] * keep_BT
+            self.t[2] += (nll_BT * (b_BT > 0)).sum()
+            self.t[3] += b_BT.sum()
+
+    def add_counts(self, counts_LE: torch.Tensor) -> None:
+        counts_LE = counts_LE.to(torch.int64)
+        self.counts_LE = counts_LE if self.counts_LE is None else self.counts_LE + counts_LE
 
     def result(self, model, distributed: bool) -> dict:
         counts_LE = self.counts_LE
@@ -163,7 +169,7 @@ class _Sums:
         }
 
 
-class _EvalMode:
+class EvalMode:
     """Eval mode, no gradients and optional autocast for the duration; the previous mode restored."""
 
     def __init__(self, model, device: torch.device, autocast_dtype):
@@ -222,10 +228,10 @@ def evaluate_tokens(
         n_targets = min(n_targets, max(int(max_tokens), 0))
     if n_targets == 0:
         raise PakarError(f"nothing to evaluate: {n} token(s) (need at least 2) or max_tokens = 0")
-    rank, world_size, distributed = _dist_info(rank, world_size)
+    rank, world_size, distributed = dist_info(rank, world_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    sums = _Sums(device, token_bytes)
-    with _EvalMode(model, device, autocast_dtype):
+    sums = EvalSums(device, token_bytes)
+    with EvalMode(model, device, autocast_dtype):
         sums.add(model, tokens, loss_mask, n_targets, batch_size, seq_len, rank, world_size, progress)
     return sums.result(model, distributed)
 
@@ -263,7 +269,7 @@ def evaluate_corpus(model, tokenizer, specs, batch_size: int, seq_len: int, max_
     The result equals evaluate_tokens on the whole token stream (same windows, same sums)."""
     _check_sizes(batch_size, seq_len)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    sums = _Sums(device, tokenizer.token_byte_lengths())
+    sums = EvalSums(device, tokenizer.token_byte_lengths())
     chunk = CHUNK_WINDOWS * seq_len  # targets per chunk, a whole number of windows
     budget = float("inf") if max_tokens is None else max(int(max_tokens), 0)
     buf_ids = np.zeros(0, dtype=np.int64)
@@ -276,7 +282,7 @@ def evaluate_corpus(model, tokenizer, specs, batch_size: int, seq_len: int, max_
         if progress:
             progress(done, sums)
 
-    with _EvalMode(model, device, autocast_dtype):
+    with EvalMode(model, device, autocast_dtype):
         for ids in iter_corpus_tokens(specs, tokenizer, stats):
             buf_ids = np.concatenate([buf_ids, ids])
             while len(buf_ids) > chunk and done + chunk <= budget:
@@ -333,9 +339,10 @@ def plot_experts(res: dict, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from pakar.chat import pick_device, pick_dtype
+    from pakar.chat import pick_dtype
     from pakar.checkpoint import latest_epoch_checkpoint, load_model
     from pakar.corpus import CorpusStats, detect_kind
+    from pakar.train import resolve_device
 
     p = argparse.ArgumentParser(prog=prog, description="Validation loss, perplexity and bits per byte of a "
                                 "checkpoint on a corpus, and how evenly its experts are used.")
@@ -368,7 +375,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise PakarError(f"--plot {args.plot}: give a file name ending in .png")
 
     path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     # weights stay float32; bfloat16 runs as autocast, so the logits and the sums keep their precision
     amp = torch.bfloat16 if pick_dtype(args.dtype, device) == torch.bfloat16 else None
     model, tokenizer, ckpt = load_model(path, device)

@@ -70,7 +70,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -84,7 +83,6 @@ from pakar import PakarError
 from pakar.corpus import VAL_FRACTION, CorpusStats, detect_kind, doc_hash, is_val, iter_records
 from pakar.train import DEFAULT_LR, PRESETS, TrainArgs, add_train_args, args_from_namespace
 
-LN2 = math.log(2.0)
 BUCKET = 32  # global batches per length-sorted run
 PAD_MULTIPLE = 8
 CHAT_VAL_FRACTION = 0.05
@@ -233,15 +231,6 @@ def collate(convs, pad_id: int, max_len: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def _dist_info() -> tuple[int, int, bool]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), dist.get_world_size() > 1
-    return 0, 1, False
-
-
-@torch.no_grad()
 def evaluate_conversations(model, convs, batch_size: int = 8, token_bytes=None, max_tokens: int | None = None,
                            *, device=None, autocast_dtype: torch.dtype | None = None, pad_id: int = 0,
                            max_len: int | None = None) -> dict:
@@ -253,7 +242,9 @@ def evaluate_conversations(model, convs, batch_size: int = 8, token_bytes=None, 
     forward passes (FSDP gathers parameters inside them). Special tokens (0 bytes) are left out of bits
     per byte, as in pakar.evaluate. Returns the keys of pakar.evaluate.evaluate_tokens plus
     "conversations"."""
-    rank, world_size, distributed = _dist_info()
+    from pakar.evaluate import EvalMode, EvalSums, dist_info
+
+    rank, world_size, distributed = dist_info(None, None)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     chosen, n_targets = [], 0
     for ids, mask in convs:
@@ -266,19 +257,13 @@ def evaluate_conversations(model, convs, batch_size: int = 8, token_bytes=None, 
     mine = batches[rank::world_size]
     n_steps = -(-len(batches) // world_size)
     max_len = max_len or max((len(ids) for ids, _ in chosen), default=1)
-    bytes_V = (torch.as_tensor(np.asarray(token_bytes), dtype=torch.int64, device=device)
-               if token_bytes is not None else None)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, nats on byte-bearing targets, bytes
     cfg = getattr(model, "module", model).config
-    counts_LE = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64, device=device)
+    sums = EvalSums(device, token_bytes)
     choices: list[torch.Tensor] = []  # each router's (N, K) expert ids of the current forward
     hooks = [layer.mlp.gate.register_forward_hook(lambda mod, inp, out: choices.append(out[2]))
              for layer in getattr(model, "module", model).layers]
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
     try:
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with EvalMode(model, device, autocast_dtype):
             for step in range(n_steps):
                 choices.clear()
                 if step >= len(mine):  # keep collective forwards in step with the other ranks
@@ -288,36 +273,17 @@ def evaluate_conversations(model, convs, batch_size: int = 8, token_bytes=None, 
                 logits = model(x).logits
                 nll_BT = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
                                          reduction="none").view(y.shape).double()
-                keep_BT = y != -100
-                sums[0] += nll_BT.sum()
-                sums[1] += keep_BT.sum()
-                if bytes_V is not None:
-                    b_BT = bytes_V[y.clamp(min=0)] * keep_BT
-                    sums[2] += (nll_BT * (b_BT > 0)).sum()
-                    sums[3] += b_BT.sum()
+                sums.add_targets(nll_BT, y, y != -100)
+                # expert loads over the real input tokens only (the routers also see the padding)
                 n_B = torch.tensor([len(ids) - 1 for ids, _ in mine[step]], device=device)
                 real_N = (torch.arange(x.shape[1], device=device)[None] < n_B[:, None]).flatten()
-                for layer, idx_NK in enumerate(choices):
-                    counts_LE[layer] += torch.bincount(idx_NK[real_N].flatten(), minlength=cfg.num_experts)
+                sums.add_counts(torch.stack([torch.bincount(idx_NK[real_N].flatten(), minlength=cfg.num_experts)
+                                             for idx_NK in choices]))
+                sums.windows += len(mine[step])
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
-    if distributed:
-        import torch.distributed as dist
-
-        dist.all_reduce(sums)
-        dist.all_reduce(counts_LE)
-    nats, n_tok, nats_b, n_bytes = sums.tolist()
-    loss = nats / n_tok if n_tok else float("nan")
-    counts = counts_LE.cpu().double()
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-            "bits_per_byte": nats_b / (LN2 * n_bytes) if bytes_V is not None and n_bytes else None,
-            "tokens": int(n_tok), "bytes": int(n_bytes), "conversations": len(chosen),
-            "expert_counts": counts_LE.cpu().tolist(),
-            "expert_fraction": (counts / counts.sum(dim=1, keepdim=True).clamp_min(1)).tolist(),
-            "expert_max_over_mean": (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-12)).tolist(),
-            "seconds": time.perf_counter() - t0}
+    return sums.result(model, distributed) | {"conversations": len(chosen)}
 
 
 def evaluate_chat(model, tokenizer, specs, batch_size: int = 8, max_len: int | None = None, split: str = "all",
@@ -508,7 +474,7 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
                     f"trainable parameters ({100 * n_train / n_all:.2f}% of {n_all:,}); the base is frozen")
             return model
 
-        def save_epoch(raw_model, full_state, path_stem: Path, epoch_meta: dict) -> Path:
+        def save_epoch(full_state, path_stem: Path, epoch_meta: dict) -> Path:
             base_state, adapters = split_state(full_state)
             path = path_stem.with_name(path_stem.name.replace("model_", "lora_", 1) + ".pt")
             atomic_save(adapter_checkpoint(adapters, router_buffers(base_state), spec, args.init_from, base_sha,
@@ -542,10 +508,8 @@ def train_chat(args: TrainArgs) -> dict:
                          "CHECKPOINT (or use `pakar finetune --checkpoint CHECKPOINT`); pretrain on plain text first")
     from pakar.checkpoint import safe_load
 
-    fields = {f.name for f in dataclasses.fields(TrainArgs)}
     base = safe_load(args.init_from)
-    ft = FinetuneArgs(**{**{k: v for k, v in dataclasses.asdict(args).items() if k in fields},
-                         "config": preset_name(base)})
+    ft = FinetuneArgs(**{**dataclasses.asdict(args), "config": preset_name(base)})
     return finetune(ft, base)
 
 

@@ -156,7 +156,6 @@ class _RowText:
 
 @dataclass
 class _Slot:
-    index: int
     row_text: _RowText
     prompt_tokens: int
     started: float
@@ -169,15 +168,26 @@ class TextGenerator:
         self.engine = Engine(model)
         self.tokenizer = tokenizer
         self.chat = bool(chat)
-        self.context_window = self.engine.context_window
         self.special_ids = (tokenizer.eot_id, tokenizer.im_start_id, tokenizer.im_end_id)
+
+    @property
+    def context_window(self) -> int:
+        return self.engine.context_window
+
+    @classmethod
+    def from_ckpt(cls, ckpt: dict, device="cpu", dtype: torch.dtype | None = None,
+                  chat: bool | None = None) -> "TextGenerator":
+        """From a loaded checkpoint dict; chat mode is the checkpoint's own (meta "chat") unless given."""
+        from pakar.checkpoint import build_model
+
+        model, tokenizer = build_model(ckpt, device, dtype)
+        return cls(model, tokenizer, chat=bool(ckpt.get("meta", {}).get("chat", False)) if chat is None else chat)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype: torch.dtype | None = None) -> "TextGenerator":
-        from pakar.checkpoint import load_model
+        from pakar.checkpoint import safe_load
 
-        model, tokenizer, ckpt = load_model(path, device, dtype)
-        return cls(model, tokenizer, chat=bool(ckpt.get("meta", {}).get("chat", False)))
+        return cls.from_ckpt(safe_load(path), device, dtype)
 
     # --- prompts ----------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -244,10 +254,9 @@ class TextBatch:
     def __init__(self, generator: TextGenerator):
         self.gen = generator
         self.batch = generator.engine.new_batch()
-        self.slots: dict[int, _Slot] = {}  # engine row id -> slot
-        self.by_index: dict[int, int] = {}  # request index -> engine row id
+        # a request's index is its engine row id (consecutive from 0 in the order requests are added)
+        self.slots: dict[int, _Slot] = {}  # live request index -> slot
         self.completions: dict[int, Completion] = {}
-        self._next_index = 0
 
     @property
     def active(self) -> int:
@@ -271,19 +280,12 @@ class TextBatch:
                   dataclasses.replace(p, stop_token_ids=(*p.stop_token_ids, *self.gen.special_ids)) for p in params]
         t0 = time.perf_counter()
         rows = self.batch.add(prompts, params)
-        indices = []
         for row, r, ids in zip(rows, requests, prompts):
-            idx = self._next_index
-            self._next_index += 1
-            self.slots[row] = _Slot(idx, _RowText(self.gen.tokenizer, r.stop), len(ids), t0)
-            self.by_index[idx] = row
-            indices.append(idx)
-        return indices
+            self.slots[row] = _Slot(_RowText(self.gen.tokenizer, r.stop), len(ids), t0)
+        return rows
 
     def cancel(self, index: int) -> None:
-        row = self.by_index.get(index)
-        if row is not None:
-            self.batch.cancel(row)
+        self.batch.cancel(index)  # unknown or finished indices are ignored
 
     def step(self) -> list[Delta]:
         deltas = []
@@ -305,14 +307,13 @@ class TextBatch:
             if reason is not None:
                 text += slot.row_text.finish()
                 self._complete(ev.row, slot, reason, now)
-            deltas.append(Delta(slot.index, text, reason))
+            deltas.append(Delta(ev.row, text, reason))
         return deltas
 
     def _complete(self, row: int, slot: _Slot, reason: str, now: float) -> None:
         rt = slot.row_text
-        self.completions[slot.index] = Completion(
-            index=slot.index, text=rt.text, token_ids=list(rt.ids), prompt_tokens=slot.prompt_tokens,
+        self.completions[row] = Completion(
+            index=row, text=rt.text, token_ids=rt.ids, prompt_tokens=slot.prompt_tokens,
             completion_tokens=slot.sampled, finish_reason=reason,
             time_to_first_token=(slot.first_token or now) - slot.started, seconds=now - slot.started)
         del self.slots[row]
-        del self.by_index[slot.index]

@@ -464,6 +464,7 @@ def main_export(argv: list[str], prog: str = "pakar export") -> int:
 
 def main_import(argv: list[str], prog: str = "pakar import") -> int:
     from pakar.checkpoint import atomic_save
+    from pakar.info import param_counts
 
     p = argparse.ArgumentParser(prog=prog, description="Read a local Hugging Face Qwen3-MoE folder (safetensors, "
                                 "tokenizer.json) into a self-contained pakar checkpoint (float32 weights).")
@@ -472,8 +473,6 @@ def main_import(argv: list[str], prog: str = "pakar import") -> int:
     args = p.parse_args(argv)
     ckpt = import_folder(args.src)
     atomic_save(ckpt, args.out)
-    tied = ckpt["config"]["tie_word_embeddings"]
-    n = sum(t.numel() for k, t in ckpt["model"].items()
-            if not k.endswith("expert_bias") and not (tied and k == "lm_head.weight"))
+    n = param_counts(ModelConfig.from_dict(ckpt["config"]))["total_params"]
     print(f"imported {n / 1e6:.2f}M parameters from {args.src} to {args.out}")
     return 0

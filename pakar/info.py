@@ -113,12 +113,10 @@ def train_memory(cfg: ModelConfig, batch_size: int, seq_len: int, bf16: bool) ->
 
 def info(cfg: ModelConfig, seq_len: int, batch_size: int) -> dict:
     p = param_counts(cfg)
-    out = {"config": None, **cfg.to_dict(), **p, "seq_len": seq_len, "batch_size": batch_size,
-           "train_flops_per_token": train_flops_per_token(cfg, seq_len),
-           "memory_fp32": train_memory(cfg, batch_size, seq_len, bf16=False),
-           "memory_bf16": train_memory(cfg, batch_size, seq_len, bf16=True)}
-    del out["config"]
-    return out
+    return {**cfg.to_dict(), **p, "seq_len": seq_len, "batch_size": batch_size,
+            "train_flops_per_token": train_flops_per_token(cfg, seq_len),
+            "memory_fp32": train_memory(cfg, batch_size, seq_len, bf16=False),
+            "memory_bf16": train_memory(cfg, batch_size, seq_len, bf16=True)}
 
 
 def _n(x: float) -> str:

@@ -619,30 +619,21 @@ async def _stream(job: Job, parsed: Parsed, rid: str, worker: Worker):
 def load_generator(checkpoint: str | None = None, model_dir: str | None = None, device: str = "auto",
                    dtype: str = "auto"):
     """(TextGenerator, default model name) from a pakar checkpoint or a Hugging Face Qwen3-MoE folder."""
-    import torch
-
-    from pakar.checkpoint import build_model, safe_load
+    from pakar.chat import pick_dtype
+    from pakar.checkpoint import safe_load
     from pakar.generate import TextGenerator
+    from pakar.train import resolve_device
 
     if (checkpoint is None) == (model_dir is None):
         raise PakarError("give exactly one of --checkpoint PATH or --model DIR")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise PakarError(f"--device {device}: CUDA is not available on this machine")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in dtypes:
-        raise PakarError(f"--dtype must be auto, {', '.join(dtypes)}; got {dtype!r}")
+    device = resolve_device(device)
     if checkpoint is not None:
         ckpt, name = safe_load(checkpoint), Path(checkpoint).stem
     else:
         from pakar.hf import import_folder
 
         ckpt, name = import_folder(model_dir), Path(model_dir).resolve().name
-    model, tokenizer = build_model(ckpt, device, dtypes[dtype])
-    return TextGenerator(model, tokenizer, chat=bool(ckpt.get("meta", {}).get("chat", False))), name
+    return TextGenerator.from_ckpt(ckpt, device, pick_dtype(dtype, device)), name
 
 
 def main(argv: list[str], prog: str = "pakar serve") -> int:

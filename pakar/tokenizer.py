@@ -172,13 +172,12 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -
     return Tokenizer(hf)
 
 
-def train_on_corpus(specs, vocab_size: int = DEFAULT_VOCAB, log=print, stats: CorpusStats | None = None,
-                    on_train_doc: Callable[[str], None] | None = None
-                    ) -> tuple[Tokenizer, CorpusStats, list[str]]:
+def train_on_corpus(specs, vocab_size: int = DEFAULT_VOCAB, log=print,
+                    on_train_doc: Callable[[str], None] | None = None) -> tuple[Tokenizer, CorpusStats, list[str]]:
     """Trains on a corpus's training documents (sampled above TRAIN_MAX_BYTES); returns the tokenizer,
     the corpus stats and up to HELDOUT_MAX_BYTES of held-out documents (never trained on).
     `on_train_doc` sees each training document (the CLI counts words with it)."""
-    stats = CorpusStats() if stats is None else stats
+    stats = CorpusStats()
     sources = resolve_sources(specs)
     # estimate the text size from the files (gzip text shrinks ~4x) to set a uniform sampling rate
     estimate = sum(p.stat().st_size * (4 if p.suffix.lower() == ".gz" else 1) for p in sources)

@@ -212,8 +212,9 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
     """Train and return a summary dict. Extension points for fine-tuning (pakar.finetune):
     `data` (an object with .steps_per_epoch, .get(epoch, step) -> (x, y) with y = -100 where not
     counted, and .evaluate(model, **kw) -> dict), `tokenizer`, `customize_model(model) -> model`
-    (e.g. wrap with LoRA adapters; only parameters left trainable are optimised), `save_epoch(model,
-    path_stem, meta)` to write epoch checkpoints differently (e.g. adapters only), `meta` added to
+    (e.g. wrap with LoRA adapters; only parameters left trainable are optimised), `save_epoch(state,
+    path_stem, meta) -> path` to write epoch checkpoints differently from the full state dict (e.g.
+    adapters only), `meta` added to
     every checkpoint's meta, `init_ckpt` the args.init_from checkpoint if the caller has already loaded
     it (its "model" tensors are popped once the model holds them, so no second copy stays in memory)."""
     from pakar import distributed as D
@@ -460,7 +461,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     path = ck_dir / f"model_epoch{epoch}.pt"
                     m = checkpoint_meta(val_loss=last_val["loss"], val_bpb=last_val.get("bits_per_byte"))
                     if save_epoch is not None:
-                        path = save_epoch(raw_model, full["model"], ck_dir / f"model_epoch{epoch}", m)
+                        path = save_epoch(full["model"], ck_dir / f"model_epoch{epoch}", m)
                     else:
                         atomic_save(model_checkpoint(full["model"], model_cfg, tokenizer.to_json(), **m), path)
                     log.say(f"saved {path}")

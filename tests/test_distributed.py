@@ -77,19 +77,30 @@ def runs(tmp_path_factory, corpus):
     return get
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def command(nproc: int, *args: str) -> list[str]:
+    """python ARGS in one plain process, or under torchrun with nproc ranks."""
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def run_ok(cmd: list[str]) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+
+
 def launch(out: Path, nproc: int, corpus: Path, *flags: str, kill_after_save: bool = False) -> int:
     """Train (one plain process, or nproc ranks under torchrun); with kill_after_save, SIGKILL every
     process once the first periodic state (step 4) is on disk and step 6 is logged, so that the resumed
     run replays steps 5 and 6; returns the saved step."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [str(ROOT / "train.py"), *COMMON, "--data", str(corpus), "--out", str(out), *flags]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-           if nproc > 1 else [sys.executable, *args])
+    cmd = command(nproc, str(ROOT / "train.py"), *COMMON, "--data", str(corpus), "--out", str(out), *flags)
     if not kill_after_save:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+        run_ok(cmd)
         return -1
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     metrics, deadline = out / "metrics.jsonl", time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -262,13 +273,9 @@ def test_fsdp_two_ranks_equal_one_process_and_resume(runs):
 # ---- LoRA chat fine-tuning ------------------------------------------------------------------------
 def finetune(out: Path, nproc: int, base: Path, chats: Path, *flags: str) -> Path:
     """`pakar finetune` with LoRA on the chats, in one process or nproc ranks under torchrun."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["-m", "pakar", "finetune", "--checkpoint", str(base), "--data", str(chats), "--out", str(out),
-            "--lora-rank", "4", "--epochs", "1", "--log-every", "1", "--device", "cpu", *flags]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-           if nproc > 1 else [sys.executable, *args])
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    run_ok(command(nproc, "-m", "pakar", "finetune", "--checkpoint", str(base), "--data", str(chats),
+                   "--out", str(out), "--lora-rank", "4", "--epochs", "1", "--log-every", "1", "--device", "cpu",
+                   *flags))
     return out
 
 
