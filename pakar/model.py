@@ -11,17 +11,15 @@ embed_tokens -> num_hidden_layers x [x + attn(RMSNorm(x)); x + moe(RMSNorm(x))] 
 - Generation-ready: forward() takes an optional KVCache, per-row position ids and a key-padding mask
   (left-padded batches), and can compute logits for the last position only.
 - Training-ready: with targets and return_logits=False the head and the cross-entropy run fused,
-  chunk by chunk (LinearCrossEntropy), so the (tokens x vocabulary) logits are never stored.
+  chunk by chunk (pakar.kernels.linear_cross_entropy), so the (tokens x vocabulary) logits are never
+  stored.
 - Mixed precision is torch.autocast with float32 weights. The router, softmaxes, the norms'
-  statistics, the loss and the residual stream stay float32. On a CPU, where elementwise passes cost
-  as much as bfloat16 matmuls, two choices here make bfloat16 pay (measured in
-  benchmarks/bench_model.py): the fused head never converts full-size logits to float32, and RMSNorm
-  keeps bfloat16 inputs in bfloat16 with a backward that saves only its input (on the CPU, F.rms_norm's
-  autograd saves three float32 copies). The attention input is cast once, not once per projection.
-  The experts' share is in pakar/moe.py.
+  statistics, the loss and the residual stream stay float32. The attention input is cast once, not
+  once per projection. How the norms and the fused head make bfloat16 pay on a CPU is in
+  pakar/kernels.py (with the other custom autograd functions); the experts' share is in pakar/moe.py.
 
 Shape legend: B batch, T new tokens, S cached+new tokens, D hidden, H query heads, G key/value heads,
-K head_dim, V vocabulary, L layers, E experts, N tokens in a batch (B x T), C rows in a chunk.
+K head_dim, V vocabulary, L layers, E experts.
 """
 
 from __future__ import annotations
@@ -36,32 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 from pakar import PakarError
 from pakar.config import ModelConfig
-from pakar.moe import MoE, compute_dtype
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm for the CPU: one fused forward kernel, and a backward that keeps only the input and the
-    per-row 1/rms. (On the CPU, autograd runs F.rms_norm as pow, mean, rsqrt and two multiplies, each
-    saving a float32 copy: three activation-sized tensors per norm, upcast even for bfloat16 inputs.)"""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd
-        g = grad_y.float()
-        grad_w = (g * xhat).sum(dim=tuple(range(g.dim() - 1)))
-        g = g * weight.float()
-        grad_x = rstd * (g - xhat * (g * xhat).mean(dim=-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
-
-
-_HAS_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
+from pakar.kernels import compute_dtype, linear_cross_entropy, rms_norm
+from pakar.moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -74,13 +48,7 @@ class RMSNorm(nn.Module):
         # Normalises in float32 whatever the input dtype (as the reference does) and returns the
         # input's dtype: under autocast a bfloat16 input (q_norm, k_norm) stays bfloat16 instead of
         # being promoted to float32 by a float32 weight.
-        weight = self.weight.to(x.dtype)
-        if x.device.type == "cpu" and _HAS_FUSED_RMS_NORM and torch.is_grad_enabled() \
-                and (x.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling():
-            return _RMSNormFunction.apply(x, weight, self.eps)
-        # fused kernels: CUDA's forward and backward, CPU inference; under torch.compile the
-        # compiler fuses the decomposition itself and chooses what to save
-        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        return rms_norm(x, self.weight.to(x.dtype), self.eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -153,82 +121,6 @@ class Block(nn.Module):
         return x_BTD + h_BTD, balance_loss, z_loss
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """lm_head and cross-entropy in one, chunk by chunk, never holding the (N, V) logits.
-
-    The forward pass computes each chunk's logits, their float32 log-softmax and loss, and at once
-    the chunk's gradient (softmax - one-hot) pushed through the matmul to the hidden states and the
-    head weight, so the backward pass is two scalings. The FLOPs are those of lm_head +
-    cross_entropy + backward; what is saved is memory traffic: the unfused head writes, converts,
-    zero-fills and re-reads float32 (N, V) tensors, which with a small model and an 8192-token
-    vocabulary costs more than all the matmuls of the head. The chunk buffers are allocated once and
-    reused (a fresh multi-MB tensor per chunk costs page faults and cache misses on a CPU), and in
-    low precision the head-weight gradient is accumulated in float32 once per block of chunks (each
-    accumulation reads and writes all of V x D). Gradients are only computed when needed. Rows whose
-    target is -100 are ignored. Returns the summed loss and the number of counted rows.
-    """
-
-    BLOCK_ELEMENTS = 8 << 20  # low precision: gradient rows (x V) gathered before each accumulation
-
-    @staticmethod
-    def forward(ctx, h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int):
-        """h_ND in the compute dtype; weight_VD as stored (cast here, so that its gradient leaves in
-        float32 straight from the float32 accumulator, without a round trip through bfloat16)."""
-        (N, D), V = h_ND.shape, weight_VD.shape[0]
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        w_VD = weight_VD.to(h_ND.dtype)
-        low = h_ND.dtype != torch.float32  # matmuls in the compute dtype, the softmax in float32
-        valid_N = targets_N != -100
-        safe_N = torch.where(valid_N, targets_N, 0)
-        C = max(1, min(chunk, N))
-        rows_C = torch.arange(C, device=h_ND.device)
-        logits_CV = h_ND.new_empty(C, V)
-        logits32_CV = torch.empty(C, V, dtype=torch.float32, device=h_ND.device) if low else logits_CV
-        logp_CV = torch.empty(C, V, dtype=torch.float32, device=h_ND.device)
-        nll_N = torch.empty(N, dtype=torch.float32, device=h_ND.device)
-        if need_grad:
-            grad_h_ND = torch.empty_like(h_ND)
-            grad_w_VD = torch.zeros(V, D, dtype=torch.float32, device=w_VD.device)
-            if low:  # gradient rows of up to `per_block` chunks, then one matmul and one accumulation
-                per_block = max(1, LinearCrossEntropy.BLOCK_ELEMENTS // (C * V))
-                g_FV = h_ND.new_empty(min(per_block * C, N), V)
-                grad_w_low_VD = h_ND.new_empty(V, D)
-        block_start = 0
-        for s in range(0, N, C):
-            c = min(C, N - s)
-            h_cD, t_c, v_c, r_c = h_ND[s:s + c], safe_N[s:s + c], valid_N[s:s + c], rows_C[:c]
-            torch.mm(h_cD, w_VD.T, out=logits_CV[:c])
-            if low:
-                logits32_CV[:c].copy_(logits_CV[:c])
-            logp_cV = torch.log_softmax(logits32_CV[:c], dim=-1, out=logp_CV[:c])
-            nll_N[s:s + c] = -logp_cV[r_c, t_c]
-            if not need_grad:
-                continue
-            p_cV = logp_cV.exp_()  # softmax, in place
-            p_cV[r_c, t_c] -= 1.0
-            p_cV.mul_(v_c.unsqueeze(1))  # ignored rows: no gradient
-            if not low:
-                torch.mm(p_cV, w_VD, out=grad_h_ND[s:s + c])
-                grad_w_VD.addmm_(p_cV.T, h_cD)
-                continue
-            g_cV = g_FV[s - block_start:s - block_start + c]
-            g_cV.copy_(p_cV)
-            torch.mm(g_cV, w_VD, out=grad_h_ND[s:s + c])
-            if s + c - block_start == g_FV.shape[0] or s + c == N:  # block full, or the last chunk
-                torch.mm(g_FV[:s + c - block_start].T, h_ND[block_start:s + c], out=grad_w_low_VD)
-                grad_w_VD += grad_w_low_VD
-                block_start = s + c
-        if need_grad:
-            ctx.save_for_backward(grad_h_ND, grad_w_VD)
-        ctx.w_dtype = weight_VD.dtype
-        return torch.where(valid_N, nll_N, 0.0).sum(), valid_N.sum()
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_count):
-        grad_h_ND, grad_w_VD = ctx.saved_tensors
-        return (grad_h_ND * grad_loss.to(grad_h_ND.dtype), (grad_w_VD * grad_loss).to(ctx.w_dtype), None, None)
-
-
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # (B, T, V), or (B, 1, V) with last_only; None with return_logits=False
@@ -294,13 +186,6 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.mlp.gate.expert_bias.zero_()
 
-    def _auto_chunk_rows(self, x: torch.Tensor) -> int:
-        # CPU: 2M logits (8 MiB in float32) per chunk stay in cache and were fastest in
-        # benchmarks/bench_model.py (larger chunks lose more to memory traffic than they gain in
-        # matmul efficiency); GPU: 32M, fewer and larger matmuls.
-        elements = (2 << 20) if x.device.type == "cpu" else (32 << 20)
-        return max(16, elements // self.config.vocab_size)
-
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers]
 
@@ -356,11 +241,8 @@ class Transformer(nn.Module):
 
         logits, loss = None, None
         if targets is not None and not return_logits:
-            dtype = compute_dtype(x)
-            with torch.autocast(x.device.type, enabled=False):
-                loss_sum, n = LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]).to(dtype),
-                                                       self.lm_head.weight, targets.reshape(-1),
-                                                       self.loss_chunk_rows or self._auto_chunk_rows(x))
+            loss_sum, n = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight,
+                                               targets.reshape(-1), self.loss_chunk_rows)
             loss = loss_sum / n if loss_reduction == "mean" else loss_sum
         else:
             logits = self.lm_head(x)

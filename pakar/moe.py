@@ -12,16 +12,17 @@ Design (Qwen3-MoE compatible, torchtitan-style dispatch):
 - Dispatch is dropless: the N*K (token, expert) pairs are sorted by expert and run as one grouped
   matmul (`torch._grouped_mm`) over contiguous per-expert row blocks, then put back in token order and
   combined with the gate weights. Activations are cast to the compute dtype *before* the gather, so
-  under bfloat16 autocast the N*K-row copies move half the bytes; the scatters back keep only their
-  index for backward. Under autocast, gate and up run as one grouped matmul over [gate; up]: the
-  weights are cast every step anyway, and casting them into one tensor costs no extra pass.
+  under bfloat16 autocast the N*K-row copies move half the bytes; the scatters back
+  (pakar.kernels.scatter_rows) keep only their index for backward. Under autocast, gate and up run as
+  one grouped matmul over [gate; up], cast into one tensor in one pass (pakar.kernels.cat_cast).
 - On the CPU in bfloat16 each expert's rows are padded to a multiple of a bucket (Experts.row_bucket):
   oneDNN builds a kernel per matmul shape, routing changes every expert's row count at every step,
   and without the padding the expert matmuls ran ~6x slower (benchmarks/bench_model.py).
-- Where the grouped matmul is not available (float32 under torch.compile on CPU, float32 or pre-Hopper
-  GPUs, old torch, strides that are not 16-byte multiples) the per-expert loop runs instead; it is also
-  the test oracle. Both paths give every expert a gradient (zero when it got no tokens) every step, so
-  data-parallel gradient reduction never waits for a missing parameter.
+- Where the grouped matmul cannot run (float32 under torch.compile on CPU, float32 or pre-Hopper
+  GPUs, old torch, strides that are not 16-byte multiples: pakar.kernels.grouped_mm_available and
+  grouped_mm_aligned) the per-expert loop runs instead; it is also the test oracle. Both paths give
+  every expert a gradient (zero when it got no tokens) every step, so data-parallel gradient
+  reduction never waits for a missing parameter.
 - The grouped path needs no host-device synchronisation: expert offsets come from a searchsorted on
   the sorted expert ids and stay on the device (bincount would read its size back to the host on GPU),
   and the padded buffer has a static size.
@@ -42,64 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pakar.config import ModelConfig
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on `x` run in: the autocast dtype inside an autocast region, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-class _CatCast(torch.autograd.Function):
-    """torch.cat(tensors, dim).to(dtype) in one pass over the data (cat-then-cast or cast-then-cat
-    would write and re-read an intermediate copy); the backward slices and casts the gradient back."""
-
-    @staticmethod
-    def forward(ctx, dim: int, dtype: torch.dtype, *tensors: torch.Tensor) -> torch.Tensor:
-        shape = list(tensors[0].shape)
-        shape[dim] = sum(t.shape[dim] for t in tensors)
-        out = tensors[0].new_empty(shape, dtype=dtype)
-        start = 0
-        for t in tensors:
-            out.narrow(dim, start, t.shape[dim]).copy_(t)
-            start += t.shape[dim]
-        ctx.dim, ctx.sizes, ctx.dtypes = dim, [t.shape[dim] for t in tensors], [t.dtype for t in tensors]
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        parts = grad.split(ctx.sizes, dim=ctx.dim)
-        return (None, None, *(g.to(dt) for g, dt in zip(parts, ctx.dtypes)))
-
-
-class _ScatterRows(torch.autograd.Function):
-    """out = zeros(rows, D) with out[index] = x, for distinct indices (rows == M: a permutation, no
-    zero fill needed). Autograd's index_copy keeps the whole source for its backward; this keeps only
-    the index (the backward is a gather)."""
-
-    @staticmethod
-    def forward(ctx, x_MD: torch.Tensor, index_M: torch.Tensor, rows: int) -> torch.Tensor:
-        ctx.save_for_backward(index_M)
-        out = x_MD.new_empty(rows, x_MD.shape[1]) if rows == x_MD.shape[0] else x_MD.new_zeros(rows, x_MD.shape[1])
-        return out.index_copy_(0, index_M, x_MD)
-
-    @staticmethod
-    def backward(ctx, grad_PD: torch.Tensor):
-        (index_M,) = ctx.saved_tensors
-        return grad_PD.index_select(0, index_M), None, None
-
-
-def scatter_rows(x_MD: torch.Tensor, index_M: torch.Tensor, rows: int) -> torch.Tensor:
-    return _ScatterRows.apply(x_MD, index_M, rows)
-
-
-def cat_cast(tensors: tuple[torch.Tensor, ...], dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """Weights concatenated along `dim` and cast to `dtype` in a single copy. Under autocast every
-    weight is cast each step anyway; doing it into one matrix lets several matmuls run as one."""
-    if torch.compiler.is_compiling():  # the compiler fuses cat and cast into one kernel by itself
-        return torch.cat(tensors, dim=dim).to(dtype)
-    return _CatCast.apply(dim, dtype, *tensors)
+from pakar.kernels import cat_cast, compute_dtype, grouped_mm_aligned, grouped_mm_available, scatter_rows
 
 
 class Router(nn.Module):
@@ -123,28 +67,6 @@ class Router(nn.Module):
         return logits_NE, probs_NE, idx_NK, weight_NK
 
 
-def grouped_mm_available(x: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm can run on `x`'s device and dtype here: float32/bfloat16 on CPU
-    (torch >= 2.8; float32 fails under torch.compile, so compiled float32 takes the loop) and bfloat16
-    on Hopper or newer GPUs."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling())
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return False
-
-
-def _aligned(*tensors: torch.Tensor) -> bool:
-    """torch._grouped_mm needs 16-byte aligned data and row strides (a hidden size of 70 in float32
-    is not); such shapes take the loop. Reads only metadata: no device synchronisation. (Under
-    torch.compile data pointers do not exist yet; the compiler's buffers are aligned.)"""
-    compiling = torch.compiler.is_compiling()
-    return all((compiling or t.data_ptr() % 16 == 0)
-               and all((st * t.element_size()) % 16 == 0 for st in t.stride() if st != 1) for t in tensors)
-
-
 class Experts(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -163,7 +85,7 @@ class Experts(nn.Module):
         I = w_gate.shape[1]
         native = dtype == w_gate.dtype  # else autocast: fresh (aligned) low-precision copies
         if not (self.use_grouped_mm and grouped_mm_available(x_MD) and (I * x_MD.element_size()) % 16 == 0
-                and _aligned(x_MD, *((w_gate, w_up, w_down) if native else ()))):
+                and grouped_mm_aligned(x_MD, *((w_gate, w_up, w_down) if native else ()))):
             return self.forward_loop(x_MD, counts_E, w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype))
         bucket = self.row_bucket(x_MD)
         if bucket > 1:

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from pakar import PakarError
 from pakar.config import get_config
-from pakar.moe import MoE, expert_load_stats, grouped_mm_available, update_expert_bias
+from pakar.kernels import grouped_mm_available
+from pakar.moe import MoE, expert_load_stats, update_expert_bias
 
 
 def make_moe(seed=0, **overrides) -> MoE:
