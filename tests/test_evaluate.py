@@ -162,7 +162,9 @@ def test_streamed_corpus_equals_the_whole_stream(model, sample_tokenizer, tmp_pa
         a = evaluate_tokens(model, ids, 3, 16, tok.token_byte_lengths(), max_tokens=max_tokens)
         b = evaluate_corpus(model, tok, [str(corpus)], 3, 16, max_tokens=max_tokens)
         assert (a["tokens"], a["bytes"], a["windows"]) == (b["tokens"], b["bytes"], b["windows"])
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+        # the same windows in batches of other shapes: float32 matmuls may block (and round) differently
+        # per batch shape, a few float32 ulps per token (2**-24 ~ 6e-8), never more than 1e-5 of the mean
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["expert_counts"] == b["expert_counts"]
 
 
