@@ -101,18 +101,21 @@ class LiveServer:
     """uvicorn serving create_app(...) in a background thread on an already bound loopback socket."""
 
     def __init__(self, checkpoint: Path, api_key: str | None = None, max_batch: int = 16, max_queue: int = 256,
-                 device: str = "cpu", model_name: str = MODEL_NAME):
+                 device: str = "cpu", model_name: str = MODEL_NAME, **limits):
         import uvicorn
 
-        from pakar.serve import create_app, load_generator
+        from pakar.serve import Limits, create_app, load_generator, uvicorn_config
 
         self.gen, _ = load_generator(str(checkpoint), device=device)
         self.model_name = model_name
-        self.app = create_app(self.gen, model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+        self.limits = Limits(**limits)
+        self.app = create_app(self.gen, model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                              limits=self.limits)
         self.sock = free_socket()
         host, port = self.sock.getsockname()
+        self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, self.limits, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -392,7 +395,7 @@ def test_queue_waits_in_order_and_refuses_beyond_its_limit(checkpoint):
             assert r.status_code == 429 and error_of(r)["code"] == "server_busy"
         t.join(timeout=60)  # closing the first stream cancelled it, and the waiting request ran
         assert waiting["r"].choices[0].message.content == CHAT_PAIRS[0][1]
-        assert s.health()["finished"] == {"stop": 1, "length": 0, "cancelled": 1}
+        assert s.health()["finished"] == {"stop": 1, "length": 0, "cancelled": 1, "error": 0}
     finally:
         s.close()
 
