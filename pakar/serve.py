@@ -59,6 +59,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pakar import PakarError
 
@@ -593,6 +594,10 @@ class _Guard:
         await self.app(scope, receive, send)
 
     def refuse(self, scope) -> APIError | None:
+        size = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) for k, v in scope["headers"])
+        if size > MAX_HEADER_BYTES:  # h11 bounds only headers that arrive slowly; these came at once
+            return APIError(431, f"the request line and headers are {size} bytes; this server accepts at most "
+                                 f"{MAX_HEADER_BYTES}", None, "headers_too_large")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         host = headers.get("host", "")
         if not self.any_host and _host_name(host) not in self.allowed:
@@ -637,6 +642,8 @@ async def read_body(request: Request, limits: Limits) -> bytes:
 
     try:
         return await asyncio.wait_for(read(), timeout=limits.header_timeout)
+    except ClientDisconnect:  # nobody will read this answer; it only keeps the log free of tracebacks
+        raise APIError(400, "the client left before sending the whole body") from None
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {limits.header_timeout:g} s", None,
                        "request_timeout") from None

@@ -565,7 +565,7 @@ def test_a_failing_row_fails_only_its_own_request(slow_server, reference, monkey
         return parsed
 
     monkeypatch.setattr(serve, "parse_request", poisoned)
-    before = slow_server.health()["finished"]["error"]
+    before = slow_server.health()["finished"].get("error", 0)
     b = Bystander(slow_server)
     r = httpx.post(slow_server.url + "/v1/chat/completions", json={"messages": user("Halo"), "poison": True},
                    timeout=60)
@@ -621,6 +621,8 @@ def test_request_size_limit(checkpoint):
 
         r = httpx.post(s.url + "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
         assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+        r = httpx.get(s.url + "/health", headers={"X-Big": "a" * 20_000})  # arrives at once, past h11's bound
+        assert r.status_code == 431 and error_of(r)["code"] == "headers_too_large"
         ok = s.client().chat.completions.create(model=MODEL_NAME, messages=user("Halo"), temperature=0)
         assert ok.choices[0].message.content == CHAT_PAIRS[0][1]
     finally:
