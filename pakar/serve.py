@@ -18,8 +18,37 @@ Design choices:
   starts: 400 for unreadable JSON, wrong types, out-of-range values, unsupported options that would
   change the result (penalties, logprobs, tools: refused rather than silently ignored) and prompts
   that do not fit the context window (code "context_length_exceeded"); 401 for a missing or wrong
-  key when --api-key is set; 404 for an unknown model name or URL; 429 when the queue is full.
+  key when a key is set; 404 for an unknown model name or URL; 429 when the queue is full.
   500 is left for bugs. Unknown fields are ignored, as clients send many.
+- One client cannot hurt another (zero 5xx for any input; benchmarks/fault_server.py counts them):
+  * Safe ranges. temperature [0, 2], with (0, 0.01) raised to 0.01 (1e-300 is 0 in float32 and
+    logits / temperature would overflow; 0.01 is greedy in all but ties); top_p [0, 1];
+    repetition_penalty [0.01, 10]; n [1, 16] and n x prompts <= --max-batch; max_tokens <= the window;
+    16 stop strings of <= 256 characters (each token scans the held-back tail against them).
+    JSON is strict (no NaN/Infinity), at most MAX_JSON_DEPTH deep; integer literals longer than 32
+    digits are never converted (Python refuses 4,300 digits with a ValueError) but refused by the
+    field that holds them; text with a lone surrogate ("\\ud800") is a 400, as it cannot be encoded.
+  * A row fails alone: the engine gives a row whose sampling distribution is not finite the finish
+    reason "error" and goes on with the others; that request gets a 500 (a bug or a bypassed check),
+    the rest of the batch is untouched. A failure of the whole forward still fails the whole batch.
+  * Request bodies are read with a limit (--max-request-bytes, 413) and within --header-timeout (408);
+    request line plus headers are bounded (16 KiB: h11 for slow ones, 431 for ones that arrive whole).
+    JSON parsing and tokenization run in a 2-thread pool, never on the event loop, and a prompt whose
+    UTF-8 length alone proves it cannot fit (more bytes than the window times the longest token's
+    bytes) is refused with both lengths without tokenizing.
+  * Connections (guarded_protocol, on uvicorn's h11 protocol): a connection must complete a request's
+    headers within --header-timeout of opening or of its previous answer, else it is closed; idle
+    keep-alive connections close after 5 s; connections beyond --max-connections are closed on
+    arrival (and the open-file limit is raised to fit them), so silent sockets and slowloris clients
+    can neither pile up nor exhaust file descriptors.
+  * A client that leaves is cancelled: streams through Starlette's disconnect listener, non-streaming
+    requests through a task that waits for the ASGI disconnect message (not by polling between
+    results, which a busy generation never leaves time for).
+  * Host allow-list (DNS rebinding: a page on an attacker's name resolving to 127.0.0.1 sends that
+    name as Host): loopback names and the --host address by default, --allowed-hosts for more, "*"
+    for any; others get 400. Without an API key, any POST with a foreign Origin (or a cross-site
+    Sec-Fetch-Site) and any form/text body (which a page elsewhere can send without a CORS preflight)
+    gets 403; the chat page's own fetches (same origin, JSON) pass. With a key, the key is the guard.
 - max_tokens larger than the context window is refused; a prompt plus max_tokens that overflows the
   window is not: the answer stops at the window with finish_reason "length" (pakar/engine.py's
   policy), which lets chat UIs with a fixed max_tokens keep working as a conversation grows.
@@ -27,7 +56,9 @@ Design choices:
   the window" on chat; `model` may be omitted. Extensions (vLLM's names): top_k, repetition_penalty.
   Waiting requests are admitted first come, first served; /health reports active and queued rows,
   finished rows by reason and the largest batch so far.
-- Security: binds to 127.0.0.1 unless --host says otherwise; keys are compared in constant time;
+- Security: binds to 127.0.0.1 unless --host says otherwise; the key comes from --api-key-file,
+  $PAKAR_API_KEY or --api-key (the command line is visible to other users), and is compared as
+  SHA-256 digests in constant time (not even its length leaks);
   the page is served with a Content-Security-Policy that allows only its own script and style, on top
   of the page rendering model output as text only. FastAPI's /docs pages are off (they load
   JavaScript from a CDN).
