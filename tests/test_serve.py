@@ -669,21 +669,25 @@ def test_tokenization_runs_off_the_event_loop(server, monkeypatch):
 
 
 def closed_within(sock: socket.socket, seconds: float) -> bool:
-    """Whether the server closes `sock` (EOF or reset) within `seconds`."""
-    sock.settimeout(seconds)
-    try:
-        return sock.recv(1024) == b""
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
+    """Whether the server closes `sock` (EOF or reset) within `seconds` (data before the end is read
+    and ignored: the rest of an answer may still be on its way)."""
+    deadline = time.time() + seconds
+    while True:
+        sock.settimeout(max(0.001, deadline - time.time()))
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
 
 
 def test_silent_and_slow_connections_are_closed_and_bounded(checkpoint):
     """Sockets that never send a byte, or send headers a byte at a time, are closed after
     --header-timeout; beyond --max-connections new sockets are closed at once; /health answers
     throughout (1,100 such sockets used to exhaust the file descriptors)."""
-    s = LiveServer(checkpoint, header_timeout=1.0, max_connections=24)
+    s = LiveServer(checkpoint, header_timeout=3.0, max_connections=24)
     socks: list[socket.socket] = []
     try:
         silent = [socket.create_connection((s.host, s.port)) for _ in range(10)]
@@ -698,14 +702,15 @@ def test_silent_and_slow_connections_are_closed_and_bounded(checkpoint):
             except OSError:
                 break
             time.sleep(0.05)
-        assert all(closed_within(c, 5) for c in silent + [slow])
-        assert time.time() - t0 < 8
+        assert all(closed_within(c, 8) for c in silent + [slow])
+        assert time.time() - t0 < 12
         # a flood: the first ones fill the limit, the rest are closed on arrival
         flood = [socket.create_connection((s.host, s.port)) for _ in range(60)]
         socks += flood
-        closed_at_once = sum(closed_within(c, 0.3) for c in flood[30:])
-        assert closed_at_once == 30
-        assert all(closed_within(c, 5) for c in flood[:30])  # then the header timeout frees the rest
+        t0 = time.time()
+        closed_at_once = sum(closed_within(c, 1.5) for c in flood[30:])
+        assert closed_at_once == 30 and time.time() - t0 < 2.5  # well before the 3 s timeout
+        assert all(closed_within(c, 8) for c in flood[:30])  # then the header timeout frees the rest
         assert httpx.get(s.url + "/health", timeout=2).status_code == 200
         # a keep-alive client that sends a request, then lingers without a second one, is closed too
         keep = socket.create_connection((s.host, s.port))
@@ -714,7 +719,7 @@ def test_silent_and_slow_connections_are_closed_and_bounded(checkpoint):
         keep.settimeout(5)
         assert keep.recv(4096).startswith(b"HTTP/1.1 200")
         keep.send(b"GET /he")
-        assert closed_within(keep, 5)
+        assert closed_within(keep, 8)
     finally:
         for c in socks:
             c.close()
@@ -728,7 +733,7 @@ def test_non_streaming_request_is_cancelled_when_the_client_leaves(slow_server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(slow_server.url + "/v1/chat/completions",
                    json={"messages": user(COUNT_PROMPT), "temperature": 0, "max_tokens": 450}, timeout=1.0)
-    deadline = time.time() + 3  # 450 tokens take at least 4.5 s on this server
+    deadline = time.time() + 3.4  # 450 tokens take at least 4.5 s on this server
     while slow_server.health()["finished"]["cancelled"] == before["cancelled"]:
         assert time.time() < deadline, "the abandoned request kept generating"
         time.sleep(0.05)
