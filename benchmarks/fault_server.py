@@ -25,6 +25,7 @@ one JSON object; main() returns 0 when there are no 5xx, no tracebacks and no br
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -203,8 +204,10 @@ def _raw(port: int, payload: bytes, wait: float = 3.0):
         s.settimeout(wait)
         try:
             data = s.recv(64)
-        except (socket.timeout, ConnectionResetError):
-            return "closed" if not isinstance(sys.exc_info()[1], socket.timeout) else "no answer"
+        except ConnectionResetError:
+            return "closed"
+        except socket.timeout:
+            return "no answer"
         if data.startswith(b"HTTP/1."):
             return int(data.split()[1])
         return "closed"
@@ -358,8 +361,7 @@ def run_matrix() -> dict:
                                      "--port", str(port), "--device", "cpu", "--header-timeout", str(HEADER_TIMEOUT),
                                      "--max-connections", str(MAX_CONNECTIONS)],
                                     cwd=tmp, stdout=logf, stderr=subprocess.STDOUT,
-                                    env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
-                                         "PYTHONPATH": str(ROOT)})
+                                    env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
             url = f"http://127.0.0.1:{port}"
             try:
                 deadline = time.time() + 120
