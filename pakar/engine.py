@@ -42,7 +42,9 @@ chat REPL) drop old turns to make room before calling the engine. Cache columns 
 when a batch's shared columns fill up, columns that are padding for every active row are dropped.
 
 Finish reasons: "stop" (a stop token was sampled; it is reported in the event but is not part of
-the row's context afterwards), "length" (max_new_tokens or the context window), "cancelled".
+the row's context afterwards), "length" (max_new_tokens or the context window), "cancelled",
+"error" (the row's own sampling distribution was not finite, e.g. from extreme settings that
+bypassed the server's validation: that row ends with no token, the other rows go on unchanged).
 Usage: completion tokens count every sampled token, the stop token included.
 
 Shape legend: B active rows, V vocabulary, C cache columns, L layers, G key/value heads, K head_dim.
@@ -60,7 +62,7 @@ from pakar import PakarError
 from pakar.model import Attention, Block, KVCache, RMSNorm, Transformer
 from pakar.moe import Experts, MoE, Router
 
-STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
+STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 
 
 class ContextLengthError(PakarError):
@@ -156,7 +158,8 @@ def process_logits(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
 def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator | None], seen_BV: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row, (B,) int64: argmax for greedy rows (temperature 0), otherwise a draw from
-    softmax(process_logits(...)) with the row's own generator."""
+    softmax(process_logits(...)) with the row's own generator; -1 for a sampled row whose
+    distribution is not finite (the row failed; the others are unaffected)."""
     if seen_BV is None and all(p.temperature == 0 for p in params):  # greedy, no penalty: nothing to process
         return logits_BV.max(dim=-1).indices  # the first maximum, as argmax, in half its time on a CPU
     x_BV = process_logits(logits_BV, params, seen_BV)
@@ -164,8 +167,14 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:
         probs_RV = x_BV[rows].softmax(dim=-1)
-        out_B[rows] = torch.cat([torch.multinomial(probs_RV[j], 1, generator=generators[i])
-                                 for j, i in enumerate(rows)])
+        # A row whose distribution is not finite (extreme settings: 1e-300 is 0 in float32) must fail
+        # alone: multinomial would raise (or assert on a GPU) for the whole batch. It draws from a
+        # harmless stand-in and gets -1, with no extra host sync for the healthy rows.
+        bad_R1 = ~probs_RV.isfinite().all(dim=-1, keepdim=True)
+        probs_RV = torch.where(bad_R1, torch.ones_like(probs_RV), probs_RV)
+        drawn_R = torch.cat([torch.multinomial(probs_RV[j], 1, generator=generators[i])
+                             for j, i in enumerate(rows)])
+        out_B[rows] = torch.where(bad_R1[:, 0], -1, drawn_R)
     return out_B
 
 
@@ -511,6 +520,9 @@ class Batch:
         tokens = tok_B.tolist()  # the one host sync per step
         keep = []
         for i, (r, t) in enumerate(zip(self.rows, tokens)):
+            if t < 0:  # this row's sampling failed: it ends alone, with reason "error"
+                events.append(TokenEvent(r.id, None, ERROR))
+                continue
             r.generated += 1
             reason = STOP if t in r.params.stop_token_ids else LENGTH if r.length >= r.limit else None
             events.append(TokenEvent(r.id, t, reason))

@@ -27,7 +27,8 @@ Public API (everything a caller needs; the server builds on exactly this):
 Indices are the requests' positions in the first start()/add() call, continuing upwards on later add()s.
 Usage counts follow OpenAI: prompt_tokens = tokens of the encoded prompt; completion_tokens = tokens
 sampled (a stop token included); finish_reason "stop" (stop token or stop string), "length"
-(max_new_tokens or the context window) or "cancelled".
+(max_new_tokens or the context window), "cancelled" or "error" (that row's sampling failed; the
+other rows of the batch go on, see pakar/engine.py).
 
 Design choices:
 
@@ -93,7 +94,7 @@ class Completion:
     token_ids: list[int]  # sampled ids, a final stop token excluded
     prompt_tokens: int
     completion_tokens: int  # every sampled token, a stop token included
-    finish_reason: str  # "stop", "length" or "cancelled"
+    finish_reason: str  # "stop", "length", "cancelled" or "error"
     time_to_first_token: float  # seconds from the row's start (prefill included) to its first token
     seconds: float  # from the row's start to its end
 

@@ -18,8 +18,37 @@ Design choices:
   starts: 400 for unreadable JSON, wrong types, out-of-range values, unsupported options that would
   change the result (penalties, logprobs, tools: refused rather than silently ignored) and prompts
   that do not fit the context window (code "context_length_exceeded"); 401 for a missing or wrong
-  key when --api-key is set; 404 for an unknown model name or URL; 429 when the queue is full.
+  key when a key is set; 404 for an unknown model name or URL; 429 when the queue is full.
   500 is left for bugs. Unknown fields are ignored, as clients send many.
+- One client cannot hurt another (zero 5xx for any input; benchmarks/fault_server.py counts them):
+  * Safe ranges. temperature [0, 2], with (0, 0.01) raised to 0.01 (1e-300 is 0 in float32 and
+    logits / temperature would overflow; 0.01 is greedy in all but ties); top_p [0, 1];
+    repetition_penalty [0.01, 10]; n [1, 16] and n x prompts <= --max-batch; max_tokens <= the window;
+    16 stop strings of <= 256 characters (each token scans the held-back tail against them).
+    JSON is strict (no NaN/Infinity), at most MAX_JSON_DEPTH deep; integer literals longer than 32
+    digits are never converted (Python refuses 4,300 digits with a ValueError) but refused by the
+    field that holds them; text with a lone surrogate ("\\ud800") is a 400, as it cannot be encoded.
+  * A row fails alone: the engine gives a row whose sampling distribution is not finite the finish
+    reason "error" and goes on with the others; that request gets a 500 (a bug or a bypassed check),
+    the rest of the batch is untouched. A failure of the whole forward still fails the whole batch.
+  * Request bodies are read with a limit (--max-request-bytes, 413) and within --header-timeout (408);
+    request line plus headers are bounded (16 KiB: h11 for slow ones, 431 for ones that arrive whole).
+    JSON parsing and tokenization run in a 2-thread pool, never on the event loop, and a prompt whose
+    UTF-8 length alone proves it cannot fit (more bytes than the window times the longest token's
+    bytes) is refused with both lengths without tokenizing.
+  * Connections (guarded_protocol, on uvicorn's h11 protocol): a connection must complete a request's
+    headers within --header-timeout of opening or of its previous answer, else it is closed; idle
+    keep-alive connections close after 5 s; connections beyond --max-connections are closed on
+    arrival (and the open-file limit is raised to fit them), so silent sockets and slowloris clients
+    can neither pile up nor exhaust file descriptors.
+  * A client that leaves is cancelled: streams through Starlette's disconnect listener, non-streaming
+    requests through a task that waits for the ASGI disconnect message (not by polling between
+    results, which a busy generation never leaves time for).
+  * Host allow-list (DNS rebinding: a page on an attacker's name resolving to 127.0.0.1 sends that
+    name as Host): loopback names and the --host address by default, --allowed-hosts for more, "*"
+    for any; others get 400. Without an API key, any POST with a foreign Origin (or a cross-site
+    Sec-Fetch-Site) and any form/text body (which a page elsewhere can send without a CORS preflight)
+    gets 403; the chat page's own fetches (same origin, JSON) pass. With a key, the key is the guard.
 - max_tokens larger than the context window is refused; a prompt plus max_tokens that overflows the
   window is not: the answer stops at the window with finish_reason "length" (pakar/engine.py's
   policy), which lets chat UIs with a fixed max_tokens keep working as a conversation grows.
@@ -27,7 +56,9 @@ Design choices:
   the window" on chat; `model` may be omitted. Extensions (vLLM's names): top_k, repetition_penalty.
   Waiting requests are admitted first come, first served; /health reports active and queued rows,
   finished rows by reason and the largest batch so far.
-- Security: binds to 127.0.0.1 unless --host says otherwise; keys are compared in constant time;
+- Security: binds to 127.0.0.1 unless --host says otherwise; the key comes from --api-key-file,
+  $PAKAR_API_KEY or --api-key (the command line is visible to other users), and is compared as
+  SHA-256 digests in constant time (not even its length leaks);
   the page is served with a Content-Security-Policy that allows only its own script and style, on top
   of the page rendering model output as text only. FastAPI's /docs pages are off (they load
   JavaScript from a CDN).
@@ -39,7 +70,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import hmac
+import os
 import json
 import queue
 import sys
@@ -48,6 +81,7 @@ import time
 import traceback
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +90,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pakar import PakarError
 
@@ -65,7 +100,19 @@ DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_QUEUE = 256
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # per stop string: each token scans the held-back tail against every stop string
 MAX_N = 16
+MIN_TEMPERATURE = 0.01  # (0, 0.01) is raised to 0.01: below it float32 logits / temperature overflow
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
+MAX_JSON_DEPTH = 32  # a chat request nests 5 deep; deeper bodies are hostile, not clients
+MAX_INT_DIGITS = 32  # longer integer literals are refused by the field that holds them, never parsed
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a connection gets to send a request's headers (and its body)
+DEFAULT_MAX_CONNECTIONS = 512
+KEEP_ALIVE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's default)
+MAX_HEADER_BYTES = 16 * 1024  # h11's bound on a request line plus headers; more is answered 400
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+API_KEY_ENV = "PAKAR_API_KEY"
 WEB_DIR = Path(__file__).with_name("web")
 WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
              "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -90,10 +137,60 @@ class APIError(Exception):
 # request validation
 
 
+class _BigInt:
+    """An integer literal longer than MAX_INT_DIGITS digits: kept as its length, refused by the field
+    that holds it (parsing it would be slow, and Python refuses 4,300 digits with a ValueError)."""
+
+    def __init__(self, literal: str):
+        self.digits = len(literal.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def _parse_int(literal: str):
+    return int(literal) if len(literal) <= MAX_INT_DIGITS else _BigInt(literal)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes):
+    """The request body as a JSON value; APIError 400 for anything that is not strict, shallow JSON."""
+    try:
+        body = json.loads(raw, parse_int=_parse_int, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    stack = [(body, 1)]
+    while stack:  # iterative: the depth check itself must not recurse
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+    return body
+
+
+def _text(s: str, where: str, param: str) -> str:
+    """`s` if it is encodable text: a lone surrogate ("\\ud800" in JSON) cannot be tokenized."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{where} is not valid Unicode: a lone surrogate at character {e.start}", param) from None
+    return s
+
+
 def _get_int(body: dict, name: str, default, lo: int | None = None, hi: int | None = None):
     v = body.get(name)
     if v is None:
         return default
+    if isinstance(v, _BigInt):
+        raise APIError(400, f"'{name}' is out of range: {v!r}", name)
     if isinstance(v, bool) or not isinstance(v, int):
         if isinstance(v, float) and v.is_integer():
             v = int(v)
@@ -105,14 +202,16 @@ def _get_int(body: dict, name: str, default, lo: int | None = None, hi: int | No
     return v
 
 
-def _get_float(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+def _get_float(body: dict, name: str, default: float, lo: float, hi: float) -> float:
     v = body.get(name)
     if v is None:
         return default
+    if isinstance(v, _BigInt):
+        raise APIError(400, f"'{name}' is out of range: {v!r}", name)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
         raise APIError(400, f"'{name}' must be a number, got {v!r}", name)
-    if v < lo or v > hi or (lo_open and v == lo):
-        raise APIError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
+    if v < lo or v > hi:
+        raise APIError(400, f"'{name}' must be in [{lo}, {hi}], got {v}", name)
     return float(v)
 
 
@@ -153,6 +252,10 @@ def _stop_strings(body: dict) -> tuple[str, ...]:
         raise APIError(400, "'stop' must be a string or a list of strings", "stop")
     if len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop")
+    for s in stops:
+        _text(s, "a stop string", "stop")
+        if len(s) > MAX_STOP_CHARS:
+            raise APIError(400, f"a stop string may be at most {MAX_STOP_CHARS} characters, got {len(s)}", "stop")
     return tuple(s for s in stops if s)
 
 
@@ -179,7 +282,7 @@ def _messages(body: dict) -> list[dict]:
             content = "\n".join(texts)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string", "messages")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _text(content, f"messages[{i}].content", "messages")})
     return out
 
 
@@ -189,7 +292,7 @@ def _prompts(body: dict) -> list[str]:
     if not isinstance(prompts, list) or not prompts or not all(isinstance(x, str) for x in prompts):
         raise APIError(400, "'prompt' must be a string or a non-empty list of strings (token-id prompts are "
                             "not supported)", "prompt")
-    return prompts
+    return [_text(x, f"prompt[{i}]", "prompt") for i, x in enumerate(prompts)]
 
 
 @dataclass
@@ -211,6 +314,8 @@ def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Pars
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, f"'model' must be a string, got {type(model).__name__}", "model")
     if model is not None and model != model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
                        "model", "model_not_found")
@@ -234,11 +339,14 @@ def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Pars
         raise APIError(400, f"this request asks for {n * len(prompts)} completions (n x prompts); this server "
                             f"runs at most {max_batch} at once (--max-batch)", "n")
     temperature = _get_float(body, "temperature", 1.0, 0.0, 2.0)
+    if 0.0 < temperature < MIN_TEMPERATURE:  # documented clamp: as good as greedy, and finite
+        temperature = MIN_TEMPERATURE
     top_p = _get_float(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0.0:  # the nucleus shrinks to the single most likely token: greedy
         temperature, top_p = 0.0, 1.0
     top_k = _get_int(body, "top_k", 0, -1)  # vLLM's extension; -1 or 0 = off
-    repetition_penalty = _get_float(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
+    repetition_penalty = _get_float(body, "repetition_penalty", 1.0, MIN_REPETITION_PENALTY,
+                                    MAX_REPETITION_PENALTY)
     seed = _get_int(body, "seed", None, -(2**63), 2**63 - 1)
     stream = _get_bool(body, "stream", False)
     opts = body.get("stream_options")
@@ -249,6 +357,7 @@ def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Pars
 
     requests, prompt_tokens = [], 0
     for prompt in prompts:
+        _refuse_surely_too_long(prompt, gen, param)
         for i in range(n):
             params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                     top_k=max(top_k, 0), repetition_penalty=repetition_penalty,
@@ -261,6 +370,29 @@ def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Pars
         except PakarError as e:
             raise APIError(400, str(e), param) from None
     return Parsed(kind, model_name, requests, prompt_tokens, stream, include_usage)
+
+
+def _max_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes of any vocabulary entry: no token stands for more input bytes than that
+    (a byte-level entry spells each byte with one, sometimes two-byte, character)."""
+    cached = getattr(tokenizer, "_pakar_max_token_bytes", None)
+    if cached is None:
+        cached = max(len(t.encode("utf-8")) for t in tokenizer.hf.get_vocab())
+        tokenizer._pakar_max_token_bytes = cached
+    return cached
+
+
+def _refuse_surely_too_long(prompt, gen, param: str) -> None:
+    """A context_length_exceeded answer without tokenizing, for prompts that cannot fit whatever
+    their tokens: megabytes of text would otherwise cost seconds of tokenizer time for nothing."""
+    texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    per_token = _max_token_bytes(gen.tokenizer)
+    W = gen.context_window
+    if nbytes // per_token >= W:
+        raise APIError(400, f"the prompt is {nbytes} bytes, so at least {nbytes // per_token} tokens (no token "
+                            f"covers more than {per_token} bytes), but the model's context window is {W} tokens",
+                       param, "context_length_exceeded")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +429,7 @@ class Worker:
         self.queued_rows = 0  # rows submitted but not yet admitted
         self.lock = threading.Lock()  # guards queued_rows (handlers add, the worker subtracts)
         # for /health: finished completions by reason, and the most rows ever decoded together
-        self.stats = {"stop": 0, "length": 0, "cancelled": 0, "peak_batch": 0}
+        self.stats = {"stop": 0, "length": 0, "cancelled": 0, "error": 0, "peak_batch": 0}
         self.thread = threading.Thread(target=self._run, name="pakar-serve-worker", daemon=True)
 
     def start(self) -> None:
@@ -401,7 +533,12 @@ class Worker:
                 del self.owner[d.index]
                 if not any(owner is job for owner, _ in self.owner.values()):
                     self.running.pop(id(job), None)
-            if d.text or d.finish_reason is not None:
+            if d.finish_reason == "error":  # this row alone failed (pakar/engine.py): fail its request
+                job.cancelled = True  # its other choices stop at the next step
+                job.send(("error", APIError(500, f"generating choice {choice} failed (its sampling distribution "
+                                                 f"was not finite); other requests are unaffected", None, None,
+                                            "server_error")))
+            elif d.text or d.finish_reason is not None:
                 job.send(("delta", choice, d.text, d.finish_reason, completion))
 
 
@@ -431,10 +568,127 @@ def _usage(prompt_tokens: int, completions: list) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+class _ErrorJSON(JSONResponse):
+    """Errors are rendered ASCII-only: a message quoting client text can never fail to encode."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return _ErrorJSON(exc.body(), status_code=exc.status)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may cost the server (flags of `pakar serve`; see the module docstring)."""
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # "*" allows any Host header
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header or --allowed-hosts entry, lower case, port dropped; IPv6 keeps
+    its brackets ("[::1]:8000" -> "[::1]", "::1" -> "[::1]")."""
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("["):
+        return host[:host.find("]") + 1] if "]" in host else host
+    if host.count(":") > 1:  # a bare IPv6 address (from --allowed-hosts)
+        return f"[{host}]"
+    name, _, port = host.rpartition(":")
+    return name if name and port.isdigit() else host
+
+
+_SIMPLE_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+
+
+class _Guard:
+    """ASGI middleware run before any route: the Host allow-list (DNS rebinding: a page on an
+    attacker's name that resolves to 127.0.0.1 sends its own name as Host), and, when no API key
+    guards the server, no cross-origin writes (a page elsewhere may POST to localhost without reading
+    the answer, and form/text bodies need no CORS preflight)."""
+
+    def __init__(self, app, allowed_hosts: tuple[str, ...], open_server: bool):
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.allowed = {_host_name(h) for h in allowed_hosts if h != "*"}
+        self.open_server = open_server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            err = self.refuse(scope)
+            if err is not None:
+                await _error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refuse(self, scope) -> APIError | None:
+        size = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) for k, v in scope["headers"])
+        if size > MAX_HEADER_BYTES:  # h11 bounds only headers that arrive slowly; these came at once
+            return APIError(431, f"the request line and headers are {size} bytes; this server accepts at most "
+                                 f"{MAX_HEADER_BYTES}", None, "headers_too_large")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if not self.any_host and _host_name(host) not in self.allowed:
+            return APIError(400, f"Host {host!r} is not allowed (this server answers "
+                                 f"{', '.join(sorted(self.allowed))}; add names with --allowed-hosts)",
+                            None, "host_not_allowed")
+        if not self.open_server or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return None
+        origin = headers.get("origin")
+        own = f"{scope.get('scheme', 'http')}://{host}"
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if origin is not None and origin != own:
+            return APIError(403, f"cross-origin request from {origin!r} refused: without --api-key only this "
+                                 f"server's own page ({own}) may send requests", None, "cross_origin_refused")
+        if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+            return APIError(403, "cross-site request refused (Sec-Fetch-Site); without --api-key only this "
+                                 "server's own page may send requests", None, "cross_origin_refused")
+        if ctype in _SIMPLE_TYPES:
+            return APIError(403, f"Content-Type {ctype!r} refused (a web form could send it from any site): send "
+                                 f"'Content-Type: application/json'", None, "cross_origin_refused")
+        return None
+
+
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The request body, at most limits.max_request_bytes (413 beyond), within limits.header_timeout
+    seconds (408 for a client that sends it too slowly)."""
+    cap = limits.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise APIError(413, f"the request body is {declared} bytes; this server accepts at most {cap} "
+                            f"(--max-request-bytes)", None, "request_too_large")
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise APIError(413, f"the request body is over {cap} bytes, the most this server accepts "
+                                    f"(--max-request-bytes)", None, "request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout=limits.header_timeout)
+    except ClientDisconnect:  # nobody will read this answer; it only keeps the log free of tracebacks
+        raise APIError(400, "the client left before sending the whole body") from None
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {limits.header_timeout:g} s", None,
+                       "request_timeout") from None
+
+
 def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-               max_queue: int = DEFAULT_MAX_QUEUE):
-    """The FastAPI app serving `gen` (a pakar.generate.TextGenerator) as `model_name`."""
+               max_queue: int = DEFAULT_MAX_QUEUE, limits: Limits = Limits()):
+    """The FastAPI app serving `gen` (a pakar.generate.TextGenerator) as `model_name`. Serve it with
+    uvicorn_config(app, limits) so that the connection limits apply too."""
     worker = Worker(gen, max_batch, max_queue)
+    # JSON parsing and tokenization run here, off the event loop: a huge prompt must not stall other
+    # clients or /health. Two threads: more would only compete with the worker for the GIL.
+    parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pakar-serve-parse")
+    key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
     created = int(time.time())
 
     @asynccontextmanager
@@ -444,13 +698,15 @@ def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int 
             yield
         finally:
             worker.stop()
+            parser.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="pakar", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
+    app.add_middleware(_Guard, allowed_hosts=limits.allowed_hosts, open_server=api_key is None)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return _error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
@@ -458,36 +714,29 @@ def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int 
         msg = (f"unknown request URL: {request.method} {request.url.path}" if exc.status_code == 404
                else f"{request.method} is not allowed on {request.url.path}" if exc.status_code == 405
                else str(exc.detail))
-        return JSONResponse(APIError(exc.status_code, msg, None, code).body(), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return _ErrorJSON(APIError(exc.status_code, msg, None, code).body(), status_code=exc.status_code,
+                          headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):
-        return JSONResponse(APIError(400, f"invalid request: {exc.errors()[:1]}").body(), status_code=400)
+        return _error_response(APIError(400, f"invalid request: {exc.errors()[:1]}"))
 
     @app.exception_handler(Exception)
     async def _internal_error(request, exc):
         traceback.print_exception(exc, file=sys.stderr)
-        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", None, None,
-                                     "server_error").body(), status_code=500)
+        return _error_response(APIError(500, f"internal error: {type(exc).__name__}", None, None, "server_error"))
 
     def check_key(request: Request) -> None:
-        if api_key is None:
+        if key_digest is None:
             return
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", None,
                            "invalid_api_key")
-        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        # digests of equal length: the comparison's time says nothing about the key, not even its length
+        if not hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), key_digest):
             raise APIError(401, "incorrect API key provided", None, "invalid_api_key")
-
-    async def read_json(request: Request):
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})") from None
 
     def web_file(path: str):
         name, ctype = WEB_FILES[path]
@@ -511,10 +760,15 @@ def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int 
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "pakar", "max_model_len": gen.context_window}]}
 
+    def parse(raw: bytes, kind: str) -> Parsed:
+        return parse_request(parse_json(raw), kind, gen, model_name, max_batch)
+
     async def complete(request: Request, kind: str):
         check_key(request)
-        parsed = parse_request(await read_json(request), kind, gen, model_name, max_batch)
-        job = Job(parsed.requests, asyncio.get_running_loop())
+        raw = await read_body(request, limits)
+        loop = asyncio.get_running_loop()
+        parsed = await loop.run_in_executor(parser, parse, raw, kind)
+        job = Job(parsed.requests, loop)
         worker.submit(job)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         if parsed.stream:
@@ -533,19 +787,24 @@ def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int 
     return app
 
 
+async def _watch_disconnect(request: Request, job: Job, worker: Worker) -> None:
+    """Once the body is read, the next ASGI message is the client leaving: cancel the job then."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    worker.cancel(job)
+    job.events.put_nowait(("gone",))
+
+
 async def _collect(job: Job, parsed: Parsed, rid: str, request, worker: Worker):
-    """Wait for every choice of a non-streaming request; cancel it if the client goes away."""
+    """Wait for every choice of a non-streaming request; cancel it as soon as the client goes away."""
     n = len(parsed.requests)
     texts, done = [""] * n, [None] * n
+    watcher = asyncio.create_task(_watch_disconnect(request, job, worker))
     try:
         while any(c is None for c in done):
-            try:
-                ev = await asyncio.wait_for(job.events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    worker.cancel(job)
-                    return JSONResponse({}, status_code=499)
-                continue
+            ev = await job.events.get()
+            if ev[0] == "gone":
+                return Response(status_code=499)  # nobody is listening
             if ev[0] == "error":
                 raise ev[1]
             _, choice, text, reason, completion = ev
@@ -555,6 +814,8 @@ async def _collect(job: Job, parsed: Parsed, rid: str, request, worker: Worker):
     except asyncio.CancelledError:
         worker.cancel(job)
         raise
+    finally:
+        watcher.cancel()
     created = int(time.time())
     if parsed.kind == "chat":
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
@@ -613,6 +874,90 @@ async def _stream(job: Job, parsed: Parsed, rid: str, worker: Worker):
 
 
 # ----------------------------------------------------------------------------------------------
+# connections: header timeout and a bound on open sockets
+
+
+def guarded_protocol(header_timeout: float, max_connections: int):
+    """uvicorn's h11 protocol, plus two guards uvicorn lacks: a connection must send a complete
+    request line and headers within `header_timeout` seconds of opening (or of its previous answer),
+    else it is closed, so sockets that never send a byte, or send one a minute, cannot pile up; and
+    connections beyond `max_connections` are closed as soon as they are accepted, so a flood of
+    sockets cannot use up the process's file descriptors. (uvicorn's limit_concurrency does not
+    bound sockets: it answers 503 to requests, and only once a request arrives.)"""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.close()
+                return
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # a request's headers arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._arm()  # the next request's headers get the same time (before: pipelined ones disarm)
+            super().on_response_complete()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout, self._timed_out)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _timed_out(self) -> None:
+            self._header_timer = None
+            answering = self.cycle is not None and not self.cycle.response_complete
+            if not answering and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def _fd_room(max_connections: int) -> int:
+    """Raise the soft open-file limit (POSIX) so that max_connections sockets fit beside the model's
+    files; returns the connections that fit."""
+    try:
+        import resource
+    except ImportError:  # Windows: the proactor loop has no select() limit; nothing to raise
+        return max_connections
+    spare = 64  # the checkpoint, the listening socket, logs, torch's own files
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < max_connections + spare:
+        want = max_connections + spare if hard == resource.RLIM_INFINITY else min(hard, max_connections + spare)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+        return max(1, min(max_connections, soft - spare))
+    return max_connections
+
+
+def uvicorn_config(app, limits: Limits = Limits(), **kw):
+    """uvicorn.Config for `app` with pakar's connection guards (used by main() and the tests)."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=guarded_protocol(limits.header_timeout, limits.max_connections),
+                          timeout_keep_alive=KEEP_ALIVE_TIMEOUT, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                          **kw)
+
+
+# ----------------------------------------------------------------------------------------------
 # command line
 
 
@@ -636,6 +981,35 @@ def load_generator(checkpoint: str | None = None, model_dir: str | None = None, 
     return TextGenerator.from_ckpt(ckpt, device, pick_dtype(dtype, device)), name
 
 
+def read_api_key(api_key: str | None, api_key_file: str | None, env=os.environ) -> str | None:
+    """The key from --api-key, else --api-key-file (its first line), else $PAKAR_API_KEY; None = no key.
+    The file and the variable keep the key out of the process list and the shell history."""
+    if api_key is not None and api_key_file is not None:
+        raise PakarError("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            lines = Path(api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PakarError(f"--api-key-file {api_key_file}: cannot read it ({e})") from None
+        api_key = lines[0] if lines else ""
+        if not api_key.strip():
+            raise PakarError(f"--api-key-file {api_key_file}: the first line is empty")
+        return api_key.strip()
+    if api_key is None:
+        api_key = env.get(API_KEY_ENV)
+        if api_key is not None and not api_key.strip():
+            raise PakarError(f"${API_KEY_ENV} is set but empty")
+    elif not api_key.strip():
+        raise PakarError("--api-key is empty")
+    return None if api_key is None else api_key.strip()
+
+
+def default_allowed_hosts(host: str) -> tuple[str, ...]:
+    """Loopback names, plus the --host address when it names one interface (not 0.0.0.0 or ::)."""
+    extra = () if host in ("0.0.0.0", "::", "") else (host,)
+    return tuple(dict.fromkeys(LOOPBACK_NAMES + extra))
+
+
 def main(argv: list[str], prog: str = "pakar serve") -> int:
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible HTTP server (/v1/chat/completions, "
                                 "/v1/completions, /v1/models, /health) with a web chat page at /.")
@@ -644,10 +1018,23 @@ def main(argv: list[str], prog: str = "pakar serve") -> int:
     src.add_argument("--model", dest="model_dir", help="Hugging Face Qwen3-MoE folder (e.g. from pakar export)")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 opens it "
-                        f"to the network: set --api-key then)")
+                        f"to the network: set an API key and --allowed-hosts then)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set, else no "
+                        f"key; prefer --api-key-file or the variable: a command line is visible to other users)")
+    p.add_argument("--api-key-file", default=None, help="read the API key from the first line of this file")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated names clients may use in the Host header, '*' for any (default: "
+                        "localhost,127.0.0.1,[::1] and the --host address); other names get 400, which stops "
+                        "DNS-rebinding pages")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"largest request body in bytes; larger ones get 413 (default: {DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                   help=f"seconds a connection gets to send a request's headers, and then its body; slower "
+                        f"ones are closed (default: {DEFAULT_HEADER_TIMEOUT:g})")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help=f"open connections at most; more are closed on arrival (default: {DEFAULT_MAX_CONNECTIONS})")
     p.add_argument("--model-name", default=None,
                    help="model id reported by /v1/models and expected in requests (default: the checkpoint's "
                         "file name or the folder's name)")
@@ -663,18 +1050,32 @@ def main(argv: list[str], prog: str = "pakar serve") -> int:
         raise PakarError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_batch < 1 or args.max_queue < 1:
         raise PakarError("--max-batch and --max-queue must be at least 1")
-    if args.api_key is not None and not args.api_key.strip():
-        raise PakarError("--api-key is empty")
+    if args.max_request_bytes < 1024:
+        raise PakarError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
+    if not args.header_timeout > 0 or args.header_timeout == float("inf"):
+        raise PakarError(f"--header-timeout must be a number of seconds > 0, got {args.header_timeout}")
+    if args.max_connections < 1:
+        raise PakarError(f"--max-connections must be at least 1, got {args.max_connections}")
+    api_key = read_api_key(args.api_key, args.api_key_file)
+    hosts = (default_allowed_hosts(args.host) if args.allowed_hosts is None else
+             tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()))
+    if not hosts:
+        raise PakarError("--allowed-hosts is empty (use '*' to allow any Host header)")
+    max_connections = _fd_room(args.max_connections)
+    if max_connections < args.max_connections:
+        print(f"WARNING: the open-file limit leaves room for {max_connections} connections, not "
+              f"--max-connections {args.max_connections}", file=sys.stderr)
+    limits = Limits(args.max_request_bytes, args.header_timeout, max_connections, hosts)
 
     import uvicorn
 
     gen, name = load_generator(args.checkpoint, args.model_dir, args.device, args.dtype)
     name = args.model_name or name
-    app = create_app(gen, name, args.api_key, args.max_batch, args.max_queue)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
-        print(f"WARNING: listening on {args.host} without --api-key: anyone who can reach this machine can "
+    app = create_app(gen, name, api_key, args.max_batch, args.max_queue, limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"WARNING: listening on {args.host} without an API key: anyone who can reach this machine can "
               f"use the model", file=sys.stderr)
     print(f"serving {name!r} ({'chat' if gen.chat else 'text'} model, context {gen.context_window} tokens) on "
           f"http://{args.host}:{args.port}/  (OpenAI base URL: http://{args.host}:{args.port}/v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(uvicorn_config(app, limits, host=args.host, port=args.port, log_level="info")).run()
     return 0

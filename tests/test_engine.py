@@ -9,8 +9,8 @@ import torch
 
 from pakar import PakarError
 from pakar.config import get_config
-from pakar.engine import (CANCELLED, LENGTH, STOP, ContextLengthError, Engine, SamplingParams, process_logits,
-                          sample_tokens)
+from pakar.engine import (CANCELLED, ERROR, LENGTH, STOP, ContextLengthError, Engine, SamplingParams,
+                          process_logits, sample_tokens)
 from pakar.model import Transformer
 
 V, W = 300, 64  # vocabulary and context window of the test model
@@ -265,6 +265,28 @@ def test_cancel_removes_only_that_row(model):
     assert reasons == {0: LENGTH, 1: CANCELLED, 2: LENGTH}
     assert out[1] == alone[1][:3]
     assert out[0] == alone[0] and out[2] == alone[2]
+
+
+def test_a_row_whose_sampling_fails_ends_alone(model):
+    """temperature 1e-300 is 0 in float32: that row's distribution is NaN. It ends with "error" and no
+    token; the seeded and greedy rows beside it sample exactly what they sample alone."""
+    engine = Engine(model)
+    prompts = prompts_of([5, 9, 14])
+    params = [SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=5),
+              SamplingParams(max_new_tokens=12, temperature=1e-300, seed=6),
+              SamplingParams(max_new_tokens=12, temperature=0)]
+    alone = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    batch = engine.new_batch()
+    batch.add(prompts, params)
+    out, reasons = {0: [], 1: [], 2: []}, {}
+    while batch.active:
+        for ev in batch.step():
+            if ev.token is not None:
+                out[ev.row].append(ev.token)
+            if ev.finish_reason:
+                reasons[ev.row] = ev.finish_reason
+    assert reasons == {0: LENGTH, 1: ERROR, 2: LENGTH}
+    assert out[1] == [] and out[0] == alone[0] and out[2] == alone[2]
 
 
 @pytest.mark.parametrize("k,norm,tied,bias", [(1, False, False, False), (2, True, False, False),

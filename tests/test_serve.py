@@ -13,6 +13,7 @@ logit margins: equality under different batch compositions tests the server, not
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from pakar import PakarError
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -101,18 +104,21 @@ class LiveServer:
     """uvicorn serving create_app(...) in a background thread on an already bound loopback socket."""
 
     def __init__(self, checkpoint: Path, api_key: str | None = None, max_batch: int = 16, max_queue: int = 256,
-                 device: str = "cpu", model_name: str = MODEL_NAME):
+                 device: str = "cpu", model_name: str = MODEL_NAME, **limits):
         import uvicorn
 
-        from pakar.serve import create_app, load_generator
+        from pakar.serve import Limits, create_app, load_generator, uvicorn_config
 
         self.gen, _ = load_generator(str(checkpoint), device=device)
         self.model_name = model_name
-        self.app = create_app(self.gen, model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+        self.limits = Limits(**limits)
+        self.app = create_app(self.gen, model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                              limits=self.limits)
         self.sock = free_socket()
         host, port = self.sock.getsockname()
+        self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, self.limits, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -392,7 +398,7 @@ def test_queue_waits_in_order_and_refuses_beyond_its_limit(checkpoint):
             assert r.status_code == 429 and error_of(r)["code"] == "server_busy"
         t.join(timeout=60)  # closing the first stream cancelled it, and the waiting request ran
         assert waiting["r"].choices[0].message.content == CHAT_PAIRS[0][1]
-        assert s.health()["finished"] == {"stop": 1, "length": 0, "cancelled": 1}
+        assert s.health()["finished"] == {"stop": 1, "length": 0, "cancelled": 1, "error": 0}
     finally:
         s.close()
 
@@ -423,8 +429,9 @@ def test_cli_serve_binds_loopback(checkpoint, tmp_path):
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
+    (tmp_path / "key.txt").write_text("kunci-rahasia\n", encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "pakar.cli", "serve", "--checkpoint", str(checkpoint),
-                             "--port", str(port), "--device", "cpu"], cwd=tmp_path,
+                             "--port", str(port), "--device", "cpu", "--api-key-file", "key.txt"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
@@ -441,9 +448,13 @@ def test_cli_serve_binds_loopback(checkpoint, tmp_path):
             listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
                          if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
             assert listening == ["0100007F:%04X" % port]
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="kunci-rahasia", max_retries=0)
         r = c.chat.completions.create(model="tiny_chat", messages=user("Halo"), temperature=0)
         assert r.choices[0].message.content == CHAT_PAIRS[0][1]  # default model name: the file's stem
+        with pytest.raises(openai.AuthenticationError):  # the key from --api-key-file is required
+            openai.OpenAI(base_url=f"http://localhost:{port}/v1", api_key="x", max_retries=0).models.list()
+        r = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Host": "attacker.example"})
+        assert r.status_code == 400  # the default Host allow-list: loopback names only
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -464,3 +475,323 @@ def test_cli_serve_user_mistakes(argv, message, tmp_path, monkeypatch, capsys):
         code = e.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# one client cannot hurt another (issue 17)
+
+
+@pytest.fixture(scope="module")
+def slow_server(checkpoint):
+    """A server whose forwards take 10 ms, as a bigger model's would: a long answer then lasts
+    seconds, so other requests certainly overlap it."""
+    s = LiveServer(checkpoint)
+    s.gen.engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    yield s
+    s.close()
+
+
+class Bystander:
+    """A greedy streaming client counting to `max_tokens` in a thread: its text must be exactly the
+    in-process reference, whatever other clients do meanwhile."""
+
+    def __init__(self, server: LiveServer, max_tokens: int = 150):
+        self.server, self.max_tokens = server, max_tokens
+        self.text, self.reasons, self.error = "", [], None
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.started.wait(60), "the bystander stream did not start"
+
+    def _run(self):
+        try:
+            stream = self.server.client().chat.completions.create(
+                model=MODEL_NAME, messages=user(COUNT_PROMPT), temperature=0, max_tokens=self.max_tokens,
+                stream=True)
+            for chunk in stream:
+                for c in chunk.choices:
+                    self.text += c.delta.content or ""
+                    if self.text:
+                        self.started.set()
+                    if c.finish_reason:
+                        self.reasons.append(c.finish_reason)
+        except Exception as e:  # noqa: BLE001 - reported by finish()
+            self.error = e
+        finally:
+            self.started.set()
+
+    def finish(self, reference) -> None:
+        self.thread.join(timeout=120)
+        assert self.error is None, f"the bystander's stream broke: {self.error!r}"
+        ref = ref_complete(reference, user(COUNT_PROMPT), temperature=0, max_new_tokens=self.max_tokens)
+        assert self.reasons == ["length"] and self.text == ref.text
+
+
+def raw_post(server: LiveServer, body: bytes, path: str = "/v1/chat/completions", **headers) -> httpx.Response:
+    return httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json", **headers},
+                      timeout=60)
+
+
+def test_extreme_sampling_values_are_validated_and_spare_a_bystander(slow_server, reference):
+    """temperature 1e-300 (0 in float32) is clamped to 0.01 and answers; repetition_penalty 1e-300 is
+    a 400 naming it; a concurrent stream is untouched (both used to 500 and end it)."""
+    before = slow_server.health()["finished"]
+    b = Bystander(slow_server)
+    r = slow_server.client().chat.completions.create(model=MODEL_NAME, messages=user("Halo"), temperature=1e-300,
+                                                     max_tokens=32)
+    assert r.choices[0].message.content == CHAT_PAIRS[0][1]  # 0.01 is as good as greedy on this model
+    r = httpx.post(slow_server.url + "/v1/chat/completions",
+                   json={"messages": user("Halo"), "repetition_penalty": 1e-300})
+    assert r.status_code == 400 and error_of(r)["param"] == "repetition_penalty"
+    assert "repetition_penalty" in error_of(r)["message"]
+    b.finish(reference)
+    assert slow_server.health()["finished"]["error"] == before["error"]
+
+
+def test_a_failing_row_fails_only_its_own_request(slow_server, reference, monkeypatch):
+    """A row whose sampling breaks (settings that bypassed validation: temperature 1e-300 reaches the
+    engine) ends that request with a 500; the other rows of the same batch go on."""
+    import dataclasses
+
+    import pakar.serve as serve
+
+    validated = serve.parse_request
+
+    def poisoned(body, *args, **kw):
+        parsed = validated(body, *args, **kw)
+        if body.get("poison"):
+            parsed.requests = [dataclasses.replace(r, params=dataclasses.replace(r.params, temperature=1e-300))
+                               for r in parsed.requests]
+        return parsed
+
+    monkeypatch.setattr(serve, "parse_request", poisoned)
+    before = slow_server.health()["finished"].get("error", 0)
+    b = Bystander(slow_server)
+    r = httpx.post(slow_server.url + "/v1/chat/completions", json={"messages": user("Halo"), "poison": True},
+                   timeout=60)
+    assert r.status_code == 500 and error_of(r)["type"] == "server_error"
+    with httpx.stream("POST", slow_server.url + "/v1/chat/completions",
+                      json={"messages": user("Halo"), "poison": True, "stream": True, "n": 2}, timeout=60) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert '"server_error"' in events[-2] and events[-1] == "data: [DONE]"
+    b.finish(reference)
+    assert slow_server.health()["finished"]["error"] >= before + 2
+    ok = slow_server.client().chat.completions.create(model=MODEL_NAME, messages=user("Halo"), temperature=0)
+    assert ok.choices[0].message.content == CHAT_PAIRS[0][1]
+
+
+HALO = '"messages":[{"role":"user","content":"Halo"}]'
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{' + HALO + ',"max_tokens":' + "9" * 5000 + '}', "max_tokens"),
+    ('{' + HALO + ',"temperature":' + "1" * 5000 + '}', "temperature"),
+    ('{' + HALO + ',"seed":-' + "1" * 5000 + '}', "seed"),
+    ('{' + HALO + ',"n":' + "2" * 5000 + '}', "n"),
+    ('{' + HALO + ',"temperature":NaN}', None),
+    ('{' + HALO + ',"top_p":Infinity}', None),
+    ('{' + HALO + ',"x":' + "[" * 100_000 + "]" * 100_000 + '}', None),
+    ('{' + HALO + ',"x":' + "[" * 40 + "]" * 40 + '}', None),
+    ('{"messages":[{"role":"user","content":"\\ud800"}]}', "messages"),
+    ('{"messages":[{"role":"user","content":[{"type":"text","text":"a\\udfff"}]}]}', "messages"),
+    ('{' + HALO + ',"stop":["\\ud800"]}', "stop"),
+    ('{' + HALO + ',"stop":["' + "x" * 1000 + '"]}', "stop"),
+    ('{' + HALO + ',"model":["tiny-chat"]}', "model"),
+    ('{' + HALO + ',"top_k":' + "7" * 40 + '}', "top_k"),
+])
+def test_hostile_json_gets_400_never_500(server, body, param):
+    r = raw_post(server, body.encode())
+    assert r.status_code == 400, r.text
+    assert error_of(r)["param"] == param
+    r = raw_post(server, b'{"prompt":"\\ud800 x"}', "/v1/completions")
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
+
+
+def test_request_size_limit(checkpoint):
+    s = LiveServer(checkpoint, max_request_bytes=64 * 1024)
+    try:
+        big = b'{"messages":[{"role":"user","content":"' + b"a" * 100_000 + b'"}]}'
+        r = raw_post(s, big)
+        assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: the limit holds while reading
+            for _ in range(10):
+                yield b" " * 10_000
+            yield b'{"messages":[]}'
+
+        r = httpx.post(s.url + "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+        r = httpx.get(s.url + "/health", headers={"X-Big": "a" * 20_000})  # arrives at once, past h11's bound
+        assert r.status_code == 431 and error_of(r)["code"] == "headers_too_large"
+        ok = s.client().chat.completions.create(model=MODEL_NAME, messages=user("Halo"), temperature=0)
+        assert ok.choices[0].message.content == CHAT_PAIRS[0][1]
+    finally:
+        s.close()
+
+
+def test_huge_prompt_is_refused_without_tokenizing(server, monkeypatch):
+    """4 MB of prompt cannot fit any window: refused with the lengths, and the tokenizer never runs."""
+    calls = []
+    encode = server.gen.tokenizer.encode
+    monkeypatch.setattr(server.gen.tokenizer, "encode", lambda text: calls.append(len(text)) or encode(text))
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "kata " * 800_000}, timeout=120)
+    assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
+    msg = error_of(r)["message"]
+    assert "4000000 bytes" in msg and f"context window is {server.gen.context_window} tokens" in msg
+    assert calls == []
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "kata " * 600}, timeout=120)  # tokenized
+    assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded" and calls
+
+
+def test_tokenization_runs_off_the_event_loop(server, monkeypatch):
+    """While one request's prompt is being tokenized (3 s here), /health and other clients answer."""
+    encode = server.gen.tokenizer.encode
+
+    def slow(text):
+        if "lambat" in text:
+            time.sleep(3)
+        return encode(text)
+
+    monkeypatch.setattr(server.gen.tokenizer, "encode", slow)
+    slow_answer = {}
+    t = threading.Thread(target=lambda: slow_answer.update(r=httpx.post(
+        server.url + "/v1/chat/completions", json={"messages": user("lambat"), "max_tokens": 2}, timeout=60)))
+    t.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    assert httpx.get(server.url + "/health", timeout=2.5).status_code == 200
+    assert time.perf_counter() - t0 < 1.5
+    ok = server.client().chat.completions.create(model=MODEL_NAME, messages=user("Halo"), temperature=0)
+    assert ok.choices[0].message.content == CHAT_PAIRS[0][1]
+    assert t.is_alive()  # the slow one was still tokenizing all along
+    t.join(timeout=60)
+    assert slow_answer["r"].status_code == 200
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` (EOF or reset) within `seconds` (data before the end is read
+    and ignored: the rest of an answer may still be on its way)."""
+    deadline = time.time() + seconds
+    while True:
+        sock.settimeout(max(0.001, deadline - time.time()))
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+
+def test_silent_and_slow_connections_are_closed_and_bounded(checkpoint):
+    """Sockets that never send a byte, or send headers a byte at a time, are closed after
+    --header-timeout; beyond --max-connections new sockets are closed at once; /health answers
+    throughout (1,100 such sockets used to exhaust the file descriptors)."""
+    s = LiveServer(checkpoint, header_timeout=3.0, max_connections=24)
+    socks: list[socket.socket] = []
+    try:
+        silent = [socket.create_connection((s.host, s.port)) for _ in range(10)]
+        socks += silent
+        slow = socket.create_connection((s.host, s.port))
+        socks.append(slow)
+        t0 = time.time()
+        assert httpx.get(s.url + "/health", timeout=2).status_code == 200
+        for ch in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n":  # slowloris: never finishes its headers
+            try:
+                slow.send(bytes([ch]))
+            except OSError:
+                break
+            time.sleep(0.05)
+        assert all(closed_within(c, 8) for c in silent + [slow])
+        assert time.time() - t0 < 12
+        # a flood: the first ones fill the limit, the rest are closed on arrival
+        flood = [socket.create_connection((s.host, s.port)) for _ in range(60)]
+        socks += flood
+        t0 = time.time()
+        closed_at_once = sum(closed_within(c, 1.5) for c in flood[30:])
+        assert closed_at_once == 30 and time.time() - t0 < 2.5  # well before the 3 s timeout
+        assert all(closed_within(c, 8) for c in flood[:30])  # then the header timeout frees the rest
+        assert httpx.get(s.url + "/health", timeout=2).status_code == 200
+        # a keep-alive client that sends a request, then lingers without a second one, is closed too
+        keep = socket.create_connection((s.host, s.port))
+        socks.append(keep)
+        keep.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\n\r\n".encode())
+        keep.settimeout(5)
+        assert keep.recv(4096).startswith(b"HTTP/1.1 200")
+        keep.send(b"GET /he")
+        assert closed_within(keep, 8)
+    finally:
+        for c in socks:
+            c.close()
+        s.close()
+
+
+def test_non_streaming_request_is_cancelled_when_the_client_leaves(slow_server):
+    """A non-streaming client that gives up (timeout, closed tab) stops costing compute: its row is
+    cancelled within a step or two, not generated to max_tokens."""
+    before = slow_server.health()["finished"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(slow_server.url + "/v1/chat/completions",
+                   json={"messages": user(COUNT_PROMPT), "temperature": 0, "max_tokens": 450}, timeout=1.0)
+    deadline = time.time() + 3.4  # 450 tokens take at least 4.5 s on this server
+    while slow_server.health()["finished"]["cancelled"] == before["cancelled"]:
+        assert time.time() < deadline, "the abandoned request kept generating"
+        time.sleep(0.05)
+    h = slow_server.health()
+    assert h["active"] == 0 and h["finished"]["length"] == before["length"]
+
+
+def test_host_allow_list_and_cross_origin_writes(server, checkpoint):
+    body = {"messages": user("Halo"), "temperature": 0, "max_tokens": 32}
+    url = server.url + "/v1/chat/completions"
+    for host in ("evil.example", f"evil.example:{server.port}", "127.0.0.1.evil.example", ""):
+        r = httpx.post(url, json=body, headers={"Host": host})
+        assert r.status_code == 400 and error_of(r)["code"] == "host_not_allowed", host
+    assert httpx.get(server.url + "/", headers={"Host": "rebind.example"}).status_code == 400
+    for host in (f"localhost:{server.port}", f"127.0.0.1:{server.port}", "LOCALHOST"):
+        r = httpx.post(url, json=body, headers={"Host": host})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == CHAT_PAIRS[0][1]
+    # no API key: other origins may not write, and form/text bodies (no CORS preflight) are refused
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Origin": f"http://localhost:{server.port}"}):  # a different origin than the Host
+        r = httpx.post(url, json=body, headers=headers)
+        assert r.status_code == 403 and error_of(r)["code"] == "cross_origin_refused", headers
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        r = httpx.post(url, content=json.dumps(body).encode(), headers={"Content-Type": ctype})
+        assert r.status_code == 403 and error_of(r)["code"] == "cross_origin_refused", ctype
+    same = {"Origin": server.url, "Sec-Fetch-Site": "same-origin"}  # the page's own fetch (pakar/web/app.js)
+    assert httpx.post(url, json=body, headers=same).status_code == 200
+    assert httpx.get(server.url + "/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200
+    # configurable: extra names, or any
+    s = LiveServer(checkpoint, api_key="k", allowed_hosts=("pakar.lan", "::1"))
+    try:
+        ok = {"Authorization": "Bearer k"}
+        assert httpx.post(s.url + "/v1/chat/completions", json=body, headers={"Host": "pakar.lan:80", **ok}
+                          ).status_code == 200
+        assert httpx.post(s.url + "/v1/chat/completions", json=body, headers={"Host": "[::1]:9", **ok}
+                          ).status_code == 200
+        assert httpx.post(s.url + "/v1/chat/completions", json=body, headers=ok).status_code == 400  # 127.0.0.1
+        # with a key, a cross-origin caller that holds it may write (the key is the guard)
+        r = httpx.post(s.url + "/v1/chat/completions", json=body,
+                       headers={"Host": "pakar.lan", "Origin": "http://app.example", **ok})
+        assert r.status_code == 200
+    finally:
+        s.close()
+
+
+def test_api_key_from_file_or_environment(tmp_path):
+    from pakar.serve import read_api_key
+
+    f = tmp_path / "key.txt"
+    f.write_text("rahasia-dari-file\n", encoding="utf-8")
+    assert read_api_key(None, str(f), env={}) == "rahasia-dari-file"
+    assert read_api_key(None, None, env={"PAKAR_API_KEY": " rahasia-env "}) == "rahasia-env"
+    assert read_api_key("cli", None, env={"PAKAR_API_KEY": "env"}) == "cli"  # the flag wins
+    assert read_api_key(None, None, env={}) is None
+    for args, env, message in [(("a", str(f)), {}, "not both"), ((None, str(tmp_path / "none")), {}, "cannot read"),
+                               ((None, None), {"PAKAR_API_KEY": " "}, "empty"), (("",  None), {}, "empty")]:
+        with pytest.raises(PakarError, match=message):
+            read_api_key(*args, env=env)
+    (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
+    with pytest.raises(PakarError, match="--api-key-file .*empty"):
+        read_api_key(None, str(tmp_path / "empty.txt"), env={})
