@@ -129,7 +129,7 @@ def run_fts5(wiki: Path, questions, tmp: Path) -> dict:
     t0 = time.perf_counter()
     db = sqlite3.connect(tmp / "fts.sqlite")
     db.execute("CREATE VIRTUAL TABLE p USING fts5(terms, doc UNINDEXED)")
-    rows = src.db.execute("SELECT text, doc FROM passages ORDER BY id").fetchall()
+    rows = [(h.text, h.doc) for h in map(src.passage, range(len(src)))]
     db.executemany("INSERT INTO p VALUES (?, ?)", ((" ".join(analyze(t)), d) for t, d in rows))
     db.commit()
     build = time.perf_counter() - t0
@@ -152,7 +152,9 @@ t0 = time.perf_counter()
 rc = main(["index", "--data", sys.argv[1], "--out", sys.argv[2], "--json"])
 wall = time.perf_counter() - t0
 peak = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(f"PEAK_KB {peak} WALL {wall}", file=sys.stderr)
+import resource
+r = resource.getrusage(resource.RUSAGE_SELF)
+print(f"PEAK_KB {peak} WALL {wall} CPU {r.ru_utime + r.ru_stime}", file=sys.stderr)
 """
 
 
@@ -161,9 +163,11 @@ def run_legal(tmp: Path) -> dict:
     proc = subprocess.run([sys.executable, "-c", LEGAL_CHILD, str(data), str(tmp / "legal")], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    peak_kb, wall = re.search(r"PEAK_KB (\d+) WALL ([\d.]+)", proc.stderr).groups()
-    return {"mb": round(report["bytes"] / 1e6, 1), "passages": report["passages"], "wall_s": round(float(wall), 1),
-            "mb_per_s": round(report["bytes"] / 1e6 / float(wall), 2), "peak_rss_mb": round(int(peak_kb) / 1024)}
+    peak_kb, wall, cpu = re.search(r"PEAK_KB (\d+) WALL ([\d.]+) CPU ([\d.]+)", proc.stderr).groups()
+    mb = report["bytes"] / 1e6
+    return {"mb": round(mb, 1), "passages": report["passages"], "wall_s": round(float(wall), 1),
+            "cpu_s": round(float(cpu), 1), "mb_per_s": round(mb / float(wall), 2),
+            "mb_per_cpu_s": round(mb / float(cpu), 2), "peak_rss_mb": round(int(peak_kb) / 1024)}
 
 
 def main() -> None:

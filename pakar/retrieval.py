@@ -10,8 +10,8 @@ Design choices (numbers: README "Retrieval", benchmarks/bench_retrieval.py):
 
 - Library: bm25s (BM25 as a sparse matrix of precomputed term scores; a query sums a few columns with
   numpy). Measured against SQLite FTS5 with the same text processing on 4,665 Wikipedia paragraphs and
-  10,096 questions, it scored the same recall and answered several times more queries per second, so
-  bm25s scores and SQLite only stores the passages (text, source, position) for display.
+  10,096 questions, it scored the same recall (77.7 vs 77.8 recall@5) and answered 6x more queries
+  per second, and FTS5's one advantage, in-place updates, matters less than query speed here.
 - Text processing: Unicode NFKC (full-width and compatibility forms, ligatures) then casefold, words
   are `\\w+` runs, and PySastrawi's stemmer (cached per distinct word) strips Indonesian affixes
   (`pembangunan`, `dibangun` -> `bangun`): +3 points recall@5 over no stemming on that benchmark. A
@@ -23,9 +23,13 @@ Design choices (numbers: README "Retrieval", benchmarks/bench_retrieval.py):
   found whole; never across documents. A sentence longer than `max_words` is cut into word windows.
   Each passage keeps its source file, document number in that file (0-based) and first word.
 - Memory: documents stream through pakar.corpus; a passage's term ids go into one flat int32 array,
-  its text into SQLite in batches, so peak memory is the term arrays and the score matrix, not the text.
+  its text straight to disk, so peak memory is the term arrays and the score matrix, not the text
+  (114 MB of laws: 535 MB peak RSS).
 - Files (nothing runs code on load): `index.json` (settings, sources with sha256, counts),
-  `passages.sqlite`, and bm25s's own folder `bm25/` (numpy .npy with allow_pickle=False + JSON).
+  `passages.txt` (the passages' UTF-8 text back to back) with `passages.npy` (int64 rows: byte
+  offset, source number, document number, first word; memory-mapped), `stems.json` (corpus word ->
+  stem, so a query needs Sastrawi only for words the corpus lacks), and bm25s's own folder `bm25/`
+  (numpy .npy loaded with allow_pickle=False, JSON).
 - Updates: bm25s matrices are immutable, so a changed corpus is rebuilt in full (and says so); an
   unchanged corpus (same files, same sha256, same settings) is reused at once.
 """
@@ -37,7 +41,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import sys
 import time
 import unicodedata
@@ -52,7 +55,8 @@ import numpy as np
 from pakar import PakarError
 from pakar.corpus import CorpusStats, iter_sourced_documents, resolve_sources
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+MMAP_BYTES = 256 << 20  # score matrices above this are memory-mapped, below it read into memory
 _WORD = re.compile(r"\w+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -95,16 +99,27 @@ def normalize(text: str) -> str:
     return unicodedata.normalize("NFKC", text).casefold()
 
 
-def analyze(text: str, stem: bool = True, stopwords: bool = False, query: bool = False) -> list[str]:
+def analyze(text: str, stem: bool = True, stopwords: bool = False, query: bool = False,
+            cache: dict[str, str] | None = None) -> list[str]:
     """The index terms of `text` (documents and queries go through the same function; a query also
-    loses QUERY_STOPWORDS)."""
+    loses QUERY_STOPWORDS). `cache` (word -> term) is consulted first and filled."""
     words = _WORD.findall(normalize(text))
     if query:
         words = [w for w in words if w not in QUERY_STOPWORDS]
     if stopwords:
         stop = _stopwords()
         words = [w for w in words if w not in stop]
-    return [_stem(w) for w in words] if stem else words
+    if not stem:
+        return words
+    if cache is None:
+        return [_stem(w) for w in words]
+    out = []
+    for w in words:
+        t = cache.get(w)
+        if t is None:
+            cache[w] = t = _stem.__wrapped__(w)  # the caller's cache only: no second copy
+        out.append(t)
+    return out
 
 
 def split_passages(doc: str, max_words: int = 200, min_words: int = 100, overlap: int = 40) -> list[tuple[int, str]]:
@@ -219,19 +234,21 @@ def build_index(specs, out_dir: str | os.PathLike, settings: IndexSettings | Non
     stats = CorpusStats()
     vocab: dict[str, int] = {}
     ids, offsets = array("i"), array("q", [0])
-    db = sqlite3.connect(tmp / "passages.sqlite")
-    db.execute("CREATE TABLE passages (id INTEGER PRIMARY KEY, source TEXT, doc INTEGER, word INTEGER, text TEXT)")
-    batch: list[tuple] = []
-    for n, (source, doc_no, word, text) in enumerate(_iter_passages(specs, settings, stats)):
-        ids.extend(vocab.setdefault(t, len(vocab)) for t in analyze(text, settings.stem, settings.stopwords))
-        offsets.append(len(ids))
-        batch.append((n, source, doc_no, word, text))
-        if len(batch) >= 2048:
-            db.executemany("INSERT INTO passages VALUES (?,?,?,?,?)", batch)
-            batch.clear()
-    db.executemany("INSERT INTO passages VALUES (?,?,?,?,?)", batch)
-    db.commit()
-    db.close()
+    rows = array("q")  # per passage: byte offset in passages.txt, source number, document, first word
+    source_no = {s["path"]: i for i, s in enumerate(sources)}
+    surface: dict[str, str] = {}  # corpus word -> its term (stems.json)
+    with open(tmp / "passages.txt", "wb") as texts:
+        for source, doc_no, word, text in _iter_passages(specs, settings, stats):
+            terms = analyze(text, settings.stem, settings.stopwords, cache=surface)
+            ids.extend(vocab.setdefault(t, len(vocab)) for t in terms)
+            offsets.append(len(ids))
+            rows.extend((texts.tell(), source_no[source], doc_no, word))
+            texts.write(text.encode("utf-8"))
+        rows.extend((texts.tell(), -1, -1, -1))  # the end of the last passage
+    np.save(tmp / "passages.npy", np.frombuffer(rows, dtype=np.int64).reshape(-1, 4), allow_pickle=False)
+    (tmp / "stems.json").write_text(json.dumps({w: t for w, t in surface.items() if w != t}, ensure_ascii=False),
+                                    encoding="utf-8")
+    del surface, rows
     n_passages = len(offsets) - 1
     if not vocab:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -291,17 +308,33 @@ class Index:
             raise PakarError(f"--index {path}: no index.json there; build one with `pakar index --data ... --out {path}`")
         self.manifest = _read_manifest(self.path)
         self.settings = IndexSettings(**self.manifest["settings"])
-        self.bm25 = bm25s.BM25.load(self.path / "bm25", mmap=True, load_corpus=False, allow_pickle=False)
+        # memory-map only big score matrices: reading a small one from RAM is faster per query
+        big = (self.path / "bm25" / "data.csc.index.npy").stat().st_size > MMAP_BYTES
+        self.bm25 = bm25s.BM25.load(self.path / "bm25", mmap=big, load_corpus=False, allow_pickle=False)
         self.vocab: dict[str, int] = self.bm25.vocab_dict
-        # check_same_thread=False: the server searches from its worker threads; reads only
-        self.db = sqlite3.connect(f"file:{self.path / 'passages.sqlite'}?mode=ro", uri=True, check_same_thread=False)
+        self.rows = np.load(self.path / "passages.npy", mmap_mode="r", allow_pickle=False)
+        self.texts = np.memmap(self.path / "passages.txt", dtype=np.uint8, mode="r") if self.rows[-1, 0] else b""
+        self.sources = [s["path"] for s in self.manifest["sources"]]
+        # every corpus word that stems to something else (unchanged ones are terms themselves)
+        stems = json.loads((self.path / "stems.json").read_text(encoding="utf-8"))
+        self.term_of = {w: self.vocab[t] for w, t in stems.items() if t in self.vocab}
 
     def __len__(self) -> int:
         return int(self.manifest["passages"])
 
+    def term_ids(self, query: str) -> list[int]:
+        words = analyze(query, stem=False, stopwords=self.settings.stopwords, query=True)
+        out = []
+        for w in words:  # Sastrawi runs only for words the corpus does not have
+            t = self.term_of.get(w)
+            if t is None:
+                t = self.vocab.get(w if w in self.vocab or not self.settings.stem else _stem(w))
+            if t is not None:
+                out.append(t)
+        return out
+
     def scores(self, query: str) -> np.ndarray:
-        term_ids = [self.vocab[t] for t in analyze(query, self.settings.stem, self.settings.stopwords, query=True)
-                    if t in self.vocab]
+        term_ids = self.term_ids(query)
         if not term_ids:
             return np.zeros(len(self), dtype=np.float32)
         return self.bm25.get_scores_from_ids(term_ids)
@@ -312,10 +345,12 @@ class Index:
         k = min(k, len(scores))
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         top = top[np.lexsort((top, -scores[top]))]  # score descending, passage id breaks ties
-        top = [int(i) for i in top if scores[i] > 0]
-        rows = {r[0]: r for r in self.db.execute(  # one query for all k rows
-            f"SELECT id, text, source, doc, word FROM passages WHERE id IN ({','.join('?' * len(top))})", top)}
-        return [Hit(*rows[i], score=float(scores[i])) for i in top]
+        top = top[scores[top] > 0]
+        return [self.passage(int(i), float(s)) for i, s in zip(top, scores[top])]
+
+    def passage(self, i: int, score: float = 0.0) -> Hit:
+        (start, source, doc, word), end = self.rows[i].tolist(), int(self.rows[i + 1, 0])
+        return Hit(i, bytes(self.texts[start:end]).decode("utf-8"), self.sources[source], doc, word, score)
 
 
 # ----------------------------------------------------------------------------- commands

@@ -117,8 +117,8 @@ def test_search_finds_exact_phrase_and_paraphrase(index_dir):
 
 def test_passages_never_cross_documents_and_keep_sources(index_dir):
     index = Index(index_dir)
-    rows = index.db.execute("SELECT text, source, doc, word FROM passages").fetchall()
-    assert len(rows) == len(index) >= len(DOCS_A) + len(DOCS_B)
+    rows = [(h.text, h.source, h.doc, h.word) for h in map(index.passage, range(len(index)))]
+    assert len(rows) >= len(DOCS_A) + len(DOCS_B)
     for text, source, doc, word in rows:
         words = source_docs(source)[doc].split()
         assert words[word:word + len(text.split())] == text.split()  # inside its own document, in place
@@ -144,7 +144,7 @@ def test_index_files_load_without_pickle(index_dir):
 
     for npy in (index_dir / "bm25").glob("*.npy"):
         np.load(npy, allow_pickle=False)  # raises if any array needed pickle
-    assert {p.suffix for p in index_dir.rglob("*") if p.is_file()} <= {".json", ".npy", ".sqlite"}
+    assert {p.suffix for p in index_dir.rglob("*") if p.is_file()} <= {".json", ".npy", ".txt"}
 
 
 def test_search_cli_json_queries_and_errors(index_dir, tmp_path, capsys):
