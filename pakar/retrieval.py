@@ -26,8 +26,8 @@ Design choices (numbers: README "Retrieval", benchmarks/bench_retrieval.py):
   its text straight to disk, so peak memory is the term arrays and the score matrix, not the text
   (114 MB of laws: 535 MB peak RSS).
 - Files (nothing runs code on load): `index.json` (settings, sources with sha256, counts),
-  `passages.txt` (the passages' UTF-8 text back to back) with `passages.npy` (int64 rows: byte
-  offset, source number, document number, first word; memory-mapped), `stems.json` (corpus word ->
+  `passages.txt` (the passages' UTF-8 text back to back, memory-mapped) with `passages.npy` (int64
+  rows: byte offset, source number, document number, first word), `stems.json` (corpus word ->
   stem, so a query needs Sastrawi only for words the corpus lacks), and bm25s's own folder `bm25/`
   (numpy .npy loaded with allow_pickle=False, JSON).
 - Updates: bm25s matrices are immutable, so a changed corpus is rebuilt in full (and says so); an
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import re
 import shutil
@@ -48,7 +49,7 @@ from array import array
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -312,8 +313,9 @@ class Index:
         big = (self.path / "bm25" / "data.csc.index.npy").stat().st_size > MMAP_BYTES
         self.bm25 = bm25s.BM25.load(self.path / "bm25", mmap=big, load_corpus=False, allow_pickle=False)
         self.vocab: dict[str, int] = self.bm25.vocab_dict
-        self.rows = np.load(self.path / "passages.npy", mmap_mode="r", allow_pickle=False)
-        self.texts = np.memmap(self.path / "passages.txt", dtype=np.uint8, mode="r") if self.rows[-1, 0] else b""
+        self.rows = np.load(self.path / "passages.npy", allow_pickle=False)  # 32 bytes a passage
+        with open(self.path / "passages.txt", "rb") as f:  # slicing an mmap.mmap is a C memcpy, no numpy view
+            self.texts = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.rows[-1, 0] else b""
         self.sources = [s["path"] for s in self.manifest["sources"]]
         # every corpus word that stems to something else (unchanged ones are terms themselves)
         stems = json.loads((self.path / "stems.json").read_text(encoding="utf-8"))
@@ -350,7 +352,7 @@ class Index:
 
     def passage(self, i: int, score: float = 0.0) -> Hit:
         (start, source, doc, word), end = self.rows[i].tolist(), int(self.rows[i + 1, 0])
-        return Hit(i, bytes(self.texts[start:end]).decode("utf-8"), self.sources[source], doc, word, score)
+        return Hit(i, self.texts[start:end].decode("utf-8"), self.sources[source], doc, word, score)
 
 
 # ----------------------------------------------------------------------------- commands
