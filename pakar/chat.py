@@ -19,6 +19,10 @@ Design choices:
   its answer does not depend on the batch size. Per-prompt tokens/s is that row's own rate (tokens
   over the time from its prefill to its last token, shared with the other rows); the summary adds the
   aggregate rate. Reports: `<out>/chat_batch_<checkpoint>.jsonl` and `.md`.
+- --index DIR (retrieval, pakar/rag.py): each user turn is searched in the index and asked in the
+  RAG template with numbered sources; the history keeps the plain questions and answers, as many
+  recent turns as fit in a quarter of the window, so old passages never crowd out new ones. Sources
+  are printed under each answer and written to the chat-batch report ("sources").
 """
 
 from __future__ import annotations
@@ -101,6 +105,18 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_new: i
     p.add_argument("--system", default=None, help="system prompt for chat mode (default: none)")
 
 
+def add_rag_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", default=None, help="answer from this `pakar index` folder: each question is "
+                   "searched and asked with numbered sources (default: no retrieval)")
+    p.add_argument("--rag-k", type=int, default=3, help="passages retrieved per question with --index (default 3)")
+
+
+def open_retriever(args):
+    from pakar.rag import Retriever
+
+    return Retriever(args.index, args.rag_k) if args.index else None
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """Weights and cache dtype for inference: auto = bfloat16 on a GPU that supports it, else float32."""
     if name == "auto":
@@ -135,10 +151,13 @@ def describe(gen: TextGenerator, path: Path) -> str:
 class ChatSession:
     """The REPL's state and logic, separate from the terminal so that tests can drive it directly."""
 
-    def __init__(self, gen: TextGenerator, params: SamplingParams, system: str | None = None, out=None):
+    def __init__(self, gen: TextGenerator, params: SamplingParams, system: str | None = None, out=None,
+                 retriever=None):
         self.gen, self.params, self.system = gen, params, system
         self.history: list[dict] = []
         self.out = out or sys.stdout
+        self.retriever = retriever  # pakar.rag.Retriever: answer from retrieved sources
+        self.sources: list = []  # the passages behind the last answer
 
     def write(self, s: str) -> None:
         self.out.write(s)
@@ -178,6 +197,8 @@ class ChatSession:
 
     def prompt_for(self, text: str):
         """The prompt for the next answer: the fitted conversation (chat) or the text itself."""
+        if self.retriever is not None:
+            return self.rag_prompt_for(text)
         if not self.gen.chat:
             return text
         self.history.append({"role": "user", "content": text})
@@ -196,8 +217,25 @@ class ChatSession:
             self.write("(the system prompt does not fit the context window with this message; left out)\n")
         return kept
 
+    def rag_prompt_for(self, text: str):
+        """The RAG template for `text` (sources in self.sources) after the recent plain history."""
+        reserve = min(self.params.max_new_tokens, self.gen.context_window // 2)
+        history: list[dict] = []
+        if self.gen.chat and self.history:
+            try:  # recent turns while they fit in a quarter of the window; the rest is for passages
+                history = self.gen.fit_messages(self.history + [{"role": "user", "content": text}],
+                                                self.gen.context_window * 3 // 4)[:-1]
+            except ContextLengthError:
+                history = []
+        prompt, self.sources = self.retriever.prompt(self.gen, text, history, reserve,
+                                                     self.system if self.gen.chat else None)
+        if self.gen.chat:
+            self.history = history + [{"role": "user", "content": text}]
+        return prompt
+
     def answer(self, text: str) -> str:
         """Stream the model's answer to `text`; Ctrl-C stops it. Returns the answer text."""
+        self.sources = []
         try:
             prompt = self.prompt_for(text)
             batch = self.gen.start([Request(prompt, self.params)])
@@ -220,6 +258,10 @@ class ChatSession:
         dt = time.perf_counter() - t0
         note = {"length": ", length limit", "interrupted": ", stopped"}.get(reason, "")
         self.write(f"\n[{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s{note}]\n")
+        if self.sources:
+            from pakar.rag import format_sources
+
+            self.write(f"sources:\n{format_sources(self.sources)}\n")
         answer = "".join(pieces)
         if self.gen.chat and answer.strip():
             self.history.append({"role": "assistant", "content": answer})
@@ -252,7 +294,9 @@ def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_model_args(p)
     add_sampling_args(p, temperature=0.8, max_new=256)
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible answers (default: random)")
+    add_rag_args(p)
     args = p.parse_args(argv)
+    retriever = open_retriever(args)
     gen, path = load_generator(args)
     if args.seed is not None:
         torch.manual_seed(args.seed)  # unseeded rows draw their generator seeds from torch's RNG
@@ -269,7 +313,10 @@ def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
         print("text mode: this checkpoint was pretrained on plain text (no chat fine-tuning), so it "
               "continues what you type; each line is continued on its own, with no conversation history.")
     print("Type a message; /help lists commands, /quit leaves. Ctrl-C stops an answer.")
-    repl(ChatSession(gen, params, args.system))
+    if retriever:
+        print(f"retrieval: {len(retriever.index):,} passages in {args.index}; {args.rag_k} per question, "
+              "sources listed under each answer")
+    repl(ChatSession(gen, params, args.system, retriever=retriever))
     return 0
 
 
@@ -365,6 +412,20 @@ def run_batch(gen: TextGenerator, items: list[tuple[str, object]], make_params, 
     return [results[i] for i in range(len(items))], time.perf_counter() - t0
 
 
+def rag_items(gen: TextGenerator, retriever, items: list[tuple[str, object]], max_new: int):
+    """(items with each last message in the RAG template, the hits of each) for chat-batch --index."""
+    out, hits_per_item = [], []
+    reserve = min(max_new, gen.context_window // 2)
+    for topic, prompt in items:
+        question = _shown(prompt)
+        history = prompt[:-1] if isinstance(prompt, list) else []
+        system = history[0]["content"] if history and history[0]["role"] == "system" else None
+        rag_prompt, hits = retriever.prompt(gen, question, history[1:] if system else history, reserve, system)
+        out.append((topic, rag_prompt))
+        hits_per_item.append(hits)
+    return out, hits_per_item
+
+
 def write_reports(rows: list[dict], summary: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl, md = out_dir / f"chat_batch_{stem}.jsonl", out_dir / f"chat_batch_{stem}.md"
@@ -377,7 +438,8 @@ def write_reports(rows: list[dict], summary: dict, out_dir: Path, stem: str) -> 
              f"{summary['batch_size']}); sampling: {summary['sampling']}", "",
              "| # | topic | prompt | answer | tokens | tokens/s | finish |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['index']} | {_md_cell(r['topic'])} | {_md_cell(r['prompt'])} | {_md_cell(r['answer'])} "
+        cites = "".join(f"\n[{c['n']}] {c['source']} (document {c['doc'] + 1})" for c in r.get("sources", []))
+        lines.append(f"| {r['index']} | {_md_cell(r['topic'])} | {_md_cell(r['prompt'])} | {_md_cell(r['answer'] + cites)} "
                      f"| {r['completion_tokens']} | {r['tokens_per_s']:.1f} | {r['finish_reason']} |")
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -397,23 +459,35 @@ def main_batch(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)")
     p.add_argument("--out", default="reports", help="folder for the reports (default: reports)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object, last")
+    add_rag_args(p)
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise PakarError(f"--batch-size must be >= 1, got {args.batch_size}")
     sampling_from_args(args)  # validate the flags before loading the model
+    retriever = open_retriever(args)
     gen, path = load_generator(args)
     if args.prompts:
         items = read_prompts(Path(args.prompts))
     else:
         items = [(topic, question if gen.chat else opening) for topic, question, opening in DEFAULT_PROMPTS]
     items = [(t, _as_request_prompt(pr, gen.chat, args.system)) for t, pr in items]
+    sources: list[list] = []
+    questions = [_shown(pr) for _, pr in items]
+    if retriever:  # each prompt's last message becomes the RAG template with its own sources
+        items, sources = rag_items(gen, retriever, items, args.max_new_tokens)
     print(f"pakar chat-batch | {describe(gen, path)}")
     print(f"{len(items)} prompts, {'chat' if gen.chat else 'text'} mode, batch size {args.batch_size}\n")
 
     def show(row: dict) -> None:
+        if sources:
+            from pakar.rag import format_sources, sources_payload
+
+            row["prompt"] = questions[row["index"] - 1]
+            row["sources"] = sources_payload(sources[row["index"] - 1])
         head = f"[{row['index']}] {row['topic'] + ': ' if row['topic'] else ''}{row['prompt']}"
-        print(f"{head}\n  -> {row['answer'].strip() or '(empty answer)'}\n  ({row['completion_tokens']} tokens, "
-              f"{row['tokens_per_s']:.1f} tokens/s, {row['finish_reason']})\n", flush=True)
+        cites = f"\n  sources:\n{format_sources(sources[row['index'] - 1])}" if sources else ""
+        print(f"{head}\n  -> {row['answer'].strip() or '(empty answer)'}{cites}\n  ({row['completion_tokens']} "
+              f"tokens, {row['tokens_per_s']:.1f} tokens/s, {row['finish_reason']})\n", flush=True)
 
     rows, wall = run_batch(gen, items, lambda i: sampling_from_args(args, seed=args.seed + i), args.batch_size,
                            on_done=show)

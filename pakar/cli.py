@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("pakar.hf", "main_export", "write a Hugging Face Qwen3-MoE model folder"),
     "import": ("pakar.hf", "main_import", "read a Hugging Face Qwen3-MoE folder into a pakar checkpoint"),
     "serve": ("pakar.serve", "main", "OpenAI-compatible HTTP server with a web chat page"),
+    "index": ("pakar.retrieval", "main_index", "build a passage search index over your documents (for --index)"),
+    "search": ("pakar.retrieval", "main_search", "search an index: top passages with score and source"),
+    "eval-rag": ("pakar.rag", "main_eval", "retrieval recall/MRR and answer EM/F1 on reading-comprehension QA"),
 }
 
 

@@ -4,6 +4,7 @@ API:
     resolve_sources(specs) -> list[Path]          files named by --data, sorted and de-duplicated
     iter_documents(specs, stats=None) -> Iterator[str]          plain-text documents (pretraining)
     iter_records(specs, stats=None) -> Iterator[str | list[dict]]   documents and chat conversations
+    iter_sourced_documents(specs, stats=None) -> Iterator[(Path, int, str)]   documents with file and number
     detect_kind(specs) -> "text" | "chat"         the kind of the corpus's first record
     CorpusStats                                   counters; .summary() one line, .warnings() lines
     doc_hash(text) -> int, is_val(h, val_fraction) -> bool      the train/validation split rule
@@ -16,8 +17,10 @@ Design choices:
   does not depend on the order of the flags or of the file system. A missing path or a glob that
   matches nothing is a PakarError naming it.
 - Formats, by file name: `*.jsonl` / `*.jsonl.gz` hold one JSON object per line, either
-  {"text": str} (a document) or {"messages": [{"role", "content"}, ...]} (a chat conversation);
-  everything else is plain text with one document per line; `*.gz` is decompressed on the fly.
+  {"text": str} (a document), {"messages": [{"role", "content"}, ...]} (a chat conversation)
+  or {"context", "question", "answer"} (reading comprehension, rendered by pakar.rag.rc_messages as a
+  conversation in the retrieval prompt template); everything else is plain text with one document
+  per line; `*.gz` is decompressed on the fly.
 - Streaming. Files are read line by line in binary mode, so memory is one line whatever the corpus
   size. A line longer than MAX_LINE_BYTES (64 MiB; a file with no line breaks) is cut into pieces at
   UTF-8 character boundaries, each its own document, and counted: one line must not exhaust memory.
@@ -230,6 +233,13 @@ def _parse_json(line: str, stats: CorpusStats) -> Record | None:
         return obj["text"].replace("\r\n", "\n")
     if isinstance(obj.get("messages"), list) and obj["messages"]:
         return obj["messages"]
+    if "question" in obj and "context" in obj:  # reading comprehension: the RAG template (pakar.rag)
+        from pakar.rag import rc_messages
+
+        try:
+            return rc_messages(obj)
+        except PakarError:
+            pass
     stats.missing_field += 1
     return None
 
@@ -304,6 +314,25 @@ def iter_documents(specs, stats: CorpusStats | None = None) -> Iterator[str]:
     if not n_docs:
         raise PakarError(f"{_describe(specs)}: no plain-text documents, only {n_chats:,} chat conversations "
                          "('messages'); use chat data for fine-tuning and a text corpus for pretraining")
+
+
+def iter_sourced_documents(specs, stats: CorpusStats | None = None) -> Iterator[tuple[Path, int, str]]:
+    """iter_documents with each document's source file and its 0-based number among that file's
+    documents (a retrieval index cites them). Same counting and the same error on an empty corpus."""
+    stats = CorpusStats() if stats is None else stats
+    n_docs = 0
+    for path in resolve_sources(specs):
+        n_in_file = 0
+        for record in _read_file(path, stats):
+            if isinstance(record, str):
+                yield path, n_in_file, record
+                n_in_file += 1
+            else:
+                stats.chat_skipped += 1
+        n_docs += n_in_file
+    if not n_docs:
+        raise PakarError(f"{_describe(specs)}: no plain-text documents "
+                         f"({'; '.join(stats.warnings()) or 'all empty'})")
 
 
 def detect_kind(specs) -> Literal["text", "chat"]:

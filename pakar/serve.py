@@ -62,6 +62,12 @@ Design choices:
   the page is served with a Content-Security-Policy that allows only its own script and style, on top
   of the page rendering model output as text only. FastAPI's /docs pages are off (they load
   JavaScript from a CDN).
+- Retrieval (--index DIR, pakar/rag.py): on /v1/chat/completions the last user message is searched
+  and replaced by the RAG template with numbered sources (room for min(max_tokens, a quarter of the
+  window) tokens of answer is kept). The passages used come back in an extra top-level field
+  "sources": [{"n", "source", "doc", "word", "score", "text"}] of the response (the first chunk when
+  streaming); OpenAI clients ignore unknown fields (the Python client exposes it as
+  `completion.model_extra["sources"]`). /v1/completions (raw text) is not augmented.
 - Streaming is plain Server-Sent Events written by hand (`data: {...}` lines, then `data: [DONE]`):
   no extra dependency.
 """
@@ -93,6 +99,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pakar import PakarError
+from pakar.rag import sources_payload
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -305,6 +312,7 @@ class Parsed:
     prompt_tokens: int  # usage: tokens of the distinct prompts
     stream: bool
     include_usage: bool
+    sources: list | None = None  # --index: the numbered passages in the prompt (the "sources" field)
 
 
 def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Parsed:
@@ -681,9 +689,10 @@ async def read_body(request: Request, limits: Limits) -> bytes:
 
 
 def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-               max_queue: int = DEFAULT_MAX_QUEUE, limits: Limits = Limits()):
+               max_queue: int = DEFAULT_MAX_QUEUE, limits: Limits = Limits(), retriever=None):
     """The FastAPI app serving `gen` (a pakar.generate.TextGenerator) as `model_name`. Serve it with
-    uvicorn_config(app, limits) so that the connection limits apply too."""
+    uvicorn_config(app, limits) so that the connection limits apply too. With a pakar.rag.Retriever,
+    chat requests are answered from retrieved sources."""
     worker = Worker(gen, max_batch, max_queue)
     # JSON parsing and tokenization run here, off the event loop: a huge prompt must not stall other
     # clients or /health. Two threads: more would only compete with the worker for the GIL.
@@ -761,7 +770,12 @@ def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int 
                                             "owned_by": "pakar", "max_model_len": gen.context_window}]}
 
     def parse(raw: bytes, kind: str) -> Parsed:
-        return parse_request(parse_json(raw), kind, gen, model_name, max_batch)
+        body = parse_json(raw)
+        hits = _augment(body, gen, retriever) if retriever is not None and kind == "chat" else None
+        parsed = parse_request(body, kind, gen, model_name, max_batch)
+        if hits is not None:
+            parsed.sources = sources_payload(hits)
+        return parsed
 
     async def complete(request: Request, kind: str):
         check_key(request)
@@ -795,6 +809,29 @@ async def _watch_disconnect(request: Request, job: Job, worker: Worker) -> None:
     job.events.put_nowait(("gone",))
 
 
+def _augment(body, gen, retriever) -> list | None:
+    """Replace the last user message of a chat body by the RAG template; the hits used, or None when
+    the body is not a valid chat request (parse_request then names the problem)."""
+    from pakar.generate import ContextLengthError
+
+    try:
+        msgs = _messages(body)
+        max_tokens = _get_int(body, "max_tokens", _get_int(body, "max_completion_tokens", None, 1), 1)
+    except APIError:
+        return None
+    if msgs[-1]["role"] != "user":
+        return None
+    W = gen.context_window
+    reserve = min(max_tokens or W, W // 4)
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+    try:
+        prompt, hits = retriever.prompt(gen, msgs[-1]["content"], msgs[1 if system else 0:-1], reserve, system)
+    except ContextLengthError as e:
+        raise APIError(400, str(e), "messages", "context_length_exceeded") from None
+    body["messages"] = prompt if gen.chat else msgs[:-1] + [{"role": "user", "content": prompt}]
+    return hits
+
+
 async def _collect(job: Job, parsed: Parsed, rid: str, request, worker: Worker):
     """Wait for every choice of a non-streaming request; cancel it as soon as the client goes away."""
     n = len(parsed.requests)
@@ -826,7 +863,8 @@ async def _collect(job: Job, parsed: Parsed, rid: str, request, worker: Worker):
                    for i in range(n)]
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": parsed.model, "system_fingerprint": None,
-            "choices": choices, "usage": _usage(parsed.prompt_tokens, done)}
+            "choices": choices, "usage": _usage(parsed.prompt_tokens, done),
+            **({"sources": parsed.sources} if parsed.sources is not None else {})}
 
 
 async def _stream(job: Job, parsed: Parsed, rid: str, worker: Worker):
@@ -843,8 +881,9 @@ async def _stream(job: Job, parsed: Parsed, rid: str, worker: Worker):
             c = {"index": choice, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
             c = {"index": choice, "text": text or "", "logprobs": None, "finish_reason": reason}
+        sources = {"sources": parsed.sources} if first and choice == 0 and parsed.sources is not None else {}
         return _sse({"id": rid, "object": obj, "created": created, "model": parsed.model,
-                     "system_fingerprint": None, "choices": [c], **extra})
+                     "system_fingerprint": None, "choices": [c], **extra, **sources})
 
     finished = [None] * n
     try:
@@ -1045,6 +1084,9 @@ def main(argv: list[str], prog: str = "pakar serve") -> int:
                    help=f"completions generated together; more wait in a queue (default: {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help=f"waiting completions before new requests get 429 (default: {DEFAULT_MAX_QUEUE})")
+    from pakar.chat import add_rag_args, open_retriever
+
+    add_rag_args(p)
     args = p.parse_args(argv)
     if not 1 <= args.port <= 65535:
         raise PakarError(f"--port must be between 1 and 65535, got {args.port}")
@@ -1069,9 +1111,10 @@ def main(argv: list[str], prog: str = "pakar serve") -> int:
 
     import uvicorn
 
+    retriever = open_retriever(args)
     gen, name = load_generator(args.checkpoint, args.model_dir, args.device, args.dtype)
     name = args.model_name or name
-    app = create_app(gen, name, api_key, args.max_batch, args.max_queue, limits)
+    app = create_app(gen, name, api_key, args.max_batch, args.max_queue, limits, retriever)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"WARNING: listening on {args.host} without an API key: anyone who can reach this machine can "
               f"use the model", file=sys.stderr)

@@ -486,6 +486,9 @@ def slow_server(checkpoint):
     """A server whose forwards take 10 ms, as a bigger model's would: a long answer then lasts
     seconds, so other requests certainly overlap it."""
     s = LiveServer(checkpoint)
+    # every step through the model's forward (not the lean decode paths, which bypass it), so that the
+    # hook slows every step whatever the machine's speed
+    s.gen.engine.lean, s.gen.engine.row_decoder = False, None
     s.gen.engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
     yield s
     s.close()

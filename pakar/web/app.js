@@ -11,6 +11,9 @@
 // - If the conversation no longer fits the model's context window (HTTP 400,
 //   code "context_length_exceeded"), the oldest turns are left out of the request (the system prompt
 //   is kept) and the request is retried; a note says so.
+// - Sources: a server started with --index sends the passages behind an answer in the first chunk's
+//   "sources" field; they are shown under the answer as numbered citations (text only) and kept with
+//   the message in localStorage, but never sent back to the server.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -103,10 +106,28 @@ function addBubble(kind, text) {
   return div;
 }
 
+// Numbered citations under an answer: "[n] source (document d)", the passage as a tooltip.
+function addCitations(sources) {
+  const ol = document.createElement("ol");
+  ol.className = "message sources";
+  for (const s of sources) {
+    const li = document.createElement("li");
+    li.value = s.n;
+    li.textContent = s.source + " (document " + (s.doc + 1) + ")"; // textContent only
+    li.title = s.text;
+    ol.append(li);
+  }
+  $("messages").append(ol);
+  return ol;
+}
+
 function render() {
   renderChatList();
   $("messages").replaceChildren();
-  for (const m of currentChat().messages) addBubble(m.role, m.content);
+  for (const m of currentChat().messages) {
+    addBubble(m.role, m.content);
+    if (m.sources && m.sources.length) addCitations(m.sources);
+  }
 }
 
 function setBusy(busy) {
@@ -137,7 +158,7 @@ async function fetchModel() {
 
 // Reads the server-sent events of a streaming completion; calls onText for each piece of text.
 // Returns the finish reason.
-async function readStream(response, onText) {
+async function readStream(response, onText, onSources) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -156,6 +177,7 @@ async function readStream(response, onText) {
         if (data === "[DONE]") return finish;
         const obj = JSON.parse(data);
         if (obj.error) throw new Error(obj.error.message);
+        if (Array.isArray(obj.sources) && onSources) onSources(obj.sources);
         for (const choice of obj.choices || []) {
           if (choice.delta && choice.delta.content) onText(choice.delta.content);
           if (choice.finish_reason) finish = choice.finish_reason;
@@ -177,9 +199,10 @@ async function send(text) {
 
   const bubble = addBubble("assistant streaming", "");
   let answer = "";
+  let sources = [];
   controller = new AbortController();
   setBusy(true);
-  let history = chat.messages.slice();
+  let history = chat.messages.map((m) => ({ role: m.role, content: m.content }));
   try {
     for (;;) {
       const system = $("system-prompt").value.trim();
@@ -205,7 +228,7 @@ async function send(text) {
         answer += piece;
         bubble.textContent = answer; // textContent: shown as text, never parsed as HTML
         bubble.scrollIntoView({ block: "end" });
-      });
+      }, (s) => { sources = s; });
       if (finish === "length") addBubble("note", "The answer reached the token limit.");
       break;
     }
@@ -215,7 +238,8 @@ async function send(text) {
   } finally {
     bubble.classList.remove("streaming");
     if (answer.trim()) {
-      chat.messages.push({ role: "assistant", content: answer });
+      chat.messages.push(sources.length ? { role: "assistant", content: answer, sources } : { role: "assistant", content: answer });
+      if (sources.length) addCitations(sources).scrollIntoView({ block: "end" });
     } else {
       bubble.remove();
     }

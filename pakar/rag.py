@@ -1,0 +1,287 @@
+"""Retrieval-augmented answers: the one prompt template, fitting it to the context window, reading-
+comprehension records for fine-tuning, and `pakar eval-rag`.
+
+API:
+    NO_ANSWER                                 what the model says when the sources lack the answer
+    render_rag_prompt(question, passages) -> str         the user message (template below)
+    fit_rag_prompt(question, passages, budget, count) -> (str, n_passages_used)
+    rc_messages(record) -> list[dict]         {"context","question","answer"} -> a chat conversation
+    Retriever(index_dir, k).prompt(gen, question, history, reserve) -> (messages or text, hits)
+    answer_scores(prediction, gold) -> (em, f1); main_eval (`pakar eval-rag`)
+
+The template (one user message; numbered sources, then the question last):
+
+    Jawab pertanyaan berdasarkan sumber berikut. Jika jawabannya tidak ada di sumber, jawab: "<NO_ANSWER>"
+
+    [1] <passage 1>
+
+    [2] <passage 2>
+
+    Pertanyaan: <question>
+
+A chat model sees it as the user turn of its ChatML template and answers as the assistant; a text
+(pretrained-only) model gets the same text followed by "\\nJawaban:". Fitting: the question is never
+cut. Passages are added best first while the whole prompt (as the model will see it, history included)
+leaves `reserve` tokens for the answer; the first passage that does not fit is cut at a word boundary
+to the room left, and the rest are left out. If the question alone does not fit, that is a
+ContextLengthError, as for any over-long message.
+
+Reading-comprehension records ({"context": str or [str], "question": str, "answer": str}) render to the
+same template with the context as the sources and the answer (NO_ANSWER when the answer is "" or null)
+as the assistant's reply, so fine-tuning teaches exactly what retrieval asks; the loss mask is the chat
+mask (assistant content and its <|im_end|> only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+from pakar import PakarError
+
+NO_ANSWER = "Maaf, jawabannya tidak ada di sumber."
+INSTRUCTION = f'Jawab pertanyaan berdasarkan sumber berikut. Jika jawabannya tidak ada di sumber, jawab: "{NO_ANSWER}"'
+TEXT_MODE_SUFFIX = "\nJawaban:"
+
+
+def render_rag_prompt(question: str, passages: list[str]) -> str:
+    sources = "".join(f"[{i}] {p.strip()}\n\n" for i, p in enumerate(passages, 1))
+    return f"{INSTRUCTION}\n\n{sources}Pertanyaan: {question.strip()}"
+
+
+def fit_rag_prompt(question: str, passages: list[str], budget: int, count: Callable[[str], int]) -> tuple[str, int]:
+    """The largest template (best passages first, the last one possibly cut) with count(text) <= budget.
+    Returns (text, passages used). The question is whole, or ContextLengthError."""
+    from pakar.engine import ContextLengthError
+
+    if count(render_rag_prompt(question, [])) > budget:
+        raise ContextLengthError(f"the question alone is {count(render_rag_prompt(question, []))} prompt "
+                                 f"tokens; the context window leaves room for {budget} (shorten it)")
+    kept: list[str] = []
+    for p in passages:
+        if count(render_rag_prompt(question, kept + [p])) <= budget:
+            kept.append(p)
+            continue
+        words = p.split()
+        lo, hi = 0, len(words)  # the most words of p that still fit: binary search
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if count(render_rag_prompt(question, kept + [" ".join(words[:mid]) + " …"])) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo:
+            kept.append(" ".join(words[:lo]) + " …")
+        break
+    return render_rag_prompt(question, kept), len(kept)
+
+
+def rc_messages(record: dict) -> list[dict]:
+    """A reading-comprehension record as the conversation fine-tuning learns from (template above)."""
+    context, question, answer = record.get("context"), record.get("question"), record.get("answer")
+    if isinstance(context, str):
+        context = [context]
+    if not (isinstance(context, list) and context and all(isinstance(c, str) and c.strip() for c in context)):
+        raise PakarError("reading-comprehension record: 'context' must be a non-empty string or list of strings")
+    if not isinstance(question, str) or not question.strip():
+        raise PakarError("reading-comprehension record: 'question' must be a non-empty string")
+    if answer is not None and not isinstance(answer, str):
+        raise PakarError("reading-comprehension record: 'answer' must be a string (\"\" = not answerable)")
+    reply = answer.strip() if answer and answer.strip() else NO_ANSWER
+    return [{"role": "user", "content": render_rag_prompt(question, context)},
+            {"role": "assistant", "content": reply}]
+
+
+class Retriever:
+    """An opened index and the number of passages to put in each prompt."""
+
+    def __init__(self, index_dir, k: int = 3):
+        from pakar.retrieval import Index
+
+        if k < 1:
+            raise PakarError(f"--rag-k {k}: must be at least 1")
+        self.index, self.k = Index(index_dir), k
+
+    def prompt(self, gen, question: str, history: list[dict] | None = None, reserve: int = 128,
+               system: str | None = None):
+        """(prompt for gen, hits actually in it). Chat models get messages (system, history, the
+        templated question); text models get the template text."""
+        hits = self.index.search(question, self.k)
+        budget = gen.context_window - max(1, reserve)
+        head = ([{"role": "system", "content": system}] if system else []) + list(history or [])
+        if gen.chat:
+            def count(text: str) -> int:
+                return len(gen.encode(head + [{"role": "user", "content": text}]))
+        else:
+            def count(text: str) -> int:
+                return len(gen.encode(text + TEXT_MODE_SUFFIX))
+        text, used = fit_rag_prompt(question, [h.text for h in hits], budget, count)
+        prompt = head + [{"role": "user", "content": text}] if gen.chat else text + TEXT_MODE_SUFFIX
+        return prompt, hits[:used]
+
+
+def sources_payload(hits) -> list[dict]:
+    """The documented "sources" list (API field, chat-batch report): number, source, doc, word, score, text."""
+    return [{"n": i, "source": h.source, "doc": h.doc, "word": h.word, "score": round(h.score, 4), "text": h.text}
+            for i, h in enumerate(hits, 1)]
+
+
+def format_sources(hits) -> str:
+    from pakar.retrieval import format_source
+
+    return "\n".join(f"  [{i}] {format_source(h)}" for i, h in enumerate(hits, 1))
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+def _norm_answer(s: str) -> list[str]:
+    s = s.casefold().translate(str.maketrans("", "", string.punctuation))
+    return s.split()
+
+
+def is_no_answer(prediction: str) -> bool:
+    return _norm_answer(prediction)[:4] == _norm_answer(NO_ANSWER)[:4]
+
+
+def answer_scores(prediction: str, gold: str) -> tuple[float, float]:
+    """(exact match, token F1) after lower-casing and removing punctuation (SQuAD's rule). An empty
+    gold means unanswerable: both scores are 1 when the prediction is the NO_ANSWER sentence, else 0."""
+    if not gold.strip() or is_no_answer(gold):
+        hit = float(is_no_answer(prediction))
+        return hit, hit
+    p, g = _norm_answer(prediction), _norm_answer(gold)
+    em = float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if not common:
+        return em, 0.0
+    precision, recall = common / len(p), common / len(g)
+    return em, 2 * precision * recall / (precision + recall)
+
+
+def read_qa(path: Path) -> list[dict]:
+    """{"context","question","answer"} records (blank and bad lines counted, reported on stderr)."""
+    rows, bad = [], 0
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise PakarError(f"--data {path}: cannot read ({e.strerror})") from None
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            rc_messages(obj)  # validates
+            rows.append(obj)
+        except (ValueError, PakarError):
+            bad += 1
+    if bad:
+        print(f"warning: {bad:,} lines of {path} were not reading-comprehension records (skipped)", file=sys.stderr)
+    if not rows:
+        raise PakarError(f"--data {path}: no {{\"context\", \"question\", \"answer\"}} records")
+    return rows
+
+
+def _norm_text(s: str) -> str:
+    return " ".join(s.split())
+
+
+def retrieval_metrics(index, rows: list[dict]) -> dict:
+    """recall@1/5/20 and MRR of the gold passage: a hit is a retrieved passage inside the gold context
+    (or containing it), compared on whitespace-normalised text."""
+    found = {1: 0, 5: 0, 20: 0}
+    mrr = 0.0
+    for r in rows:
+        gold = _norm_text(r["context"] if isinstance(r["context"], str) else " ".join(r["context"]))
+        hits = index.search(r["question"], 20)
+        rank = next((i for i, h in enumerate(hits, 1) if _norm_text(h.text).rstrip(" …") in gold
+                     or gold in _norm_text(h.text)), None)
+        for k in found:
+            found[k] += bool(rank and rank <= k)
+        mrr += 1 / rank if rank else 0.0
+    n = len(rows)
+    return {f"recall@{k}": round(100 * v / n, 2) for k, v in found.items()} | {"mrr": round(mrr / n, 4)}
+
+
+def answer_metrics(gen, retriever, rows: list[dict], mode: str, max_new: int, batch_size: int) -> dict:
+    """EM/F1 (answerable) and abstention accuracy (unanswerable) with `mode` passages: gold | retrieved | none."""
+    from pakar.engine import SamplingParams
+    from pakar.generate import Request
+
+    prompts = []
+    for r in rows:
+        if mode == "retrieved":
+            prompt, _ = retriever.prompt(gen, r["question"], reserve=max_new)
+        else:
+            context = [] if mode == "none" else [r["context"]] if isinstance(r["context"], str) else r["context"]
+            budget = gen.context_window - max_new
+            count = (lambda t: len(gen.encode([{"role": "user", "content": t}]))) if gen.chat else \
+                (lambda t: len(gen.encode(t + TEXT_MODE_SUFFIX)))
+            text, _ = fit_rag_prompt(r["question"], context, budget, count)
+            prompt = [{"role": "user", "content": text}] if gen.chat else text + TEXT_MODE_SUFFIX
+        prompts.append(prompt)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new)
+    answers: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        answers += [c.text for c in gen.generate([Request(p, params) for p in prompts[i:i + batch_size]])]
+    sums = {"answerable": [0, 0.0, 0.0], "unanswerable": [0, 0.0, 0.0]}
+    for r, a in zip(rows, answers):
+        a = a.strip().split("\n")[0]
+        key = "answerable" if (r.get("answer") or "").strip() and not is_no_answer(r["answer"]) else "unanswerable"
+        em, f1 = answer_scores(a, r.get("answer") or "")
+        s = sums[key]
+        s[0] += 1
+        s[1] += em
+        s[2] += f1
+    out = {}
+    for key, (n, em, f1) in sums.items():
+        out[key] = {"n": n, "exact_match": round(100 * em / n, 2) if n else None,
+                    "f1": round(100 * f1 / n, 2) if n else None}
+    out["examples"] = [{"question": r["question"], "gold": r.get("answer") or "", "prediction": a}
+                       for r, a in list(zip(rows, answers))[:3]]
+    return out
+
+
+def main_eval(argv: list[str] | None = None, prog: str = "pakar eval-rag") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Retrieval recall and answer quality on reading-"
+                                "comprehension QA ({\"context\", \"question\", \"answer\"} JSONL).")
+    p.add_argument("--index", required=True, help="index folder built by `pakar index` over the contexts")
+    p.add_argument("--data", required=True, help='JSONL of {"context", "question", "answer"} ("" = unanswerable)')
+    p.add_argument("--checkpoint", help="also generate answers: exact match and token F1 with the gold passage, "
+                   "retrieved passages and none")
+    p.add_argument("--rag-k", type=int, default=3, help="retrieved passages per question in the prompt (default 3)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit in tokens (default 32)")
+    p.add_argument("--batch-size", type=int, default=16, help="questions generated together (default 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+    rows = read_qa(Path(a.data))[:a.limit]
+    retriever = Retriever(a.index, a.rag_k)
+    result: dict = {"questions": len(rows), "retrieval": retrieval_metrics(retriever.index, rows)}
+    if a.checkpoint:
+        from pakar.generate import TextGenerator
+        from pakar.train import resolve_device
+
+        gen = TextGenerator.from_checkpoint(a.checkpoint, device=resolve_device(a.device))
+        result["checkpoint"] = a.checkpoint
+        result["chat_model"] = gen.chat
+        for mode in ("gold", "retrieved", "none"):
+            result[f"answers_{mode}"] = answer_metrics(gen, retriever, rows, mode, a.max_new_tokens, a.batch_size)
+    if a.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    r = result["retrieval"]
+    print(f"{len(rows)} questions | retrieval: recall@1 {r['recall@1']}  recall@5 {r['recall@5']}  "
+          f"recall@20 {r['recall@20']}  MRR {r['mrr']}")
+    for mode in ("gold", "retrieved", "none"):
+        if f"answers_{mode}" in result:
+            m = result[f"answers_{mode}"]
+            print(f"answers with {mode:9s} passages: answerable EM {m['answerable']['exact_match']} "
+                  f"F1 {m['answerable']['f1']} (n={m['answerable']['n']}); unanswerable abstained "
+                  f"{m['unanswerable']['exact_match']}% (n={m['unanswerable']['n']})")
+    return 0
