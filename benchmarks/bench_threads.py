@@ -60,7 +60,8 @@ def run(variant: str, steps: int, template: Path, work: Path) -> tuple[float, st
         sys.exit(f"{variant}: training failed\n{res.stderr[-3000:]}")
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     rates = [r["tokens_per_s"] for r in recs if r.get("kind") == "train" and r.get("tokens_per_s")][1:]
-    head = next((ln for ln in (out / "training.log").read_text(encoding="utf-8").splitlines() if "| training " in ln), "")
+    log = (out / "training.log").read_text(encoding="utf-8").splitlines()
+    head = next((ln for ln in log if "| training " in ln), "")
     threads = head.rsplit(" | ", 1)[-1] if "thread" in head.rsplit(" | ", 1)[-1] else "torch default"
     return statistics.median(rates), threads
 
@@ -83,7 +84,8 @@ def main() -> None:
         labels: dict[str, str] = {}
         for _ in range(args.rounds):
             for busy in (False, True):
-                hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy if busy else 0)]
+                hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                        for _ in range(args.busy if busy else 0)]
                 try:
                     for variant in ("before", "after", "1 thread"):
                         tps, labels[variant] = run(variant, args.steps, template, work)
@@ -99,7 +101,8 @@ def main() -> None:
         print(f"{v:<10} {labels[v]:<44} {a:>12,.0f} {b:>12,.0f} {b / a:>10.2f}")
     after_vs_before_busy = best["after", True] / best["before", True]
     after_vs_before_alone = best["after", False] / best["before", False]
-    print(f"after / before: {after_vs_before_alone:.2f}x alone, {after_vs_before_busy:.2f}x beside the busy process(es)")
+    print(f"after / before: {after_vs_before_alone:.2f}x alone, "
+          f"{after_vs_before_busy:.2f}x beside the busy process(es)")
     print(json.dumps({"benchmark": "threads", "cores": cores, "busy_processes": args.busy, "steps": args.steps,
                       "tokens_per_s": {f"{v}{' busy' if b else ''}": round(t, 1) for (v, b), t in best.items()},
                       "after_threads": labels["after"], "after_vs_before_alone": round(after_vs_before_alone, 3),
