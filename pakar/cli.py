@@ -1,7 +1,8 @@
 """The one `pakar` command. Each subcommand is a small `main(argv)` in the module that owns the work.
 
 Modules are imported only when their subcommand runs, so `pakar --help` stays instant and a
-missing optional dependency (DeepSpeed, PEFT) only matters to the command that needs it.
+missing optional dependency (DeepSpeed, PEFT) only matters to the command that needs it. That also
+lets the global `--threads N` and the OpenMP wait policy (pakar.runtime) be set before torch loads.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 import sys
 
 from pakar import PakarError
+from pakar.runtime import THREADS_HELP, configure_threads
 
 # subcommand -> (module, function, one-line help), in pipeline order
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -35,11 +37,17 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: pakar <command> [options]   (pakar <command> --help for its options)", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", THREADS_HELP]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        argv = configure_threads(argv)  # before the command's module imports torch
+    except PakarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -56,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     entry = getattr(importlib.import_module(module), func)
     try:
         return int(entry(rest, prog=f"pakar {name}") or 0)
+    except SystemExit:
+        if "-h" in rest or "--help" in rest:  # argparse printed the command's help: add the global options
+            print(f"\n{THREADS_HELP}")
+        raise
     except PakarError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -349,6 +349,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
 
     # ---- the loop ----
     from pakar.info import train_flops_per_token
+    from pakar.runtime import thread_summary
 
     flops_per_token = train_flops_per_token(model_cfg, args.seq_len)
     peak = peak_flops(device)
@@ -356,7 +357,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
     log.say(f"training {args.config} ({n_params:,} parameters) on "
             f"{device} {'bf16 autocast' if amp else 'float32'}, {ctx.world_size} process(es) ({ctx.mode}) | "
             f"{args.epochs} epoch(s) x {steps_per_epoch} steps of up to {tokens_per_step:,} tokens | "
-            f"lr {peak_lr:g}, warmup {warmup}, {args.schedule}")
+            f"lr {peak_lr:g}, warmup {warmup}, {args.schedule} | {thread_summary()}")
     pbar = None
     if ctx.is_main:
         from tqdm import tqdm

@@ -9,11 +9,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Tests use tiny tensors: one thread is faster, and immune to OpenMP spin-waits on a busy machine."""
+    """Tests use tiny tensors: one thread is faster, and immune to OpenMP spin-waits on a busy machine.
+    OMP_NUM_THREADS, when set, wins (the suite must also pass with several threads: OMP_NUM_THREADS=2)."""
+    import os
+
     import torch
 
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1").split(",")[0] or 1))
     yield
     torch.set_num_threads(n)
 

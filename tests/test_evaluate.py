@@ -162,9 +162,10 @@ def test_streamed_corpus_equals_the_whole_stream(model, sample_tokenizer, tmp_pa
         a = evaluate_tokens(model, ids, 3, 16, tok.token_byte_lengths(), max_tokens=max_tokens)
         b = evaluate_corpus(model, tok, [str(corpus)], 3, 16, max_tokens=max_tokens)
         assert (a["tokens"], a["bytes"], a["windows"]) == (b["tokens"], b["bytes"], b["windows"])
-        # the same windows in batches of other shapes: float32 matmuls may block (and round) differently
-        # per batch shape, a few float32 ulps per token (2**-24 ~ 6e-8), never more than 1e-5 of the mean
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        # the two paths put other windows side by side in a batch; BLAS kernels may block a batch of
+        # another size differently (AVX2 ones do), so a token's float32 loss can differ in its last bits:
+        # equal to float32 rounding (a few eps per token; the mean is summed in float64), not bit for bit
+        assert a["loss"] == pytest.approx(b["loss"], rel=16 * torch.finfo(torch.float32).eps)
         assert a["expert_counts"] == b["expert_counts"]
 
 

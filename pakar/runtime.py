@@ -1,0 +1,108 @@
+"""How a pakar process uses the machine: CPU threads and the OpenMP wait policy, set before torch loads.
+
+This module is the home of process-level runtime choices; a later change will move device and dtype
+resolution here too. Today it holds only the thread logic, which `pakar.cli.main` runs before it
+imports a command's module (so before `import torch` in `pakar <command>`, `python -m pakar` and the
+seed's `python train.py`).
+
+Why: PyTorch's CPU kernels run on OpenMP (libgomp) threads, one per core by default, that spin-wait
+for each other at the end of every parallel region. When another process holds one of those cores,
+every region waits for the thread that is not running while the others burn their cores spinning:
+a `tiny` epoch fell from 5,468 tokens/s (one thread) to 316 (the default) on a two-core machine with
+one busy-loop beside it. Choices:
+- OMP_WAIT_POLICY=PASSIVE: waiting threads sleep instead of spinning, so a taken core costs about its
+  share of the work, not the whole run (4,298 tokens/s in the same trial). libgomp reads the variable
+  once, when torch loads it, hence the early start-up. `benchmarks/bench_threads.py` measures the
+  policy against the old default, alone and beside a busy process.
+- Threads: `--threads N` (a global option: `pakar train --threads 2 ...`, `python train.py --threads 2`);
+  otherwise OMP_NUM_THREADS if set; otherwise the cores this process may run on (its CPU affinity),
+  divided among the processes a launcher started on this node (LOCAL_WORLD_SIZE), at least one.
+  torchrun itself sets OMP_NUM_THREADS=1 for every rank when it starts several and the variable is
+  unset; that is then respected like a user's setting (pass --threads to use more).
+- A value the user set in the environment (OMP_WAIT_POLICY, GOMP_SPINCOUNT, OMP_NUM_THREADS) is kept;
+  only an explicit --threads overrides OMP_NUM_THREADS.
+- When torch is already loaded (pakar.cli.main called inside a Python program or a test), environment
+  variables no longer matter: only an explicit --threads is applied, through torch.set_num_threads.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+from pakar import PakarError
+
+THREADS_HELP = """global options (any command, before or after its name):
+  --threads N   CPU threads per process (default: OMP_NUM_THREADS if set, else this process's cores
+                divided among a launcher's processes on the node); idle threads sleep instead of
+                spinning (OMP_WAIT_POLICY=PASSIVE) unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set"""
+
+
+@dataclass
+class ThreadChoice:
+    threads: int  # intra-op CPU threads of this process
+    source: str  # "--threads", "OMP_NUM_THREADS" or "cores"
+    wait_policy: str  # the OpenMP wait policy in effect ("PASSIVE", or the user's value)
+
+
+def pop_threads_flag(argv: list[str]) -> tuple[list[str], int | None]:
+    """argv without `--threads N` / `--threads=N` (anywhere, before or after the command) and N."""
+    rest, value = [], None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--threads" or arg.startswith("--threads="):
+            raw = arg.partition("=")[2] if "=" in arg else next(it, None)
+            if raw is None or not raw.strip().isdigit() or int(raw) < 1:
+                raise PakarError(f"--threads must be a positive whole number of CPU threads, got {raw!r}")
+            value = int(raw)
+        else:
+            rest.append(arg)
+    return rest, value
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one, e.g. under taskset or a
+    container's cpuset), else all logical cores."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # Windows and macOS have no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_threads(requested: int | None, env: dict | None = None) -> ThreadChoice:
+    """The thread count and wait policy for this process (pure: reads `env`, changes nothing)."""
+    env = os.environ if env is None else env
+    policy = env.get("OMP_WAIT_POLICY", "PASSIVE").upper()
+    if requested is not None:
+        return ThreadChoice(requested, "--threads", policy)
+    raw = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # OpenMP allows a per-level list
+    if raw.isdigit() and int(raw) >= 1:
+        return ThreadChoice(int(raw), "OMP_NUM_THREADS", policy)
+    local = env.get("LOCAL_WORLD_SIZE", "1")
+    ranks = int(local) if local.isdigit() and int(local) >= 1 else 1
+    return ThreadChoice(max(1, usable_cores() // ranks), "cores", policy)
+
+
+def configure_threads(argv: list[str]) -> list[str]:
+    """Take --threads out of argv and set this process's threads and wait policy; returns the rest of
+    argv. Call before torch is imported (pakar.cli.main does)."""
+    argv, requested = pop_threads_flag(argv)
+    choice = choose_threads(requested)
+    if "torch" in sys.modules:  # too late for environment variables: apply an explicit request only
+        if requested is not None:
+            sys.modules["torch"].set_num_threads(requested)
+        return argv
+    os.environ["OMP_NUM_THREADS"] = str(choice.threads)  # torch reads it at import for its thread pool
+    if "GOMP_SPINCOUNT" not in os.environ:  # the user's own spin setting wins over our default policy
+        os.environ.setdefault("OMP_WAIT_POLICY", choice.wait_policy)
+    return argv
+
+
+def thread_summary() -> str:
+    """For the first log line: e.g. "2 CPU threads, OpenMP wait policy PASSIVE"."""
+    import torch
+
+    policy = os.environ.get("OMP_WAIT_POLICY", "").upper() or (
+        f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in os.environ else "default")
+    return f"{torch.get_num_threads()} CPU thread(s), OpenMP wait policy {policy}"
