@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pakar import PakarError
+from pakar import PakarError, what_is_there
 from pakar.engine import SamplingParams
 from pakar.generate import ContextLengthError, Request, TextGenerator
 
@@ -279,7 +279,7 @@ def read_prompts(path: Path) -> list[tuple[str, object]]:
     """(label, prompt) pairs from a text file (one prompt per line; blank lines and lines starting with
     '#' skipped) or a JSONL file ({"prompt": str} or {"messages": [...]} per line; optional "topic")."""
     if not path.is_file():
-        raise PakarError(f"--prompts {path}: no such file")
+        raise PakarError(f"--prompts {path}: no such file {what_is_there(path)}")
     out = []
     jsonl = path.suffix.lower() == ".jsonl"
     for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):

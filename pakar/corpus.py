@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
-from pakar import PakarError
+from pakar import PakarError, what_is_there
 
 MAX_LINE_BYTES = 64 << 20
 SNIFF_BYTES = 4096
@@ -200,7 +200,7 @@ def resolve_sources(specs: str | os.PathLike | Sequence[str | os.PathLike],
                 raise PakarError(f"--data {spec}: the pattern matches no files{_skipped_note(stats)}")
             found.update(files)
         else:
-            raise PakarError(f"--data {spec}: no such file or folder")
+            raise PakarError(f"--data {spec}: no such file or folder {what_is_there(path)}")
     return sorted(found)
 
 

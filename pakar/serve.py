@@ -620,12 +620,14 @@ def load_generator(checkpoint: str | None = None, model_dir: str | None = None, 
                    dtype: str = "auto"):
     """(TextGenerator, default model name) from a pakar checkpoint or a Hugging Face Qwen3-MoE folder."""
     from pakar.chat import pick_dtype
-    from pakar.checkpoint import safe_load
+    from pakar.checkpoint import latest_epoch_checkpoint, safe_load
     from pakar.generate import TextGenerator
     from pakar.train import resolve_device
 
-    if (checkpoint is None) == (model_dir is None):
-        raise PakarError("give exactly one of --checkpoint PATH or --model DIR")
+    if checkpoint is not None and model_dir is not None:
+        raise PakarError("give only one of --checkpoint PATH or --model DIR")
+    if checkpoint is None and model_dir is None:  # like chat and eval: the newest epoch checkpoint here
+        checkpoint = latest_epoch_checkpoint(".")
     device = resolve_device(device)
     if checkpoint is not None:
         ckpt, name = safe_load(checkpoint), Path(checkpoint).stem
@@ -639,8 +641,9 @@ def load_generator(checkpoint: str | None = None, model_dir: str | None = None, 
 def main(argv: list[str], prog: str = "pakar serve") -> int:
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible HTTP server (/v1/chat/completions, "
                                 "/v1/completions, /v1/models, /health) with a web chat page at /.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="pakar model checkpoint (.pt), e.g. checkpoints/model_epoch5.pt")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="pakar model checkpoint (.pt) (default, without --model: the newest "
+                     "checkpoints/model_epoch*.pt in the current folder)")
     src.add_argument("--model", dest="model_dir", help="Hugging Face Qwen3-MoE folder (e.g. from pakar export)")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 opens it "
