@@ -158,10 +158,12 @@ class ChatSession:
             self.history.clear()
             self.write("(conversation cleared)\n")
         elif name == "system":
+            if not self.gen.chat:  # one line: nothing is set, nothing is cleared
+                self.write("(text mode has no system prompt: this model continues text. A chat model comes "
+                           "from `pakar finetune` on chat data; --mode chat forces the chat template)\n")
+                return True
             self.system = arg or None
             self.history.clear()
-            if not self.gen.chat:
-                self.write("(text mode has no system prompt; stored for a chat model only)\n")
             self.write(f"(system prompt {'set' if arg else 'removed'}; conversation cleared)\n")
         elif name in setters:
             field_, kind = setters[name]

@@ -69,7 +69,9 @@ MAX_N = 16
 WEB_DIR = Path(__file__).with_name("web")
 WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
              "/app.js": ("app.js", "text/javascript; charset=utf-8"),
-             "/style.css": ("style.css", "text/css; charset=utf-8")}
+             "/style.css": ("style.css", "text/css; charset=utf-8"),
+             "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+             "/favicon.ico": ("favicon.svg", "image/svg+xml")}  # what browsers ask for without a <link>
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
@@ -508,8 +510,10 @@ def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int 
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
+        # "chat": whether the model was chat fine-tuned (its checkpoint's meta); the web page says when not
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "pakar", "max_model_len": gen.context_window}]}
+                                            "owned_by": "pakar", "max_model_len": gen.context_window,
+                                            "chat": gen.chat}]}
 
     async def complete(request: Request, kind: str):
         check_key(request)
