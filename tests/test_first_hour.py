@@ -223,3 +223,103 @@ def test_entry_points_explain_a_shadowing_pakar_folder(tmp_path, script):
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     assert "cannot import pakar.cli" in res.stderr and "Change into the repository folder" in res.stderr
+
+
+# --- the README's first screen, from a clean clone in a fresh virtual environment ---------------------
+
+def readme_blocks() -> list[str]:
+    """The fenced ```bash code blocks of README.md, in order."""
+    return re.findall(r"^```bash\n(.*?)^```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S | re.M)
+
+
+def commands(block: str) -> list[str]:
+    """The command lines of a block: comments and blank lines dropped, trailing comments cut."""
+    lines = [re.sub(r"\s+#\s.*$", "", line).strip() for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def first_screen() -> tuple[list[str], list[str], list[str]]:
+    """(torch choice lines, set-up lines: step 1 then step 2, next-step lines), parsed from the README."""
+    blocks = readme_blocks()
+    torch_block = next(b for b in blocks if "--index-url" in b)
+    setup = next(b for b in blocks if "python train.py" in b and "pytest" in b)
+    after = next(b for b in blocks if "python chat_interactive.py" in b and "pakar serve" in b)
+    return commands(torch_block), commands(setup), commands(after)
+
+
+def test_readme_first_screen_is_portable():
+    """What the first screen says is runnable in bash and in Windows PowerShell 5.1 as written (no `&&`,
+    no line continuations), names a CPU and a CUDA PyTorch line, and keeps DeepSpeed out of the default."""
+    torch_lines, setup, after = first_screen()
+    assert len(torch_lines) == 2 and any("/whl/cpu" in c for c in torch_lines) and any("/whl/cu" in c for c in torch_lines)
+    assert setup[0] == "pip install -e ." and any(c.startswith("python train.py") for c in setup)
+    assert setup[-1] == "python -m pytest -q"
+    for line in torch_lines + setup + after:
+        assert "&&" not in line and "||" not in line and not line.endswith(("\\", "`")), line
+    assert not any("deepspeed" in c for c in setup)
+    # the checkpoint step 1 writes is the one the examples name
+    epochs = int(re.search(r"--epochs (\d+)", next(c for c in setup if c.startswith("python train.py")))[1])
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"model_epoch{epochs}" in " ".join(after)
+    assert f'model="model_epoch{epochs}"' in readme  # the OpenAI example's model, as `pakar serve` names it
+
+
+@pytest.mark.slow
+def test_readme_first_screen_runs_from_a_clean_clone(tmp_path):
+    """git clone, a fresh venv (no system site-packages; pip's cache and this machine's wheel folders keep
+    it bounded), PyTorch installed as .ci/run does (`pip install torch==2.13.0`), then every set-up line
+    of the README as written, then every next-step line (the REPL fed /quit, the server polled)."""
+    import httpx
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and a git checkout of pakar")
+    _, setup, after = first_screen()
+    clone, venv = tmp_path / "pakar-clone", tmp_path / "venv"
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=300)
+    subprocess.run(["git", "-C", str(clone), "checkout", "-q", head.stdout.strip()], check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    bindir = venv / ("Scripts" if os.name == "nt" else "bin")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONUTF8")}
+    env |= {"PATH": str(bindir) + os.pathsep + env.get("PATH", ""), "VIRTUAL_ENV": str(venv), "OMP_NUM_THREADS": "1"}
+
+    def run(line: str, **kw) -> subprocess.CompletedProcess:
+        res = subprocess.run(line, shell=True, cwd=clone, env=env, capture_output=True, text=True, **kw)
+        assert res.returncode == 0, f"{line}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        return res
+
+    run("python -m pip install -q torch==2.13.0", timeout=1800)  # as .ci/run does (a CPU build here)
+    for line in setup:
+        res = run(line, timeout=3600)
+    assert re.search(r"\d+ passed", res.stdout) and " failed" not in res.stdout
+    assert (clone / "checkpoints" / "model_epoch2.pt").is_file()
+
+    for line in after:
+        if line.startswith("pakar serve"):
+            server = subprocess.Popen(line + " --port 8765", shell=True, cwd=clone, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True)
+            try:
+                for _ in range(240):
+                    try:
+                        models = httpx.get("http://127.0.0.1:8765/v1/models", timeout=2).json()
+                        break
+                    except httpx.HTTPError:
+                        assert server.poll() is None, server.stdout.read()
+                        import time
+
+                        time.sleep(0.5)
+                else:
+                    raise AssertionError("pakar serve did not answer within 2 minutes")
+                assert models["data"][0]["id"] == "model_epoch2" and models["data"][0]["chat"] is False
+                r = httpx.post("http://127.0.0.1:8765/v1/chat/completions", timeout=120, json={
+                    "model": "model_epoch2", "max_tokens": 8, "messages": [{"role": "user", "content": "Halo!"}]})
+                assert r.status_code == 200, r.text
+            finally:
+                os.killpg(server.pid, 15) if os.name == "posix" else server.terminate()
+                server.wait(timeout=60)
+        else:
+            run(line, input="/quit\n", timeout=1800)
+    assert (clone / "reports" / "chat_batch_model_epoch2.md").is_file()
+    assert (clone / "export" / "model_epoch2" / "model.safetensors").is_file()
+    assert (clone / "ft_chat" / "checkpoints" / "model_epoch3.pt").is_file()
