@@ -265,6 +265,7 @@ def test_readme_first_screen_is_portable():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(5400)  # installs, step 1, the whole default suite (step 2), then the next steps
 def test_readme_first_screen_runs_from_a_clean_clone(tmp_path):
     """git clone, a fresh venv (no system site-packages; pip's cache and this machine's wheel folders keep
     it bounded), PyTorch installed as .ci/run does (`pip install torch==2.13.0`), then every set-up line
@@ -284,6 +285,7 @@ def test_readme_first_screen_runs_from_a_clean_clone(tmp_path):
     env |= {"PATH": str(bindir) + os.pathsep + env.get("PATH", ""), "VIRTUAL_ENV": str(venv), "OMP_NUM_THREADS": "1"}
 
     def run(line: str, **kw) -> subprocess.CompletedProcess:
+        print(f"$ {line}", flush=True)  # progress, with -s
         res = subprocess.run(line, shell=True, cwd=clone, env=env, capture_output=True, text=True, **kw)
         assert res.returncode == 0, f"{line}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         return res
