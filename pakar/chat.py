@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from pakar import PakarError
+from pakar import PakarError, what_is_there
 from pakar.engine import SamplingParams
 from pakar.generate import ContextLengthError, Request, TextGenerator
 
@@ -177,10 +177,12 @@ class ChatSession:
             self.history.clear()
             self.write("(conversation cleared)\n")
         elif name == "system":
+            if not self.gen.chat:  # one line: nothing is set, nothing is cleared
+                self.write("(text mode has no system prompt: this model continues text. A chat model comes "
+                           "from `pakar finetune` on chat data; --mode chat forces the chat template)\n")
+                return True
             self.system = arg or None
             self.history.clear()
-            if not self.gen.chat:
-                self.write("(text mode has no system prompt; stored for a chat model only)\n")
             self.write(f"(system prompt {'set' if arg else 'removed'}; conversation cleared)\n")
         elif name in setters:
             field_, kind = setters[name]
@@ -326,7 +328,7 @@ def read_prompts(path: Path) -> list[tuple[str, object]]:
     """(label, prompt) pairs from a text file (one prompt per line; blank lines and lines starting with
     '#' skipped) or a JSONL file ({"prompt": str} or {"messages": [...]} per line; optional "topic")."""
     if not path.is_file():
-        raise PakarError(f"--prompts {path}: no such file")
+        raise PakarError(f"--prompts {path}: no such file {what_is_there(path)}")
     out = []
     jsonl = path.suffix.lower() == ".jsonl"
     for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):

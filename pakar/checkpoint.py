@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pakar import PakarError, __version__
+from pakar import PakarError, __version__, what_is_there
 from pakar.config import ModelConfig
 
 FORMAT = "pakar-model-v1"
@@ -53,7 +53,7 @@ def safe_load(path: str | Path, map_location="cpu", fmt: str = FORMAT, what: str
     `fmt` is the expected "format" field (a model checkpoint by default; pakar.lora's adapters too)."""
     path = Path(path)
     if not path.is_file():
-        raise PakarError(f"{what} not found: {path}")
+        raise PakarError(f"{what} not found: {path} {what_is_there(path)}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -120,6 +120,7 @@ def latest_epoch_checkpoint(run_dir: str | Path = ".") -> Path:
 
     found = sorted(ckdir.glob("model_epoch*.pt"), key=epoch)
     if not found:
-        raise PakarError(f"no checkpoints/model_epoch*.pt in {Path(run_dir).resolve()}; "
-                         f"train first (python train.py ...) or pass --checkpoint PATH")
+        raise PakarError(f"no checkpoints/model_epoch*.pt in {Path(run_dir).resolve()} "
+                         f"{what_is_there(ckdir / 'model_epoch1.pt')}; train first (python train.py ...) "
+                         f"or pass --checkpoint PATH")
     return found[-1]

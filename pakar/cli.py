@@ -3,6 +3,11 @@
 Modules are imported only when their subcommand runs, so `pakar --help` stays instant and a
 missing optional dependency (DeepSpeed, PEFT) only matters to the command that needs it. That also
 lets the global `--threads N` and the OpenMP wait policy (pakar.runtime) be set before torch loads.
+
+Console output never fails on a character: model text can hold anything (U+FFFD included), and a
+Windows console or a redirected/piped stream in cp1252 would raise UnicodeEncodeError on it. main()
+sets errors="replace" on stdout/stderr once, for every command (the seed's entry points go through
+it): the encoding stays what the terminal expects, and what it cannot show becomes "?".
 """
 
 from __future__ import annotations
@@ -41,8 +46,18 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def tolerant_console() -> None:
+    """stdout/stderr replace characters their encoding cannot represent instead of raising."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (a test's capture, a closed stream)
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    tolerant_console()
     try:
         argv = configure_threads(argv)  # before the command's module imports torch
     except PakarError as e:

@@ -15,7 +15,11 @@ Design choices:
 - Specs. A spec is a file, a directory (read recursively; hidden files and folders such as .git are
   left out) or a glob (`**` recurses). Sources are sorted by absolute path, so the order of documents
   does not depend on the order of the flags or of the file system. A missing path or a glob that
-  matches nothing is a PakarError naming it.
+  matches nothing is a PakarError naming it. Files found in a folder or by a glob (not those named
+  one by one) skip what operating systems and editors leave there (desktop.ini, Thumbs.db,
+  .DS_Store, Office's ~$ lock files, editor backups ending in ~) and links that lead nowhere (a
+  symlink loop, a dangling link); both are counted and reported. Symlinked folders are not followed
+  (os.walk's default), so a link back up the tree cannot loop.
 - Formats, by file name: `*.jsonl` / `*.jsonl.gz` hold one JSON object per line, either
   {"text": str} (a document), {"messages": [{"role", "content"}, ...]} (a chat conversation)
   or {"context", "question", "answer"} (reading comprehension, rendered by pakar.rag.rc_messages as a
@@ -50,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
-from pakar import PakarError
+from pakar import PakarError, what_is_there
 
 MAX_LINE_BYTES = 64 << 20
 SNIFF_BYTES = 4096
@@ -63,6 +67,8 @@ BINARY_SUFFIXES = {
 }
 # bytes that may appear in text; every other byte below 0x20 counts as a binary sign
 _TEXT_CONTROL = b"\t\n\v\f\r\x1b"
+# files operating systems and editors drop into folders: never corpus text (compared lower-case)
+JUNK_NAMES = {"desktop.ini", "thumbs.db", "ehthumbs.db", ".ds_store", "icon\r", ".directory"}
 _CONTROL = bytes(b for b in range(32) if b not in _TEXT_CONTROL)
 
 Record = str | list[dict]
@@ -85,6 +91,8 @@ class CorpusStats:
     chat_skipped: int = 0  # chat records left out by iter_documents
     empty_files: list[str] = field(default_factory=list)  # files that yielded no record
     binary_files: list[str] = field(default_factory=list)  # files skipped as binary
+    junk_files: list[str] = field(default_factory=list)  # OS/editor files in folders (desktop.ini, ~$x.docx, ...)
+    bad_links: list[str] = field(default_factory=list)  # symlinks in folders that loop or lead nowhere
 
     def summary(self) -> str:
         chat = f", {self.chat_records:,} chat conversations" if self.chat_records else ""
@@ -106,6 +114,10 @@ class CorpusStats:
         out = [f"{n:,} {what}" for n, what in counted if n]
         if self.binary_files:
             out.append(f"skipped {len(self.binary_files)} binary file(s): {names(self.binary_files)}")
+        if self.junk_files:
+            out.append(f"skipped {len(self.junk_files)} operating-system/editor file(s): {names(self.junk_files)}")
+        if self.bad_links:
+            out.append(f"skipped {len(self.bad_links)} symlink(s) that loop or lead nowhere: {names(self.bad_links)}")
         if self.empty_files:
             out.append(f"{len(self.empty_files)} file(s) had no documents: {names(self.empty_files)}")
         return out  # blank lines are normal in text files: counted, not warned about
@@ -134,6 +146,29 @@ def _as_list(specs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str
     return [os.fspath(specs)] if isinstance(specs, (str, os.PathLike)) else [os.fspath(s) for s in specs]
 
 
+def _is_junk(name: str) -> bool:
+    lower = name.lower()
+    return lower in JUNK_NAMES or name.startswith("~$") or (name.endswith("~") and len(name) > 1)
+
+
+def _keep_found(paths: list[Path], stats: CorpusStats) -> list[Path]:
+    """Resolved paths of the files a folder walk or a glob found, minus junk and broken links (counted)."""
+    kept = []
+    for p in paths:
+        if _is_junk(p.name):
+            stats.junk_files.append(str(p))
+            continue
+        try:
+            target = p.resolve(strict=True)
+        except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13) or a dangling link
+            target = None
+        if target is None or not target.is_file():  # (a glob's ** follows folder links until ELOOP)
+            stats.bad_links.append(str(p))
+        else:
+            kept.append(target)
+    return kept
+
+
 def _files_under(directory: Path) -> list[Path]:
     files = []
     for root, dirs, names in os.walk(directory):
@@ -142,8 +177,11 @@ def _files_under(directory: Path) -> list[Path]:
     return files
 
 
-def resolve_sources(specs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The files named by `--data` specs (files, directories, globs): absolute, sorted, unique."""
+def resolve_sources(specs: str | os.PathLike | Sequence[str | os.PathLike],
+                    stats: CorpusStats | None = None) -> list[Path]:
+    """The files named by `--data` specs (files, directories, globs): absolute, sorted, unique.
+    Junk files and broken links found in folders or by globs are left out and counted in `stats`."""
+    stats = CorpusStats() if stats is None else stats
     found: set[Path] = set()
     spec_list = _as_list(specs)
     if not spec_list:
@@ -153,19 +191,24 @@ def resolve_sources(specs: str | os.PathLike | Sequence[str | os.PathLike]) -> l
         if path.is_file():
             found.add(path.resolve())
         elif path.is_dir():
-            files = _files_under(path)
+            files = _keep_found(_files_under(path), stats)
             if not files:
-                raise PakarError(f"--data {spec}: the folder has no files")
-            found.update(p.resolve() for p in files)
+                raise PakarError(f"--data {spec}: the folder has no files{_skipped_note(stats)}")
+            found.update(files)
         elif any(c in spec for c in "*?["):
             matches = [Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=True)]
-            files = [f for m in matches for f in ([m] if m.is_file() else _files_under(m) if m.is_dir() else [])]
+            files = [f for m in matches for f in (_files_under(m) if m.is_dir() else [m] if m.is_file() or m.is_symlink() else [])]
+            files = _keep_found(files, stats)
             if not files:
-                raise PakarError(f"--data {spec}: the pattern matches no files")
-            found.update(p.resolve() for p in files)
+                raise PakarError(f"--data {spec}: the pattern matches no files{_skipped_note(stats)}")
+            found.update(files)
         else:
-            raise PakarError(f"--data {spec}: no such file or folder")
+            raise PakarError(f"--data {spec}: no such file or folder {what_is_there(path)}")
     return sorted(found)
+
+
+def _skipped_note(stats: CorpusStats) -> str:
+    return f" ({'; '.join(stats.warnings())})" if stats.junk_files or stats.bad_links else ""
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -288,7 +331,7 @@ def iter_records(specs, stats: CorpusStats | None = None) -> Iterator[Record]:
     message dicts, as read; validate with pakar.tokenizer.encode_chat). Raises PakarError at the end if
     the corpus held no record."""
     stats = CorpusStats() if stats is None else stats
-    sources = resolve_sources(specs)
+    sources = resolve_sources(specs, stats)
     n_records = 0
     for path in sources:
         for record in _read_file(path, stats):

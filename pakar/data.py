@@ -254,7 +254,8 @@ def prepare(specs: list[str] | None, out_dir: str | os.PathLike = ".", vocab_siz
         log(f"no --data given: using the embedded sample corpus {embedded_sample_path()}")
         specs = [str(embedded_sample_path())]
     out_dir = Path(out_dir)
-    sources = resolve_sources(specs)
+    stats = CorpusStats()  # also counts the junk files and broken links that resolving leaves out
+    sources = resolve_sources(specs, stats)
     if tokenizer is None:
         tok_path = out_dir / "tokenizer.json"
         if tok_path.exists():
@@ -281,7 +282,6 @@ def prepare(specs: list[str] | None, out_dir: str | os.PathLike = ".", vocab_siz
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "manifest.json").unlink(missing_ok=True)  # no manifest may describe shards mid-rewrite
 
-    stats = CorpusStats()
     log(f"tokenizing {len(sources)} file(s) into {directory}")
     counts = _tokenize(sources, tokenizer, directory, val_fraction, stats, log)
     warnings = stats.warnings()

@@ -390,6 +390,12 @@ def _param_group_names(model, optimizer) -> list[list[str]]:
 
 
 # -- setup and teardown ------------------------------------------------------------------------------
+def pick_backend(device: torch.device) -> str:
+    """NCCL for CUDA where this PyTorch build has it; gloo otherwise (the CPU, and CUDA on Windows and
+    macOS, whose PyTorch builds have no NCCL)."""
+    return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+
+
 def setup(args) -> Context:
     """Read the launcher's environment, pick the device, initialise the process group. One process
     without --fsdp/--deepspeed needs no process group at all."""
@@ -408,9 +414,9 @@ def setup(args) -> Context:
         import_deepspeed(device)  # fail early, before any data work, if it is missing
     from pakar.train import autocast_dtype
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = pick_backend(device)
     if not dist.is_initialized():
-        kw = {"device_id": device} if device.type == "cuda" else {}
+        kw = {"device_id": device} if backend == "nccl" else {}
         if launched:
             dist.init_process_group(backend, **kw)
         else:  # one process, no launcher: an in-process store needs no address or port

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from pakar import PakarError
+from pakar import PakarError, what_is_there
 from pakar.config import ModelConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -262,12 +262,29 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
 # files
 
 
+def _default_file_mode() -> int:
+    """0o666 less the umask: what open() gives a new file (0644 under the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write_bytes(path: Path, write) -> None:
-    """write(tmp_path) produces the file; it then replaces `path` atomically."""
+    """write(tmp_path) produces the file; it then replaces `path` atomically, so a reader that holds the
+    old file open or memory-mapped (a running server, a transformers session) keeps reading the old
+    bytes on Linux and macOS. Windows cannot replace a file another process has mapped: that is a
+    one-line error naming the file, and the old file stays as it was."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if os.name == "posix":  # safetensors writes 0600 files (a private temp file, renamed)
+            os.chmod(tmp, _default_file_mode())
+        try:
+            os.replace(tmp, path)
+        except PermissionError as e:
+            raise PakarError(f"cannot replace {path} ({e.strerror or e}): another program may have it open (a "
+                             f"running `pakar serve --model`, a Python session holding the model); close it, or "
+                             f"export to another --out") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -366,7 +383,7 @@ def export_checkpoint(ckpt: dict, out_dir: str | Path, *, dtype: str = "float32"
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise PakarError(f"{path} not found: not a Hugging Face model folder")
+        raise PakarError(f"{path} not found: not a Hugging Face model folder {what_is_there(path)}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -385,12 +402,12 @@ def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
         files = [WEIGHTS_NAME]
     else:
         raise PakarError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {folder} (pakar reads safetensors only, "
-                         f"never pickled .bin files)")
+                         f"never pickled .bin files) {what_is_there(folder / WEIGHTS_NAME)}")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         path = folder / f
         if not path.is_file():
-            raise PakarError(f"{path} is listed in {INDEX_NAME} but missing")
+            raise PakarError(f"{path} is listed in {INDEX_NAME} but missing {what_is_there(path)}")
         try:
             tensors.update(load_file(str(path)))
         except (SafetensorError, OSError) as e:
@@ -406,12 +423,12 @@ def import_folder(folder: str | Path) -> dict:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise PakarError(f"{folder} is not a folder (expected a Hugging Face model folder)")
+        raise PakarError(f"{folder} is not a folder (expected a Hugging Face model folder) {what_is_there(folder)}")
     config = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
         raise PakarError(f"{tok_path} not found: pakar checkpoints carry their tokenizer, so import needs "
-                         f"tokenizer.json (a 'fast' tokenizer)")
+                         f"tokenizer.json (a 'fast' tokenizer) {what_is_there(tok_path)}")
     tokenizer_json = tok_path.read_text(encoding="utf-8")
     tokenizer = Tokenizer.from_json(tokenizer_json)
     if tokenizer.vocab_size > config.vocab_size:
@@ -441,12 +458,14 @@ def import_folder(folder: str | Path) -> dict:
 
 
 def main_export(argv: list[str], prog: str = "pakar export") -> int:
-    from pakar.checkpoint import safe_load
+    from pakar.checkpoint import latest_epoch_checkpoint, safe_load
 
     p = argparse.ArgumentParser(prog=prog, description="Write a Hugging Face Qwen3-MoE model folder "
                                 "(config.json, safetensors weights, tokenizer) from a pakar checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="pakar model checkpoint (.pt), e.g. checkpoints/model_epoch5.pt")
-    p.add_argument("--out", required=True, help="output folder (created; files of an earlier export are replaced)")
+    p.add_argument("--checkpoint", help="pakar model checkpoint (.pt) (default: the newest "
+                   "checkpoints/model_epoch*.pt in the current folder)")
+    p.add_argument("--out", help="output folder, created; files of an earlier export there are replaced "
+                   "(default: export/<checkpoint name>, e.g. export/model_epoch2)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="weight dtype in the folder (default: float32, exact; bfloat16 halves the size)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
@@ -456,8 +475,9 @@ def main_export(argv: list[str], prog: str = "pakar export") -> int:
                    help="export a checkpoint trained with aux-loss-free balancing (non-zero expert selection "
                         "bias) without that bias; its routing, and so its outputs, will differ (default: refuse)")
     args = p.parse_args(argv)
-    ckpt = safe_load(args.checkpoint)
-    export_checkpoint(ckpt, args.out, dtype=args.dtype, allow_bias_drop=args.allow_bias_drop,
+    path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
+    ckpt = safe_load(path)
+    export_checkpoint(ckpt, args.out or Path("export") / path.stem, dtype=args.dtype, allow_bias_drop=args.allow_bias_drop,
                       max_shard_size=args.max_shard_size)
     return 0
 

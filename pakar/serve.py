@@ -123,7 +123,9 @@ API_KEY_ENV = "PAKAR_API_KEY"
 WEB_DIR = Path(__file__).with_name("web")
 WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
              "/app.js": ("app.js", "text/javascript; charset=utf-8"),
-             "/style.css": ("style.css", "text/css; charset=utf-8")}
+             "/style.css": ("style.css", "text/css; charset=utf-8"),
+             "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+             "/favicon.ico": ("favicon.svg", "image/svg+xml")}  # what browsers ask for without a <link>
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
@@ -766,8 +768,10 @@ def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int 
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
+        # "chat": whether the model was chat fine-tuned (its checkpoint's meta); the web page says when not
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "pakar", "max_model_len": gen.context_window}]}
+                                            "owned_by": "pakar", "max_model_len": gen.context_window,
+                                            "chat": gen.chat}]}
 
     def parse(raw: bytes, kind: str) -> Parsed:
         body = parse_json(raw)
@@ -1004,12 +1008,14 @@ def load_generator(checkpoint: str | None = None, model_dir: str | None = None, 
                    dtype: str = "auto"):
     """(TextGenerator, default model name) from a pakar checkpoint or a Hugging Face Qwen3-MoE folder."""
     from pakar.chat import pick_dtype
-    from pakar.checkpoint import safe_load
+    from pakar.checkpoint import latest_epoch_checkpoint, safe_load
     from pakar.generate import TextGenerator
     from pakar.train import resolve_device
 
-    if (checkpoint is None) == (model_dir is None):
-        raise PakarError("give exactly one of --checkpoint PATH or --model DIR")
+    if checkpoint is not None and model_dir is not None:
+        raise PakarError("give only one of --checkpoint PATH or --model DIR")
+    if checkpoint is None and model_dir is None:  # like chat and eval: the newest epoch checkpoint here
+        checkpoint = latest_epoch_checkpoint(".")
     device = resolve_device(device)
     if checkpoint is not None:
         ckpt, name = safe_load(checkpoint), Path(checkpoint).stem
@@ -1052,8 +1058,9 @@ def default_allowed_hosts(host: str) -> tuple[str, ...]:
 def main(argv: list[str], prog: str = "pakar serve") -> int:
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible HTTP server (/v1/chat/completions, "
                                 "/v1/completions, /v1/models, /health) with a web chat page at /.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="pakar model checkpoint (.pt), e.g. checkpoints/model_epoch5.pt")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="pakar model checkpoint (.pt) (default, without --model: the newest "
+                     "checkpoints/model_epoch*.pt in the current folder)")
     src.add_argument("--model", dest="model_dir", help="Hugging Face Qwen3-MoE folder (e.g. from pakar export)")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 opens it "

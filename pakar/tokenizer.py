@@ -178,7 +178,7 @@ def train_on_corpus(specs, vocab_size: int = DEFAULT_VOCAB, log=print,
     the corpus stats and up to HELDOUT_MAX_BYTES of held-out documents (never trained on).
     `on_train_doc` sees each training document (the CLI counts words with it)."""
     stats = CorpusStats()
-    sources = resolve_sources(specs)
+    sources = resolve_sources(specs, stats)
     # estimate the text size from the files (gzip text shrinks ~4x) to set a uniform sampling rate
     estimate = sum(p.stat().st_size * (4 if p.suffix.lower() == ".gz" else 1) for p in sources)
     keep_ppm = round(min(1.0, TRAIN_MAX_BYTES / max(estimate, 1)) * 1_000_000)

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -136,6 +137,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cxx_compiler() -> tuple[str, str | None]:
+    """The C++ compiler torch.compile's inductor calls, named as it chooses it (torch._inductor.cpp_builder:
+    $CXX, else cl on Windows, clang++ on macOS, g++ elsewhere), and its path, None when not on PATH."""
+    name = os.environ.get("CXX") or ("cl" if os.name == "nt" else "clang++" if sys.platform == "darwin" else "g++")
+    return name, shutil.which(name)
+
+
+def check_compiler() -> None:
+    """--compile needs a C++ compiler (inductor builds its CPU kernels, and the launchers of its Triton
+    kernels on a GPU, with one); without it the first step fails deep inside with a long traceback."""
+    name, path = cxx_compiler()
+    if path is None:
+        raise PakarError(f"--compile needs a C++ compiler and {name!r} is not on PATH (set CXX to use another): "
+                         f"install one (Windows: Visual Studio Build Tools, then run from the Developer PowerShell; "
+                         f"Linux: g++; macOS: xcode-select --install) or train without --compile")
+
+
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     """None = plain float32. bf16 autocast is the default on CUDA, float32 the default on a CPU."""
     if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
@@ -221,6 +239,8 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
 
     ctx = D.setup(args)
     device = ctx.device if ctx.device is not None else resolve_device(args.device)
+    if args.compile:
+        check_compiler()  # before any data work: inductor would fail only at the first step
     run_dir = Path(args.out)
     ck_dir = run_dir / "checkpoints"
     if ctx.is_main:

@@ -146,3 +146,44 @@ def test_embedded_sample_is_a_real_corpus():
     docs, stats = read(embedded_sample_path())
     assert 400 <= len(docs) <= 600 and 60e3 <= stats.bytes <= 150e3
     assert len(set(docs)) == len(docs) and not stats.warnings()
+
+
+def test_os_junk_files_in_folders_are_skipped_and_counted(tmp_path):
+    """desktop.ini, Thumbs.db, .DS_Store and Office lock files are not text a user meant to train on."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("dokumen satu\n", encoding="utf-8")
+    (tmp_path / "c" / "desktop.ini").write_text("[.ShellClassInfo]\nIconResource=x.dll,0\n")
+    (tmp_path / "c" / "Thumbs.db").write_text("thumbnail cache text\n")
+    (tmp_path / "c" / "~$laporan.docx.txt").write_text("owner lock\n")
+    (tmp_path / "c" / "notes.txt~").write_text("editor backup\n")
+    for spec in (tmp_path / "c", tmp_path / "c" / "*"):
+        docs, stats = read(str(spec))
+        assert docs == ["dokumen satu"]
+        assert sorted(os.path.basename(p) for p in stats.junk_files) == \
+            ["Thumbs.db", "desktop.ini", "notes.txt~", "~$laporan.docx.txt"]
+        assert any("skipped 4 operating-system/editor file(s)" in w for w in stats.warnings())
+    # named one by one, a file is read whatever its name
+    assert read(str(tmp_path / "c" / "desktop.ini"))[0] == ["[.ShellClassInfo]", "IconResource=x.dll,0"]
+    # a folder holding only junk says so
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "Thumbs.db").write_text("x\n")
+    with pytest.raises(PakarError, match="the folder has no files.*operating-system"):
+        resolve_sources(str(tmp_path / "j"))
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks on this platform")
+def test_symlink_loops_and_dangling_links_are_skipped_and_counted(tmp_path):
+    (tmp_path / "c" / "sub").mkdir(parents=True)
+    (tmp_path / "c" / "a.txt").write_text("dokumen satu\n", encoding="utf-8")
+    try:
+        os.symlink("loop2", tmp_path / "c" / "loop1")
+    except OSError as e:  # Windows without developer mode
+        pytest.skip(f"cannot create symlinks here: {e}")
+    os.symlink("loop1", tmp_path / "c" / "loop2")
+    os.symlink("missing.txt", tmp_path / "c" / "dangling.txt")
+    os.symlink("..", tmp_path / "c" / "sub" / "up")  # a folder link back up the tree
+    for spec in (tmp_path / "c", tmp_path / "c" / "**" / "*"):
+        docs, stats = read(str(spec))
+        assert docs == ["dokumen satu"]
+        assert {os.path.basename(p) for p in stats.bad_links} >= {"loop1", "loop2", "dangling.txt"}
+        assert any("symlink(s) that loop or lead nowhere" in w for w in stats.warnings())

@@ -461,7 +461,7 @@ def test_cli_serve_binds_loopback(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["serve"], "required"),
+    (["serve"], "no checkpoints/model_epoch*.pt"),  # like chat and eval: the newest checkpoint here
     (["serve", "--checkpoint", "missing.pt"], "checkpoint not found"),
     (["serve", "--model", "no-such-folder"], "not a folder"),
 ])

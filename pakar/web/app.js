@@ -14,7 +14,41 @@
 // - Sources: a server started with --index sends the passages behind an answer in the first chunk's
 //   "sources" field; they are shown under the answer as numbered citations (text only) and kept with
 //   the message in localStorage, but never sent back to the server.
+// - One UI language at a time, English or Indonesian: every word the page shows comes from STRINGS
+//   through t(); the browser's language picks the first one (Indonesian for "id", else English) and
+//   the Language setting switches. A missing Indonesian string falls back to English.
+// - A model that was not chat fine-tuned (/v1/models says "chat": false) continues text instead of
+//   answering; a note under the header says so and how to get a chat model.
 "use strict";
+
+const STRINGS = {
+  en: {
+    newChat: "+ New chat", conversations: "Conversations", settings: "Settings", temperature: "Temperature",
+    topP: "Top-p", maxTokens: "Max tokens", systemPrompt: "System prompt", none: "(none)", apiKey: "API key",
+    apiKeyHint: "(only if the server asks)", language: "Language",
+    storageHint: "Conversations and settings stay in this browser (localStorage).",
+    inputHint: "Write a message... (Enter to send, Shift+Enter for a new line)", send: "Send", stop: "Stop",
+    untitled: "New chat", deleteChat: "Delete this conversation", generating: "generating\u2026",
+    unreachable: "server unreachable", stopped: "Stopped.", tokenLimit: "The answer reached the token limit.",
+    leftOut: "Older messages were left out: the conversation is longer than the model's context window.",
+    textModel: "This is a text model, not chat fine-tuned: it continues what you write instead of answering, " +
+      "so its replies can look odd. For a chat model, fine-tune it on conversations: " +
+      "pakar finetune --checkpoint CHECKPOINT --data chats.jsonl",
+  },
+  id: {
+    newChat: "+ Obrolan baru", conversations: "Percakapan", settings: "Pengaturan", temperature: "Temperatur",
+    topP: "Top-p", maxTokens: "Token maksimum", systemPrompt: "Prompt sistem", none: "(tidak ada)",
+    apiKey: "Kunci API", apiKeyHint: "(hanya jika server memintanya)", language: "Bahasa",
+    storageHint: "Percakapan dan pengaturan hanya disimpan di peramban ini (localStorage).",
+    inputHint: "Tulis pesan... (Enter untuk mengirim, Shift+Enter untuk baris baru)", send: "Kirim",
+    stop: "Berhenti", untitled: "Obrolan baru", deleteChat: "Hapus percakapan ini", generating: "menulis\u2026",
+    unreachable: "server tidak terjangkau", stopped: "Dihentikan.", tokenLimit: "Jawaban mencapai batas token.",
+    leftOut: "Pesan lama tidak disertakan: percakapan lebih panjang dari jendela konteks model.",
+    textModel: "Ini model teks, belum di-fine-tune untuk chat: ia melanjutkan tulisan Anda, bukan menjawab, " +
+      "sehingga balasannya bisa tampak aneh. Untuk model chat, fine-tune dengan data percakapan: " +
+      "pakar finetune --checkpoint CHECKPOINT --data chats.jsonl",
+  },
+};
 
 const $ = (id) => document.getElementById(id);
 const store = {
@@ -29,16 +63,44 @@ let chats = store.get("pakar.chats", []);
 let currentId = store.get("pakar.current", null);
 let controller = null; // AbortController of the request in flight
 let modelName = null;
+let modelIsChat = null; // from /v1/models; null until known
 
 const settingsFields = { temperature: "temperature", top_p: "top-p", max_tokens: "max-tokens",
-                         system: "system-prompt", api_key: "api-key" };
+                         system: "system-prompt", api_key: "api-key", language: "language" };
+
+function browserLanguage() {
+  const langs = navigator.languages && navigator.languages.length ? navigator.languages : [navigator.language || "en"];
+  return langs.some((l) => /^(id|in)\b/i.test(l)) ? "id" : "en";
+}
+
+function t(key) {
+  const table = STRINGS[$("language").value] || STRINGS.en;
+  return table[key] !== undefined ? table[key] : STRINGS.en[key];
+}
+
+// Puts the chosen language's words on every marked element and on what the script wrote.
+function applyLanguage() {
+  document.documentElement.lang = $("language").value;
+  for (const el of document.querySelectorAll("[data-t]")) el.textContent = t(el.dataset.t);
+  for (const el of document.querySelectorAll("[data-t-placeholder]")) el.placeholder = t(el.dataset.tPlaceholder);
+  for (const el of document.querySelectorAll("[data-t-aria-label]")) el.setAttribute("aria-label", t(el.dataset.tAriaLabel));
+  showModelNote();
+}
+
+function showModelNote() {
+  $("model-note").hidden = modelIsChat !== false;
+  $("model-note").textContent = modelIsChat === false ? t("textModel") : "";
+}
 
 function loadSettings() {
   const s = store.get("pakar.settings", {});
+  $("language").value = browserLanguage();
   for (const [key, id] of Object.entries(settingsFields)) {
     if (s[key] !== undefined) $(id).value = s[key];
   }
+  if (!STRINGS[$("language").value]) $("language").value = "en";
   showSliderValues();
+  applyLanguage();
 }
 
 function saveSettings() {
@@ -56,7 +118,7 @@ function showSliderValues() {
 function currentChat() {
   let chat = chats.find((c) => c.id === currentId);
   if (!chat) {
-    chat = { id: String(Date.now()) + Math.random().toString(16).slice(2, 6), title: "New chat", messages: [], updated: Date.now() };
+    chat = { id: String(Date.now()) + Math.random().toString(16).slice(2, 6), title: "", messages: [], updated: Date.now() };
     chats.unshift(chat);
     currentId = chat.id;
     saveChats();
@@ -78,12 +140,13 @@ function renderChatList() {
     const open = document.createElement("button");
     open.type = "button";
     open.className = "open";
-    open.textContent = chat.title; // user text: textContent only
+    // user text: textContent only; an untitled chat (older pages stored "New chat") shows the UI's word
+    open.textContent = chat.title && chat.title !== "New chat" ? chat.title : t("untitled");
     open.addEventListener("click", () => { if (!controller) { currentId = chat.id; saveChats(); render(); } });
     const del = document.createElement("button");
     del.type = "button";
     del.className = "delete";
-    del.title = "Delete this conversation";
+    del.title = t("deleteChat");
     del.textContent = "\u00d7";
     del.addEventListener("click", () => {
       if (controller) return;
@@ -134,7 +197,7 @@ function setBusy(busy) {
   $("send").disabled = busy;
   $("stop").hidden = !busy;
   $("new-chat").disabled = busy;
-  $("status").textContent = busy ? "generating\u2026" : "";
+  $("status").textContent = busy ? t("generating") : "";
 }
 
 function headers() {
@@ -150,9 +213,11 @@ async function fetchModel() {
     const body = await r.json();
     if (!r.ok) { $("status").textContent = body.error ? body.error.message : "HTTP " + r.status; return; }
     modelName = body.data[0].id;
+    modelIsChat = typeof body.data[0].chat === "boolean" ? body.data[0].chat : null;
     $("model-name").textContent = modelName;
+    showModelNote();
   } catch (e) {
-    $("status").textContent = "server unreachable";
+    $("status").textContent = t("unreachable");
   }
 }
 
@@ -191,7 +256,7 @@ async function readStream(response, onText, onSources) {
 async function send(text) {
   const chat = currentChat();
   chat.messages.push({ role: "user", content: text });
-  if (chat.title === "New chat") chat.title = text.slice(0, 40);
+  if (!chat.title || chat.title === "New chat") chat.title = text.slice(0, 40);
   chat.updated = Date.now();
   saveChats();
   renderChatList();
@@ -219,7 +284,7 @@ async function send(text) {
           // drop the oldest turn (a user message and its answer) and try again
           history = history.slice(1);
           while (history.length > 1 && history[0].role !== "user") history = history.slice(1);
-          addBubble("note", "Older messages were left out: the conversation is longer than the model's context window.");
+          addBubble("note", t("leftOut"));
           continue;
         }
         throw new Error(err.message);
@@ -229,11 +294,11 @@ async function send(text) {
         bubble.textContent = answer; // textContent: shown as text, never parsed as HTML
         bubble.scrollIntoView({ block: "end" });
       }, (s) => { sources = s; });
-      if (finish === "length") addBubble("note", "The answer reached the token limit.");
+      if (finish === "length") addBubble("note", t("tokenLimit"));
       break;
     }
   } catch (e) {
-    if (e.name === "AbortError") addBubble("note", "Stopped.");
+    if (e.name === "AbortError") addBubble("note", t("stopped"));
     else addBubble("error", String(e.message || e));
   } finally {
     bubble.classList.remove("streaming");
@@ -266,6 +331,7 @@ $("input").addEventListener("keydown", (ev) => {
 $("stop").addEventListener("click", () => { if (controller) controller.abort(); });
 $("new-chat").addEventListener("click", () => { currentId = null; currentChat(); render(); $("input").focus(); });
 for (const id of Object.values(settingsFields)) $(id).addEventListener("input", saveSettings);
+$("language").addEventListener("change", () => { saveSettings(); applyLanguage(); renderChatList(); });
 $("api-key").addEventListener("change", fetchModel);
 
 loadSettings();
