@@ -261,15 +261,16 @@ def test_sigint_right_after_the_optimizer_step_resumes_exactly(tmp_path, monkeyp
     assert_same_weights(tmp_path / "ref" / "checkpoints" / "state.pt", out / "checkpoints" / "state.pt")
 
 
-def test_sigterm_and_sigint_save_and_the_printed_command_resumes_exactly(tmp_path):
-    """A real process gets SIGTERM (docker stop) or SIGINT mid-run: it exits 128+signal with the resume
-    command, which ends bit-identical to an uninterrupted run."""
+def test_sigterm_saves_and_the_printed_command_resumes_exactly(tmp_path):
+    """A real process gets SIGTERM (docker stop, a scheduler's pre-emption) mid-run: it exits 128+15 with
+    the resume command, which ends bit-identical to an uninterrupted run. (SIGINT in a real process at
+    random moments: benchmarks/fault_matrix.py; at the worst moment: the test above.)"""
     import time
 
     common = ["--config", "tiny", "--batch", "2", "--seq-len", "32", "--max-steps", "40", "--log-every", "1",
               "--device", "cpu", "--vocab-size", "512", "--eval-tokens", "512"]
     train(small_args(tmp_path / "ref", max_steps=40))  # in-process: the same arithmetic at one thread
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM,):
         out = tmp_path / sig.name
         proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--out", str(out)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
