@@ -314,9 +314,12 @@ class StopSignals:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        # os.write, not print or the log: a handler may interrupt a write to the same buffered file
-        os.write(sys.stderr.fileno(), f"\nreceived {signal.Signals(signum).name}: saving at the end of this "
-                 f"optimizer step (Ctrl-C again quits without saving)\n".encode())
+        # os.write to fd 2, not print or the log: a handler may interrupt a write to the same buffered file
+        try:
+            os.write(2, f"\nreceived {signal.Signals(signum).name}: saving at the end of this optimizer step "
+                        f"(Ctrl-C again quits without saving)\n".encode())
+        except OSError:
+            pass
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():

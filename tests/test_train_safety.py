@@ -303,3 +303,27 @@ def test_max_steps_leaves_a_model_and_raising_it_resumes(tmp_path):
     more = train(small_args(out, max_steps=5, resume=True))
     assert more["steps"] == 5 and latest_epoch_checkpoint(out) == out / "checkpoints" / "model_step5.pt"
     assert "the lr schedule is now fitted to 5 steps" in (out / "training.log").read_text()
+
+
+def test_finetune_max_steps_leaves_a_model_and_validates(tmp_path, sample_tokenizer):
+    """`pakar finetune --max-steps N` (which used to leave only state.pt): a loadable model_step{N}.pt,
+    the "after" validation next to the "before" one, and the summary naming that file."""
+    from pakar.checkpoint import save_model
+    from pakar.corpus import embedded_sample_path
+    from pakar.finetune import FinetuneArgs, finetune
+
+    cfg = get_config("tiny", vocab_size=sample_tokenizer.vocab_size)
+    base = tmp_path / "base.pt"
+    save_model(base, Transformer(cfg).state_dict(), cfg, sample_tokenizer.to_json(), config_name="tiny")
+    out = tmp_path / "ft"
+    args = FinetuneArgs(init_from=str(base), data=[str(embedded_sample_path())], out=str(out), config="tiny",
+                        batch=2, seq_len=32, device="cpu", save_every=0, eval_tokens=512, max_steps=3)
+    summary = finetune(args, log=lambda m: None)
+    assert summary["checkpoint"] == str(out / "checkpoints" / "model_step3.pt")
+    _, tok, ckpt = load_model(summary["checkpoint"])
+    assert ckpt["meta"]["step"] == 3 and tok.sha256() == sample_tokenizer.sha256()
+    log = (out / "training.log").read_text()
+    assert "before fine-tuning" in log and "validation (step 3)" in log
+    assert summary["val_loss"] is not None and summary["val_loss_before"] is not None
+    with pytest.raises(PakarError, match="already holds a training run"):  # the loop's rule, for finetune too
+        finetune(args, log=lambda m: None)
