@@ -98,9 +98,9 @@ def interrupt_and_resume(ref: Path, out: Path, steps: int, sig: signal.Signals, 
         proc.send_signal(sig)
     text = proc.communicate()[0]
     trial = {"finished_before_signal": finished_first, "rc": proc.returncode}
-    if proc.returncode == 0 or (sig != signal.SIGKILL and "\ndone | " in text):
-        # the process ended before the signal reached it, or the signal came after the run's end (its
-        # summary line, when train() had restored the default handlers): nothing was left to save
+    if proc.returncode == 0 or (sig != signal.SIGKILL and proc.returncode == -sig):
+        # the process ended before the signal reached it, or the signal came after train() had returned
+        # and restored the default handlers (killed by it): nothing was left to save
         finished_first = trial["finished_before_signal"] = True
     if finished_first:
         trial["ok"] = proc.returncode in (0, -sig) and same_final_weights(ref, out)
