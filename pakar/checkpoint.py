@@ -10,14 +10,26 @@ Two kinds of file, both plain dicts of tensors, numbers, strings and lists, so t
 - Training state (`checkpoints/state.pt`): a model checkpoint plus what resuming needs to reproduce
   the next step exactly: optimizer state, loop counters, RNG states, the training arguments.
 
-Writes are atomic: the bytes go to a temporary file in the same folder, are fsync'ed, and replace the
-target with os.replace, so a crash mid-save leaves the previous good file in place.
+Writes are atomic: the bytes go to a temporary file in the same folder (`.NAME.tmp<pid>`), are
+fsync'ed, and replace the target with os.replace, so a crash mid-save leaves the previous good file in
+place. A write that fails (disk full, permission denied) removes its temporary file and raises one
+PakarError naming the path; a SIGKILL mid-write can still leave the temporary file, which the next
+run in that folder removes (`remove_stale_temps`). Nothing non-finite is ever written: `atomic_save`
+refuses an object holding a NaN or infinite float tensor (a diverged run must not replace the last
+good checkpoint with a poisoned one).
+
+Run folders (`check_run_dir`, shared by train and finetune): a folder that already holds a run
+(checkpoints/state.pt or model/lora epoch or step checkpoints) is refused unless the run is resumed
+(--resume) or replaced (--overwrite, which deletes those checkpoints first), and --init-from may never
+point into the checkpoints/ folder the run writes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -29,15 +41,35 @@ FORMAT = "pakar-model-v1"
 
 
 def atomic_save(obj, path: str | Path) -> None:
+    """torch.save `obj` to `path` atomically; refuses non-finite tensors; disk errors are PakarErrors."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    bad = first_nonfinite(obj)
+    if bad is not None:
+        raise PakarError(f"refusing to write {path}: tensor {bad} holds NaN or infinite values; the previous "
+                         f"file is kept")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, path.parent) if e.errno in DISK_ERRORS else e from None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            recorder = _WriteRecorder(f)
+            try:
+                torch.save(obj, recorder)
+            except RuntimeError:
+                # torch.save turns an OSError of the file's write() into an opaque "[enforce fail at
+                # inline_container.cc]" RuntimeError: re-raise the OSError it swallowed, if any
+                if recorder.error is not None:
+                    raise recorder.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in DISK_ERRORS:
+            raise write_error(e, path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     if os.name == "posix":  # make the rename itself durable
@@ -46,6 +78,49 @@ def atomic_save(obj, path: str | Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class _WriteRecorder:
+    """The file object torch.save writes to, remembering the OSError a write raised."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):  # everything else (flush, tell, ...) is the file's
+        return getattr(self.f, name)
+
+
+DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
+               getattr(errno, "EDQUOT", -1): "disk quota exceeded"}
+
+
+def write_error(e: OSError, path: str | Path) -> PakarError:
+    """One line for a failed write: what happened (disk full, permission denied, ...) and where."""
+    reason = DISK_ERRORS.get(e.errno) or e.strerror or type(e).__name__
+    return PakarError(f"cannot write {e.filename or path}: {reason}; the previous file (if any) is intact")
+
+
+def first_nonfinite(obj, where: str = "") -> str | None:
+    """The key path of the first floating-point tensor with a NaN or inf in a nest of dicts/lists, or
+    None. One pass over every tensor (a few seconds for the 3b preset's state, once per save)."""
+    if torch.is_tensor(obj):
+        if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not bool(torch.isfinite(obj).all()):
+            return where or "(top level)"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = first_nonfinite(v, f"{where}.{k}" if where else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 def safe_load(path: str | Path, map_location="cpu", fmt: str = FORMAT, what: str = "checkpoint") -> dict:
@@ -112,15 +187,99 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
 
 
 def latest_epoch_checkpoint(run_dir: str | Path = ".") -> Path:
-    """The newest checkpoints/model_epoch{N}.pt (highest N) in a run directory."""
+    """The newest model checkpoint of a run directory: checkpoints/model_epoch{N}.pt (end of epoch N) or
+    model_step{S}.pt (a run stopped by --max-steps or --time-limit mid-epoch), the one trained for the
+    most optimizer steps (its meta "step"; read with mmap, so no tensor is loaded), then the highest N."""
     ckdir = Path(run_dir) / "checkpoints"
-    def epoch(p: Path) -> int:
-        n = p.stem.removeprefix("model_epoch")
-        return int(n) if n.isdigit() else -1
 
-    found = sorted(ckdir.glob("model_epoch*.pt"), key=epoch)
+    def progress(p: Path) -> tuple[int, int]:
+        n = p.stem.removeprefix("model_epoch").removeprefix("model_step")
+        try:
+            step = int(torch.load(p, map_location="cpu", weights_only=True, mmap=True)["meta"]["step"])
+        except Exception:  # unreadable or foreign: ordered by name only; loading it reports the problem
+            step = -1
+        return step, int(n) if n.isdigit() else -1
+
+    found = sorted([*ckdir.glob("model_epoch*.pt"), *ckdir.glob("model_step*.pt")], key=progress)
     if not found:
         raise PakarError(f"no checkpoints/model_epoch*.pt in {Path(run_dir).resolve()} "
                          f"{what_is_there(ckdir / 'model_epoch1.pt')}; train first (python train.py ...) "
                          f"or pass --checkpoint PATH")
     return found[-1]
+
+
+# --- run folders ------------------------------------------------------------------------------------
+
+# What a run writes into checkpoints/ and what a new run there would overwrite.
+RUN_FILES = re.compile(r"^(state|(model|lora)_(epoch|step)\d+)\.pt$")
+# pakar's temporary files: atomic_save and hf (".NAME.tmp<pid>"), the tokenizer, token shards and their
+# manifest ("NAME.tmp-<pid>", "train.bin.tmp-<pid>-moved")
+TEMP_FILES = re.compile(r"^(\..+\.tmp(?P<a>\d+)|.+\.tmp-(?P<b>\d+)(-moved)?)$")
+
+
+def run_files(run_dir: str | Path) -> list[Path]:
+    """The checkpoints a run left in run_dir/checkpoints (state.pt, model/lora epoch and step files)."""
+    ck = Path(run_dir) / "checkpoints"
+    return sorted(p for p in ck.iterdir() if RUN_FILES.match(p.name)) if ck.is_dir() else []
+
+
+def check_run_dir(out: str | Path, resume: bool, overwrite: bool, init_from: str | None) -> None:
+    """Refuse to start a run that would destroy another: --out holding a run without --resume or
+    --overwrite, both flags at once, or --init-from inside the checkpoints/ folder this run writes."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PakarError(f"--out {out} is a file, not a folder")
+    if resume and overwrite:
+        raise PakarError("--resume continues the run in --out and --overwrite replaces it: pick one")
+    if init_from and Path(init_from).resolve().parent == (out / "checkpoints").resolve():
+        raise PakarError(f"--init-from {init_from} is inside {out / 'checkpoints'}, which this run writes (it "
+                         f"would overwrite the checkpoint it starts from): pass another --out, e.g. --out finetune")
+    found = run_files(out)
+    if found and not (resume or overwrite):
+        raise PakarError(f"--out {out} already holds a training run ({found[0]}): add --resume to continue it, "
+                         f"or --overwrite to replace it (or pass another --out)")
+
+
+def remove_run_files(run_dir: str | Path) -> list[Path]:
+    """--overwrite: delete the previous run's checkpoints (a leftover model_epoch5.pt would otherwise
+    pass for this run's newest). Returns what was deleted."""
+    found = run_files(run_dir)
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (POSIX). Elsewhere False: os.kill would terminate it on Windows."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files that a killed save left in a run folder (the folder itself,
+    checkpoints/ and each data/<key>/ shard folder), except those of a process that is still running
+    (POSIX; a live writer's file is left alone). Returns what was deleted."""
+    run_dir = Path(run_dir)
+    folders = [run_dir, run_dir / "checkpoints", *(run_dir / "data").glob("*/")]
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = TEMP_FILES.match(p.name)
+            if m and p.is_file() and not _alive(int(m["a"] or m["b"])):
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass  # not ours to remove (permissions): harmless, it is never read
+    return removed

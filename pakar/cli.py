@@ -89,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk or a folder we may not write: one line naming the path, not a traceback
+        from pakar.checkpoint import DISK_ERRORS
+
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {e.filename or 'a file'}: {DISK_ERRORS[e.errno]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

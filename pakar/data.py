@@ -295,8 +295,11 @@ def prepare(specs: list[str] | None, out_dir: str | os.PathLike = ".", vocab_siz
         "corpus": asdict(stats), "warnings": warnings,
     }
     tmp = directory / f"manifest.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, directory / "manifest.json")
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, directory / "manifest.json")
+    finally:  # a failed write (disk full) leaves no temporary file
+        tmp.unlink(missing_ok=True)
 
     n = counts["train"]["tokens"] + counts["val"]["tokens"]
     log(f"read {stats.summary()}")

@@ -53,6 +53,7 @@ import datetime
 import gc
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,13 +185,24 @@ class Context:
         else:
             loss.backward()
 
-    def clip_and_step(self, model, optimizer, max_norm: float):
-        """Clip the global gradient to max_norm (0 = no clipping), step, zero the gradients; returns the
-        global gradient norm before clipping."""
+    def clip_and_step(self, model, optimizer, max_norm: float, loss: torch.Tensor) -> tuple[float, float, bool]:
+        """Clip the global gradient to max_norm (0 = no clipping), step unless the step is non-finite,
+        zero the gradients. `loss` is the step's global mean loss (0-dim, equal on every rank). Reads the
+        loss and the gradient norm in one host-device sync (the loop read the loss every step anyway).
+        Returns (loss, global gradient norm before clipping, whether the update was applied).
+
+        Skipping is the same decision on every rank: the loss is all-reduced, and the norm is of the
+        global gradient (DDP: the all-reduced, identical gradients; FSDP: a reduction over the shards),
+        and a NaN on one rank becomes a NaN on all of them through those reductions. DeepSpeed decides
+        inside engine.step(), which cannot be called halfway: its ZeRO optimizers skip an update whose
+        global gradient norm is NaN/inf (DeepSpeed 0.19: ZeRO-3 always, ZeRO-1/2 in float32 and with
+        bf16's check_grad_overflow, on by default) and count it in engine.skipped_steps; a non-finite
+        loss with finite gradients is applied there, and the loop then stops without saving."""
         if self.mode == "deepspeed":
+            skipped = model.skipped_steps
             model.step()  # clips to the config's gradient_clipping (= --grad-clip) itself
             norm = model.get_global_grad_norm()
-            return torch.as_tensor(float("nan") if norm is None else norm)
+            return float(loss), float("nan") if norm is None else float(norm), model.skipped_steps == skipped
         params = [p for p in self.unwrap(model).parameters() if p.grad is not None]
         if self.mode == "fsdp":
             # each rank holds a shard of every gradient: the norm of the DTensors is a reduction over ranks
@@ -201,9 +213,12 @@ class Context:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         else:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        optimizer.step()
+        loss_value, norm_value = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
+        applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if applied:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return norm
+        return loss_value, norm_value, applied
 
     # -- collectives -------------------------------------------------------------------------------
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,11 @@ Design choices:
 - LoRA epoch checkpoints are adapters only (checkpoints/lora_epoch{N}.pt, pakar.lora): the base
   checkpoint is referenced by path and sha256. --merge also writes the merged, self-contained
   checkpoints/model_epoch{N}.pt that chat, eval, export and serve read.
-- --out defaults to "finetune" and must not already hold another run's checkpoints: fine-tuning into
-  a pretraining run directory would overwrite its model_epoch{N}.pt and its state.pt.
+- --out defaults to "finetune" and must not already hold another run's checkpoints (the training loop's
+  rule, pakar.train.claim_run_dir: --resume continues it, --overwrite replaces it): fine-tuning into a
+  pretraining run directory would overwrite its model_epoch{N}.pt and its state.pt.
+- A run stopped by --max-steps (or --time-limit) inside an epoch still ends with a validation ("after")
+  and a model: checkpoints/model_step{S}.pt (LoRA: lora_step{S}.pt, and model_step{S}.pt with --merge).
 """
 
 from __future__ import annotations
@@ -369,17 +372,6 @@ def chat_data_key(tokenizer, train, val, max_len: int, val_fraction: float) -> s
 
 # --- running -----------------------------------------------------------------------------------------
 
-def _check_out_dir(args: FinetuneArgs) -> None:
-    ck = Path(args.out) / "checkpoints"
-    if args.resume or not ck.is_dir():
-        return
-    found = [p.name for p in sorted(ck.iterdir()) if p.name == "state.pt" or
-             (p.suffix == ".pt" and p.stem.startswith(("model_epoch", "lora_epoch")))]
-    if found:
-        raise PakarError(f"--out {args.out} already holds a training run ({ck / found[0]}); fine-tuning there "
-                         f"would overwrite it. Use another --out, or add --resume to continue that run")
-
-
 def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
     """Fine-tune args.init_from on args.data. `base` is that checkpoint already loaded, if the caller
     has it; training takes over its "model" tensors (pakar.train.train's init_ckpt)."""
@@ -388,7 +380,7 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
     from pakar.data import file_sha256
     from pakar.lora import adapter_checkpoint, apply_lora, merge_state, router_buffers, split_state
     from pakar.tokenizer import Tokenizer
-    from pakar.train import RunLog, autocast_dtype, resolve_device, train
+    from pakar.train import RunLog, autocast_dtype, claim_run_dir, resolve_device, train
 
     base = base if base is not None else safe_load(args.init_from)
     cfg = ModelConfig.from_dict(base["config"])
@@ -397,7 +389,8 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
     if args.seq_len > cfg.max_position_embeddings:
         raise PakarError(f"--seq-len {args.seq_len} exceeds the checkpoint's context of "
                          f"{cfg.max_position_embeddings} tokens")
-    _check_out_dir(args)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    claim_run_dir(args, log, is_main=rank == 0)  # the loop's rule: no second run over a first one
     kind = detect_kind(args.data)
     spec = args.lora_spec()
     if spec is not None and kind == "chat" and not cfg.tie_word_embeddings:
@@ -407,7 +400,6 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
         args = dataclasses.replace(args, lr=DEFAULT_LR.get(args.config, 3e-4))
     if args.val_fraction is None:  # explicit, so that the loop's split and the baseline evaluation agree
         args = dataclasses.replace(args, val_fraction=CHAT_VAL_FRACTION if kind == "chat" else VAL_FRACTION)
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -492,12 +484,10 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
     summary |= {"kind": kind, "lora": spec.to_dict() if spec else None,
                 "val_loss_before": before["loss"] if before and before["tokens"] else None,
                 "val_bpb_before": before.get("bits_per_byte") if before and before["tokens"] else None}
-    n = summary["epochs_completed"]
-    if n:
-        ck = run_dir / "checkpoints"
-        summary["checkpoint"] = str(ck / (f"lora_epoch{n}.pt" if spec else f"model_epoch{n}.pt"))
-        if spec and args.merge:
-            summary["merged_checkpoint"] = str(ck / f"model_epoch{n}.pt")
+    # summary["checkpoint"] (the loop's): the last model_/lora_ epoch or step file written by this call
+    if spec and args.merge and summary["checkpoint"]:
+        name = Path(summary["checkpoint"]).name.replace("lora_", "model_", 1)
+        summary["merged_checkpoint"] = str(Path(summary["checkpoint"]).with_name(name))
     return summary
 
 

@@ -14,6 +14,34 @@ step -> log. Choices:
   to `--min-lr-ratio` of the peak; weight decay only on matrices (not norms, embeddings, router bias).
 - Precision: bf16 autocast on CUDA, float32 on CPU unless `--dtype bfloat16`.
 - Only rank 0 writes logs and checkpoints; the distributed wrapping lives in pakar.distributed.
+
+Never losing work (the choices of issue 17):
+- A run folder holding a run (checkpoints/state.pt, model_epoch*.pt, ...) is refused unless the run is
+  resumed (--resume) or replaced (--overwrite deletes its checkpoints first); --init-from may not point
+  into the checkpoints/ it would write (pakar.checkpoint.check_run_dir, the same rule for finetune).
+  Temporary files that a killed save left there are deleted at start and listed in training.log.
+  Only one run at a time may use a folder (nothing enforces it; two would overwrite each other's
+  state), so every pakar temporary file there is stale, except, on POSIX, one whose writer process
+  still runs (a concurrent `pakar prepare`), which is left alone.
+- Non-finite steps: when the step's global loss or gradient norm is NaN/inf, the update is skipped
+  (weights, AdamW moments and router biases untouched; the step counter and the data position move
+  on, so resume replays it the same), counted, and logged (training.log and a kind="skip" record in
+  metrics.jsonl). MAX_BAD_STEPS in a row stop the run with a PakarError (exit 2) and nothing saved
+  over the last good state.pt and epoch checkpoints. The check reads the loss and the gradient norm in
+  the one host-device sync per step the loop already had. And pakar.checkpoint.atomic_save refuses to
+  write any non-finite tensor, whatever the path.
+- SIGINT (Ctrl-C), SIGTERM (docker stop, a scheduler's pre-emption) and SIGBREAK (Windows) only set a
+  flag; the loop reads it at the next step boundary (before any forward of the next step), saves
+  state.pt there and exits with 128 + the signal number, printing the exact resume command. A second
+  Ctrl-C quits at once without saving. Under torchrun the flag travels in the per-step all-reduce of
+  the target count (with the --time-limit flag), so every rank stops at the same step without an extra
+  collective.
+- Every run that ends leaves a loadable model checkpoint and a final validation: model_epoch{N}.pt at
+  epoch ends; a stop by --max-steps or --time-limit inside an epoch writes model_step{S}.pt (which
+  chat/eval's default, pakar.checkpoint.latest_epoch_checkpoint, finds by its step).
+- --max-steps is not a resume setting: raising it with --resume continues the run. The lr schedule is
+  fitted to the run's total steps, so a raised --max-steps changes the schedule from the resumed step
+  on (the log says so); the same flags reproduce the uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -25,7 +53,10 @@ import math
 import os
 import random
 import shutil
+import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +66,8 @@ import numpy as np
 import torch
 
 from pakar import PakarError
-from pakar.checkpoint import atomic_save, model_checkpoint, safe_load
+from pakar.checkpoint import (DISK_ERRORS, atomic_save, check_run_dir, model_checkpoint, remove_run_files, remove_stale_temps,
+                              safe_load, write_error)
 from pakar.config import PRESETS, ModelConfig, get_config
 from pakar.corpus import VAL_FRACTION
 from pakar.model import Transformer
@@ -47,6 +79,10 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 3
                   "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
 DEFAULT_LR = {"tiny": 3e-3, "small": 1.5e-3, "default": 3e-4, "3b": 2e-4}
 SAMPLE_PROMPT = "Indonesia adalah"
+# Non-finite steps in a row that stop the run. One bad batch (an overflow spike) is skipped and
+# training goes on; when the weights or the learning rate are broken every step is non-finite, and
+# after 3 the run stops rather than skipping through the rest of the data.
+MAX_BAD_STEPS = 3
 
 
 @dataclass
@@ -71,6 +107,7 @@ class TrainArgs:
     save_every: int = 200  # optimizer steps between resumable states (and at every epoch end)
     log_every: int = 10
     resume: bool = False
+    overwrite: bool = False  # replace the run already in --out (deletes its checkpoints)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16
@@ -184,15 +221,29 @@ class RunLog:
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
-        self.text = open(run_dir / "training.log", "a", encoding="utf-8") if enabled else None
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+        self.text = self._open(run_dir / "training.log") if enabled else None
+        self.jsonl = self._open(run_dir / "metrics.jsonl") if enabled else None
+
+    @staticmethod
+    def _open(path: Path):
+        try:
+            return open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise write_error(e, path) if e.errno in DISK_ERRORS else e from None
+
+    @staticmethod
+    def _write(f, line: str) -> None:
+        try:
+            f.write(line)
+            f.flush()
+        except OSError as e:
+            raise write_error(e, f.name) if e.errno in DISK_ERRORS else e from None
 
     def say(self, msg: str, console: bool = True) -> None:
         if not self.enabled:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.text.write(f"{stamp} | {msg}\n")
-        self.text.flush()
+        self._write(self.text, f"{stamp} | {msg}\n")
         if console:
             from tqdm import tqdm
 
@@ -200,8 +251,7 @@ class RunLog:
 
     def record(self, **fields) -> None:
         if self.enabled:
-            self.jsonl.write(json.dumps(fields) + "\n")
-            self.jsonl.flush()
+            self._write(self.jsonl, json.dumps(fields) + "\n")
 
     def close(self) -> None:
         for f in (self.text, self.jsonl):
@@ -225,6 +275,129 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+
+# --- never losing work: helpers of the loop ----------------------------------------------------------
+
+def claim_run_dir(args: TrainArgs, say: Callable[[str], None], is_main: bool = True) -> None:
+    """Refuse a folder that holds another run (pakar.checkpoint.check_run_dir); then, on the main
+    process, delete the old run's checkpoints (--overwrite) and the temporary files killed saves left."""
+    check_run_dir(args.out, args.resume, args.overwrite, args.init_from)
+    if not is_main:
+        return
+    if args.overwrite:
+        gone = remove_run_files(args.out)
+        if gone:
+            say(f"--overwrite: deleted the previous run's {', '.join(p.name for p in gone)}")
+    for p in remove_stale_temps(args.out):
+        say(f"removed a temporary file left by an interrupted save: {p}")
+
+
+def resume_command() -> str:
+    """The command line that continues this run: the one that started it, plus --resume."""
+    prog, rest = sys.argv[0], [a for a in sys.argv[1:] if a != "--overwrite"]
+    if prog.endswith("__main__.py"):
+        words = ["python", "-m", "pakar"]
+    elif prog.endswith(".py"):
+        words = ["python", prog]
+    else:
+        words = [Path(prog).name]
+    words += rest + ([] if "--resume" in rest else ["--resume"])
+    if os.name == "nt":
+        import subprocess
+
+        return subprocess.list2cmdline(words)
+    return " ".join(shlex.quote(w) for w in words)
+
+
+class StopSignals:
+    """SIGINT, SIGTERM (and Windows' SIGBREAK) set `.received` instead of killing the run; the loop
+    checks it between optimizer steps. A second SIGINT raises KeyboardInterrupt at once (quit without
+    saving). Installed only in the main thread (Python delivers signals there); the previous handlers
+    come back on exit, so calling train() in-process leaves the caller's handlers as they were."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGBREAK")
+
+    def __init__(self):
+        self.received, self._old = None, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        # os.write to fd 2, not print or the log: a handler may interrupt a write to the same buffered file
+        try:
+            os.write(2, f"\nreceived {signal.Signals(signum).name}: saving at the end of this optimizer step "
+                        f"(Ctrl-C again quits without saving)\n".encode())
+        except OSError:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+class BadSteps:
+    """Counts the non-finite steps that were skipped; stops the run after MAX_BAD_STEPS in a row."""
+
+    def __init__(self, log: "RunLog", lr_hint: str):
+        self.log, self.lr_hint, self.total, self.in_a_row = log, lr_hint, 0, 0
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+    def skip(self, step: int, epoch: int, loss: float, grad_norm: float, last_saved: str) -> None:
+        self.total += 1
+        self.in_a_row += 1
+        self.log.say(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm}: update skipped "
+                     f"({self.in_a_row} in a row, {self.total} in all)")
+        self.log.record(kind="skip", step=step, epoch=epoch, loss=_json_number(loss),
+                        grad_norm=_json_number(grad_norm), in_a_row=self.in_a_row, skipped_total=self.total)
+        if self.in_a_row >= MAX_BAD_STEPS:
+            raise PakarError(f"training diverged: the loss or gradient norm was NaN/inf for {self.in_a_row} "
+                             f"optimizer steps in a row (up to step {step}); nothing was saved from them, "
+                             f"{last_saved}. Lower --lr ({self.lr_hint}) or raise --warmup, and start again "
+                             f"with --overwrite (or another --out)")
+
+
+def step_start_sync(ctx, micro, args: TrainArgs, t_start: float, received) -> tuple[torch.Tensor, str | None, bool]:
+    """Before a step: its global count of targets, and whether to stop instead. One all-reduce carries
+    the count, the --time-limit flag and the signal flag, so every rank stops at the same step (the
+    save is collective) with no collective beyond the count the loop needs anyway."""
+    n_local = float(sum(int((y != -100).sum()) for _, y in micro))
+    over = args.time_limit is not None and time.perf_counter() - t_start > args.time_limit * 60
+    total = ctx.all_reduce_sum(torch.tensor([n_local, float(over), float(received is not None)]))
+    n_targets = total[0]
+    _, over_any, signal_any = total.tolist()
+    if signal_any:
+        name = signal.Signals(received).name if received is not None else "a signal to another process"
+        return n_targets, f"stopped by {name}", True
+    if over_any:
+        return n_targets, f"reached --time-limit {args.time_limit:g} min", False
+    return n_targets, None, False
+
+
+def stop_hint(reason: str, args: TrainArgs, step: int, progressed: bool) -> str:
+    """The line a stopped run ends with: why, and the command that continues it."""
+    if reason.startswith("reached --max-steps"):
+        if not progressed:
+            return (f"already at --max-steps {args.max_steps} (step {step}): to train on, raise --max-steps "
+                    f"(or drop it) and keep --resume")
+        return (f"stopped: {reason}. To train on, run the same command with a higher --max-steps (or without "
+                f"it) plus --resume (the same --max-steps would stop again at once)")
+    return f"{reason} at step {step}: the state is saved; continue with: {resume_command()}"
+
+def _json_number(x: float) -> float | str:
+    """JSON has no NaN or Infinity: non-finite numbers are written as strings."""
+    return x if math.isfinite(x) else str(x)
+
 def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callable | None = None,
           save_epoch: Callable | None = None, meta: dict | None = None, init_ckpt: dict | None = None) -> dict:
     """Train and return a summary dict. Extension points for fine-tuning (pakar.finetune):
@@ -237,6 +410,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
     it (its "model" tensors are popped once the model holds them, so no second copy stays in memory)."""
     from pakar import distributed as D
 
+    check_run_dir(args.out, args.resume, args.overwrite, args.init_from)  # before any process writes
     ctx = D.setup(args)
     device = ctx.device if ctx.device is not None else resolve_device(args.device)
     if args.compile:
@@ -244,8 +418,12 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
     run_dir = Path(args.out)
     ck_dir = run_dir / "checkpoints"
     if ctx.is_main:
-        ck_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            ck_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(e, ck_dir) if e.errno in DISK_ERRORS else e from None
     log = RunLog(run_dir, ctx.is_main)
+    claim_run_dir(args, log.say, ctx.is_main)
     amp = autocast_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain run on tensor cores
@@ -339,6 +517,9 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
         tokens_seen, elapsed = loop["tokens_seen"], loop["elapsed"]
         set_rng_state(state["rng"])
         log.say(f"resumed from {state_path} at epoch {epoch + 1}, step {step} ({step_in_epoch} into the epoch)")
+        if loop.get("total_steps", total_steps) != total_steps:
+            log.say(f"the lr schedule is now fitted to {total_steps} steps (the saved run had {loop['total_steps']}, "
+                    f"--max-steps or --epochs changed): the learning rate differs from step {step} on")
 
     def checkpoint_meta(**extra) -> dict:
         return {"epoch": epoch, "step": step, "config_name": args.config, "seq_len": args.seq_len, "data_key": data.key,
@@ -350,11 +531,29 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
             obj = model_checkpoint(full["model"], model_cfg, tokenizer.to_json(), **checkpoint_meta())
             obj.update(optimizer=full["optimizer"], train_args=args_dict, world_size=ctx.world_size,
                        rng=rng_state(), loop={"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
-                                              "tokens_seen": tokens_seen,
+                                              "tokens_seen": tokens_seen, "total_steps": total_steps,
                                               "elapsed": time.perf_counter() - t_start})
             atomic_save(obj, state_path)
             log.say(f"saved resumable state at step {step} ({reason}): {state_path}", console=False)
+        saved_at[0] = step
         ctx.barrier()
+
+    def save_model_checkpoint(stem: str, full: dict, val: dict | None) -> Path | None:
+        """model_epoch{N}.pt / model_step{S}.pt (or the save_epoch extension's files); rank 0 writes."""
+        if not ctx.is_main:
+            return None
+        m = checkpoint_meta(val_loss=val["loss"] if val else None, val_bpb=val.get("bits_per_byte") if val else None)
+        if save_epoch is not None:
+            path = save_epoch(full["model"], ck_dir / stem, m)
+        else:
+            path = ck_dir / f"{stem}.pt"
+            atomic_save(model_checkpoint(full["model"], model_cfg, tokenizer.to_json(), **m), path)
+        log.say(f"saved {path}")
+        return path
+
+    def last_saved() -> str:
+        return (f"the last good state is {state_path} (step {saved_at[0]})" if saved_at[0] is not None
+                else f"no state was saved yet ({state_path} is from before, if any)")
 
     def validate(tag: str) -> dict:
         res = data.evaluate(model, token_bytes=token_bytes, device=device, autocast_dtype=amp,
@@ -386,24 +585,23 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     disable=None)
     t_start = time.perf_counter() - elapsed
     t_window, tok_window = time.perf_counter(), 0
-    history, last_val = [], None
-    stop_reason = None
+    history, last_val, saved_at = [], None, [step if args.resume else None]  # step of the last state saved
+    stop_reason, by_signal, first_step, last_ckpt = None, False, step, None
+    bad_steps = BadSteps(log, f"now {peak_lr:g}")
+    signals = StopSignals()
     model.train()
     try:
+        signals.__enter__()
         while epoch < args.epochs and stop_reason is None:
             while step_in_epoch < steps_per_epoch:
                 if step >= total_steps:
                     stop_reason = f"reached --max-steps {args.max_steps}"
                     break
-                # every rank must stop at the same step (the save is collective): rank clocks are summed
-                if args.time_limit is not None and ctx.all_reduce_sum(torch.tensor(
-                        float(time.perf_counter() - t_start > args.time_limit * 60))).item() > 0:
-                    stop_reason = f"reached --time-limit {args.time_limit:g} min"
-                    break
                 if args.eval_every and step > 0 and step % args.eval_every == 0:
                     last_val = validate(f"step {step}")
                     model.train()
-                if args.save_every and step > 0 and step % args.save_every == 0:
+                if args.save_every and step > 0 and step % args.save_every == 0 and not bad_steps.in_a_row:
+                    # (never during a run of skipped steps: the state before the trouble is kept)
                     save_state(f"every {args.save_every} steps")
 
                 # one optimizer step over grad_accum micro-batches
@@ -411,7 +609,9 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 micro = [data.get(epoch, step_in_epoch * args.grad_accum + m) for m in range(args.grad_accum)]
-                n_targets = ctx.all_reduce_sum(torch.tensor(float(sum(int((y != -100).sum()) for _, y in micro))))
+                n_targets, stop_reason, by_signal = step_start_sync(ctx, micro, args, t_start, signals.received)
+                if stop_reason is not None:
+                    break  # a step boundary: nothing of this step has run
                 loss_sum = aux_sum = bal_sum = z_sum = 0.0
                 loads = None
                 for m, (x, y) in enumerate(micro):
@@ -426,9 +626,16 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     bal_sum += out.balance_loss.detach() / len(micro)
                     z_sum += out.z_loss.detach() / len(micro)
                     loads = out.expert_counts if loads is None else loads + out.expert_counts
-                grad_norm = ctx.clip_and_step(model, optimizer, args.grad_clip)
+                # the loss is read every step (one host-device sync, with the grad norm) for metrics.jsonl,
+                # exact-replay checks and the non-finite check that skips the update
+                loss_val, gn, applied = ctx.clip_and_step(model, optimizer, args.grad_clip, ctx.all_reduce_sum(
+                    torch.as_tensor(loss_sum, dtype=torch.float32)) / n_targets)
+                finite = math.isfinite(loss_val) and math.isfinite(gn)
+                if not finite and applied:  # DeepSpeed applied it (a NaN loss with finite gradients)
+                    raise PakarError(f"step {step + 1}: DeepSpeed applied an update with loss {loss_val} and "
+                                     f"gradient norm {gn}; stopping without saving, {last_saved()}")
                 global_loads = None  # summed over ranks, when bias balancing or the log needs them
-                if model_cfg.expert_bias_update_rate > 0:
+                if model_cfg.expert_bias_update_rate > 0 and applied:
                     global_loads = ctx.all_reduce_sum(loads.float())
                     update_expert_bias(raw_model.moe_layers(), global_loads, model_cfg.expert_bias_update_rate)
                 step += 1
@@ -437,8 +644,12 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                 tokens_seen += step_tokens
                 tok_window += step_tokens
 
-                # log: the loss is read every step (one host-device sync) for metrics.jsonl and exact-replay checks
-                loss_val = (ctx.all_reduce_sum(torch.as_tensor(loss_sum, dtype=torch.float32)) / n_targets).item()
+                if not finite:
+                    bad_steps.skip(step, epoch + 1, loss_val, gn, last_saved())
+                    if pbar is not None:
+                        pbar.update(1)
+                    continue
+                bad_steps.ok()
                 history.append(loss_val)
                 if step % args.log_every == 0 or step_in_epoch == steps_per_epoch or step == total_steps:
                     now = time.perf_counter()
@@ -450,7 +661,6 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     imbalance = expert_load_stats(global_loads)["imbalance_max"]
                     aux_sum, bal_sum, z_sum = (ctx.all_reduce_sum(torch.stack([torch.as_tensor(
                         v, dtype=torch.float32) for v in (aux_sum, bal_sum, z_sum)])) / ctx.world_size).tolist()
-                    gn = float(grad_norm)
                     log.say(f"epoch {epoch + 1}/{args.epochs} | step {step}/{total_steps} | loss {loss_val:.4f} | "
                             f"aux {float(aux_sum):.4f} (balance {float(bal_sum):.3f}, z {float(z_sum):.3f}) | "
                             f"lr {lr:.2e} | grad norm {gn:.3f} | {tps:,.0f} tok/s"
@@ -478,30 +688,29 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                     log.say(f"sample (epoch {epoch + 1}): {text!r}")
                     del sampler
                 epoch, step_in_epoch = epoch + 1, 0
-                if ctx.is_main:
-                    path = ck_dir / f"model_epoch{epoch}.pt"
-                    m = checkpoint_meta(val_loss=last_val["loss"], val_bpb=last_val.get("bits_per_byte"))
-                    if save_epoch is not None:
-                        path = save_epoch(full["model"], ck_dir / f"model_epoch{epoch}", m)
-                    else:
-                        atomic_save(model_checkpoint(full["model"], model_cfg, tokenizer.to_json(), **m), path)
-                    log.say(f"saved {path}")
+                last_ckpt = save_model_checkpoint(f"model_epoch{epoch}", full, last_val) or last_ckpt
+                del full
                 ctx.barrier()
                 save_state("epoch end")
                 model.train()
         elapsed = time.perf_counter() - t_start
         if stop_reason is not None:
-            save_state(stop_reason)
-            log.say(f"stopped: {stop_reason}; continue with the same command plus --resume")
+            if pbar is not None:
+                pbar.close()
+            if not by_signal and step_in_epoch > 0 and step > first_step:
+                # --max-steps / --time-limit inside an epoch: the run still ends with a model and its validation
+                last_val = validate(f"step {step}")
+                last_ckpt = save_model_checkpoint(f"model_step{step}", ctx.full_state(model, None), last_val) \
+                    or last_ckpt
+                ctx.barrier()
+            if saved_at[0] != step:
+                save_state(stop_reason)
+            log.say(stop_hint(stop_reason, args, step, step > first_step))
     except KeyboardInterrupt:
         elapsed = time.perf_counter() - t_start
         if pbar is not None:
             pbar.close()
-        if ctx.distributed:  # the ranks were interrupted at different points: a collective save could hang
-            log.say("interrupted: continue with --resume from the last saved state (--save-every)")
-        else:
-            log.say("interrupted: saving the resumable state (continue with --resume)")
-            save_state("interrupted")
+        log.say(f"interrupted again: quit without saving this step; {last_saved()}")
         raise
     except torch.OutOfMemoryError:
         raise PakarError("out of GPU memory. Remedies: a smaller --batch (keep the global batch with "
@@ -509,6 +718,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                          "or more GPUs with --fsdp/--deepspeed. Nothing was saved from this step; the last "
                          "good checkpoint is untouched.") from None
     finally:
+        signals.__exit__()
         if pbar is not None:
             pbar.close()
 
@@ -516,7 +726,8 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
                "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "final_train_loss": history[-1] if history else None,
                "val_loss": last_val["loss"] if last_val else None,
                "val_bpb": last_val.get("bits_per_byte") if last_val else None,
-               "stopped": stop_reason, "run_dir": str(run_dir.resolve())}
+               "stopped": stop_reason, "signal": (signals.received or signal.SIGTERM) if by_signal else None, "skipped_steps": bad_steps.total,
+               "checkpoint": str(last_ckpt) if last_ckpt else None, "run_dir": str(run_dir.resolve())}
     log.say("done | " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in summary.items() if v is not None))
     log.close()
@@ -594,6 +805,8 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainArgs = TrainArgs()
     p.add_argument("--save-every", type=int, default=d.save_every, help=f"save the resumable state every N steps, 0 = epoch ends only (default {d.save_every})")
     p.add_argument("--log-every", type=int, default=d.log_every, help=f"log every N optimizer steps (default {d.log_every})")
     p.add_argument("--resume", action="store_true", help="continue exactly from checkpoints/state.pt in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (deletes its "
+                   "checkpoints; without it a folder holding a run is refused)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed for initialisation and batch order (default {d.seed})")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
@@ -636,4 +849,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         summary = train(args)
     if ns.json and int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary))
-    return 0
+    return 128 + summary["signal"] if summary.get("signal") else 0  # a shell's status for a signal
