@@ -96,7 +96,15 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, s: str) -> Tokenizer:
-        return cls(tokenizers.Tokenizer.from_str(s))
+        """PakarError (one line) when `s` is not a tokenizer.json with pakar's special tokens."""
+        if not isinstance(s, str):
+            raise PakarError(f"tokenizer: expected tokenizer.json text, got a {type(s).__name__}")
+        try:
+            hf = tokenizers.Tokenizer.from_str(s)
+        except Exception as e:  # `tokenizers` raises a bare Exception on malformed JSON
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PakarError(f"tokenizer: not a valid tokenizer.json ({first[:200]})") from None
+        return cls(hf)
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes tokenizer.json atomically (shard caches key on it, a torn file must not exist)."""
@@ -112,11 +120,9 @@ class Tokenizer:
         if not path.is_file():
             raise PakarError(f"{path}: no such tokenizer file")
         try:
-            hf = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # `tokenizers` raises a bare Exception on malformed JSON
-            raise PakarError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
-        try:
-            return cls(hf)
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise PakarError(f"{path}: cannot read it as a tokenizer.json ({type(e).__name__})") from None
         except PakarError as e:
             raise PakarError(f"{path}: {e}") from None
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from pakar import PakarError
-from pakar.checkpoint import atomic_save, model_checkpoint, safe_load
+from pakar.checkpoint import atomic_save, check_resume_state, model_checkpoint, safe_load
 from pakar.config import PRESETS, ModelConfig, get_config
 from pakar.corpus import VAL_FRACTION
 from pakar.model import Transformer
@@ -300,6 +300,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
         if not state_path.is_file():
             raise PakarError(f"--resume: no saved state at {state_path}; start without --resume")
         state = safe_load(state_path)
+        check_resume_state(state, state_path)
         saved = state["train_args"]
         changed = [f"--{k.replace('_', '-')} (was {saved.get(k)!r}, now {args_dict.get(k)!r})"
                    for k in type(args).RESUME_KEYS if saved.get(k) != args_dict.get(k)]
