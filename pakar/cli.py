@@ -7,7 +7,9 @@ missing optional dependency (DeepSpeed, PEFT) only matters to the command that n
 from __future__ import annotations
 
 import importlib
+import math
 import sys
+from pathlib import Path
 
 from pakar import PakarError
 
@@ -26,6 +28,35 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "import": ("pakar.hf", "main_import", "read a Hugging Face Qwen3-MoE folder into a pakar checkpoint"),
     "serve": ("pakar.serve", "main", "OpenAI-compatible HTTP server with a web chat page"),
 }
+
+
+def check_number(flag: str, value, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """PakarError naming `flag` and the allowed range unless `value` is a finite number within it
+    (None = the flag is unset, accepted). argparse's float() accepts "nan" and "inf": this refuses them."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if low is not None and high is not None:
+            allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            allowed = f"{'>' if low_open else '>='} {low:g}"
+        elif high is not None:
+            allowed = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            allowed = "a finite number"
+        raise PakarError(f"{flag} {value}: must be {allowed}")
+
+
+def check_out_folder(flag: str, path) -> None:
+    """PakarError if `path` names an existing file where a folder is meant (mkdir would fail later)."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise PakarError(f"{flag} {path}: is a file, not a folder; give a folder name")
 
 
 def usage() -> str:

@@ -59,7 +59,7 @@ import numpy as np
 from pakar import PakarError
 from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_path, is_val, iter_documents,
                           resolve_sources)
-from pakar.tokenizer import DEFAULT_VOCAB, Tokenizer, train_on_corpus
+from pakar.tokenizer import DEFAULT_VOCAB, MIN_VOCAB, Tokenizer, train_on_corpus
 
 if TYPE_CHECKING:
     import torch  # imported where batches are made: `pakar prepare` starts fast and stays small
@@ -248,8 +248,9 @@ def prepare(specs: list[str] | None, out_dir: str | os.PathLike = ".", vocab_siz
 
     specs None uses the embedded sample corpus. The tokenizer is, in order: the one passed in (nothing
     is written), out_dir/tokenizer.json, or a new one trained with `vocab_size` and saved there."""
-    if not 0 < val_fraction <= 0.5:
-        raise PakarError(f"--val-fraction {val_fraction}: must be in (0, 0.5]")
+    from pakar.cli import check_number
+
+    check_number("--val-fraction", val_fraction, 0, 0.5, low_open=True)
     if specs is None:
         log(f"no --data given: using the embedded sample corpus {embedded_sample_path()}")
         specs = [str(embedded_sample_path())]
@@ -395,6 +396,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
                         help=f"share of documents held out for validation (default {VAL_FRACTION})")
     args = parser.parse_args(argv)
+    from pakar.cli import check_number, check_out_folder
+
+    check_number("--val-fraction", args.val_fraction, 0, 0.5, low_open=True)
+    check_number("--vocab-size", args.vocab_size, MIN_VOCAB)
+    check_out_folder("--out", args.out)
     _, data = prepare(args.data, Path(args.out), args.vocab_size, args.val_fraction)
     print(f"shards: {data.dir}")
     return 0

@@ -103,8 +103,8 @@ class LoraSpec:
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise PakarError(f"--lora-rank must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise PakarError(f"--lora-alpha must be > 0, got {self.alpha}")
+        if not 0 < self.alpha < math.inf:
+            raise PakarError(f"--lora-alpha must be a finite number > 0, got {self.alpha}")
         self.targets = parse_targets(self.targets)
         self.token_ids = tuple(sorted(set(int(i) for i in self.token_ids)))
 

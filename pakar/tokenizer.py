@@ -306,6 +306,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--out", default=".", help="folder for tokenizer.json (default: current folder)")
     parser.add_argument("--json", action="store_true", help="also print the report as one JSON object, last")
     args = parser.parse_args(argv)
+    from pakar.cli import check_number, check_out_folder
+
+    check_number("--vocab-size", args.vocab_size, MIN_VOCAB)
+    check_out_folder("--out", args.out)
     if args.data is None:
         print(f"no --data given: using the embedded sample corpus {embedded_sample_path()}")
     specs = args.data or [embedded_sample_path()]
