@@ -20,6 +20,8 @@ Matrices:
   flags x {train, eval, chat-batch, chat, export, prepare, tokenizer, finetune, lora-merge, serve}
 
 Usage: python benchmarks/fault_inputs.py [--jobs 2] [--only checkpoint,state,corpus,flag] [--timeout 120]
+       [--spawn]   (default: each case is a process forked from one that imported pakar once; --spawn
+                    starts `python -m pakar` afresh per case, as on Windows)
 Prints one line per case, counts, and one JSON object on the last line. main() returns that dict
 (benchmarks/fault_matrix.py calls it).
 """
@@ -63,27 +65,107 @@ class Result:
     line: str  # the error line, or the last line of output
 
 
+def classify(case: Case, rc: int | None, stdout: str, stderr: str, seconds: float) -> Result:
+    if rc is None:
+        return Result(case, "timeout", None, seconds, f"no answer in {case.timeout:g} s")
+    out = stdout + stderr
+    errors = [ln for ln in stderr.splitlines() if "error: " in ln]  # pakar's "error: ..." or argparse's
+    last = errors[-1] if errors else (out.strip().splitlines() or [""])[-1]
+    if TRACEBACK in out:
+        return Result(case, "traceback", rc, seconds, [ln for ln in out.splitlines() if ln.strip()][-1])
+    if rc == 0:
+        outcome = "accepted" if case.expect == "refused" else "ok"
+    elif rc == 2 and errors and case.expect != "ok":
+        outcome = "refused"
+    else:
+        outcome = "other"
+    return Result(case, outcome, rc, seconds, last)
+
+
 def run_case(case: Case, env: dict, cwd: Path) -> Result:
+    """One case as `python -m pakar ...` (portable; pays the interpreter and torch start per case)."""
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "pakar", *case.argv], cwd=cwd, env=env, input=case.stdin,
                               capture_output=True, text=True, timeout=case.timeout, errors="replace")
     except subprocess.TimeoutExpired:
-        return Result(case, "timeout", None, time.perf_counter() - t0, f"no answer in {case.timeout:g} s")
-    dt = time.perf_counter() - t0
-    out = proc.stdout + proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    last = errors[-1] if errors else (out.strip().splitlines() or [""])[-1]
-    if TRACEBACK in out:
-        tb_last = [ln for ln in out.splitlines() if ln.strip()][-1]
-        return Result(case, "traceback", proc.returncode, dt, tb_last)
-    if proc.returncode == 0:
-        outcome = "accepted" if case.expect == "refused" else "ok"
-    elif proc.returncode == 2 and errors and case.expect != "ok":
-        outcome = "refused"
-    else:
-        outcome = "other"
-    return Result(case, outcome, proc.returncode, dt, last)
+        return classify(case, None, "", "", time.perf_counter() - t0)
+    return classify(case, proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - t0)
+
+
+def fork_server(cases_path: Path, results_path: Path, jobs: int) -> None:
+    """Runs every case in a forked child of one process that has imported torch and every pakar command
+    once: each case is still its own process running pakar's CLI entry point (`python -m pakar`'s
+    main), with its own stdin/stdout/stderr files, exit status and, for an uncaught exception, the
+    interpreter's traceback; only the start-up is shared. POSIX only (fork); nothing is computed
+    before forking, so no thread pool exists yet."""
+    import importlib
+    import signal
+    import traceback
+
+    from pakar.cli import COMMANDS, main as cli_main
+
+    for module, _, _ in COMMANDS.values():
+        importlib.import_module(module)
+    cases = json.loads(cases_path.read_text(encoding="utf-8"))
+    work = results_path.parent / "io"
+    work.mkdir(exist_ok=True)
+    results: list[dict | None] = [None] * len(cases)
+    queue, running = list(range(len(cases))), {}
+    while queue or running:
+        while queue and len(running) < jobs:
+            i = queue.pop(0)
+            (work / f"{i}.in").write_text(cases[i]["stdin"], encoding="utf-8")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the child: become `python -m pakar ARGV` with redirected streams
+                code = 1
+                try:
+                    for fd, name, mode in ((0, "in", os.O_RDONLY), (1, "out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                           (2, "err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+                        os.dup2(os.open(work / f"{i}.{name}", mode, 0o644), fd)
+                    os.chdir(cases[i]["cwd"])
+                    sys.argv = ["pakar", *cases[i]["argv"]]
+                    code = cli_main(cases[i]["argv"])
+                except SystemExit as e:  # argparse exits 2 on a malformed flag
+                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                except BaseException:  # what the interpreter prints for an uncaught exception
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(int(code or 0))
+            running[pid] = (i, time.perf_counter())
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            for pid, (i, t0) in list(running.items()):
+                if time.perf_counter() - t0 > cases[i]["timeout"]:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    results[i] = {"rc": None, "seconds": time.perf_counter() - t0, "stdout": "", "stderr": ""}
+                    del running[pid]
+            time.sleep(0.02)
+            continue
+        i, t0 = running.pop(pid)
+        read = lambda name: (work / f"{i}.{name}").read_text(encoding="utf-8", errors="replace")  # noqa: E731
+        results[i] = {"rc": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - t0,
+                      "stdout": read("out")[-20000:], "stderr": read("err")[-20000:]}
+    results_path.write_text(json.dumps(results), encoding="utf-8")
+
+
+def run_all(cases: list[Case], env: dict, cwd: Path, jobs: int, spawn: bool) -> list[Result]:
+    if spawn or not hasattr(os, "fork"):
+        with ThreadPoolExecutor(jobs) as pool:
+            return list(pool.map(lambda c: run_case(c, env, cwd), cases))
+    cases_path, results_path = cwd / "cases.json", cwd / "results.json"
+    cases_path.write_text(json.dumps([{"argv": c.argv, "stdin": c.stdin, "timeout": c.timeout, "cwd": str(cwd)}
+                                      for c in cases]), encoding="utf-8")
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--fork-server", str(cases_path),
+                    str(results_path), "--jobs", str(jobs)], env=env, cwd=cwd, check=True)
+    raw = json.loads(results_path.read_text(encoding="utf-8"))
+    return [classify(c, r["rc"], r["stdout"], r["stderr"], r["seconds"]) for c, r in zip(cases, raw)]
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
@@ -420,17 +502,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", default="checkpoint,state,corpus,flag", help="comma-separated groups (default all)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per case (default 120)")
     p.add_argument("--verbose", action="store_true", help="print every case, not only the failures")
+    p.add_argument("--spawn", action="store_true", help="start `python -m pakar` afresh for every case (slower; "
+                   "the default forks each case from one process that has imported pakar, where fork exists)")
+    p.add_argument("--fork-server", nargs=2, metavar=("CASES", "RESULTS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.fork_server:
+        fork_server(Path(args.fork_server[0]), Path(args.fork_server[1]), args.jobs)
+        return {}
     groups = set(args.only.split(","))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pakar_fault_inputs_") as tmp:
         root = Path(tmp)
         fx = make_fixtures(root)
         cases = build_cases(root, fx, groups, args.timeout)
-        env = _env()
         print(f"{len(cases)} cases ({', '.join(sorted(groups))}), {args.jobs} at a time", flush=True)
-        with ThreadPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(lambda c: run_case(c, env, root), cases))
+        results = run_all(cases, _env(), root, args.jobs, args.spawn)
     counts: dict[str, int] = {}
     by_group: dict[str, dict[str, int]] = {}
     for r in results:
@@ -456,4 +542,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     s = main()
-    sys.exit(0 if s["tracebacks"] == 0 else 1)
+    sys.exit(0 if s.get("tracebacks", 0) == 0 else 1)

@@ -60,7 +60,7 @@ import numpy as np
 from pakar import PakarError
 from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_path, is_val, iter_documents,
                           resolve_sources)
-from pakar.tokenizer import DEFAULT_VOCAB, MIN_VOCAB, Tokenizer, split_text, train_on_corpus
+from pakar.tokenizer import DEFAULT_VOCAB, MIN_VOCAB, Tokenizer, iter_pieces, train_on_corpus
 
 if TYPE_CHECKING:
     import torch  # imported where batches are made: `pakar prepare` starts fast and stays small
@@ -129,19 +129,22 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def document_chunks(documents: Iterator[str]) -> Iterator[tuple[list[str], list[int], list[bool]]]:
     """The unit prepare hands the encoder: (pieces, hashes, lasts) of about CHUNK_CHARS characters.
-    A document longer than PIECE_CHARS comes as several pieces (pakar.tokenizer.split_text, which
+    A document longer than PIECE_CHARS comes as several pieces (pakar.tokenizer.iter_pieces, which
     encode to exactly the whole document's ids), possibly spread over several chunks, so one huge
     line never sits in the encoder at once; each piece carries its document's hash (the split rule
     reads the whole text) and whether it is the document's last piece."""
     pieces, hashes, lasts, size = [], [], [], 0
     for doc in documents:
         h = doc_hash(doc)
-        parts = split_text(doc)
-        for i, part in enumerate(parts):
+        parts = iter_pieces(doc)
+        part = next(parts)
+        while part is not None:
+            following = next(parts, None)  # one piece of lookahead: is this the document's last?
             pieces.append(part)
             hashes.append(h)
-            lasts.append(i == len(parts) - 1)
+            lasts.append(following is None)
             size += len(part)
+            part = following
             if size >= CHUNK_CHARS:
                 yield pieces, hashes, lasts
                 pieces, hashes, lasts, size = [], [], [], 0

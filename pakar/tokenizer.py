@@ -177,9 +177,12 @@ def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
     each cut is made just before a space (U+0020) that follows a non-space character, where every
     pre-token of the Qwen2 pattern starts or ends. A stretch of max_chars characters with no such
     space (text without spaces) is cut at max_chars, which changes at most the pre-token at the cut."""
-    if len(text) <= max_chars:
-        return [text]
-    pieces, start = [], 0
+    return list(iter_pieces(text, max_chars))
+
+
+def iter_pieces(text: str, max_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """split_text's pieces one at a time (a 50 MB line is not copied whole a second time)."""
+    start = 0
     while len(text) - start > max_chars:
         end = start + max_chars
         cut = text.rfind(" ", start + 1, end + 1)
@@ -187,10 +190,9 @@ def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
             cut = text.rfind(" ", start + 1, cut)
         if cut <= start:
             cut = end
-        pieces.append(text[start:cut])
+        yield text[start:cut]
         start = cut
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
 
 
 def _empty_bpe() -> tokenizers.Tokenizer:
@@ -220,10 +222,11 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -
         batch = []
         for doc in documents:
             n_docs += 1
-            batch += split_text(doc)  # a 50 MB line is trained on in pieces: bounded memory, same words
-            if len(batch) >= TRAIN_BATCH_DOCS:
-                yield batch
-                batch = []
+            for piece in iter_pieces(doc):  # a 50 MB line is trained on in pieces: bounded memory, same words
+                batch.append(piece)
+                if len(batch) >= TRAIN_BATCH_DOCS:
+                    yield batch
+                    batch = []
         if batch:
             yield batch
 
