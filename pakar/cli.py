@@ -36,21 +36,23 @@ def check_number(flag: str, value, low: float | None = None, high: float | None 
     (None = the flag is unset, accepted). argparse's float() accepts "nan" and "inf": this refuses them."""
     if value is None:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
+        show = lambda x: f"{x:g}" if isinstance(x, float) else str(x)  # noqa: E731
         if low is not None and high is not None:
-            allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            allowed = f"in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
         elif low is not None:
-            allowed = f"{'>' if low_open else '>='} {low:g}"
+            allowed = f"{'>' if low_open else '>='} {show(low)}"
         elif high is not None:
-            allowed = f"{'<' if high_open else '<='} {high:g}"
+            allowed = f"{'<' if high_open else '<='} {show(high)}"
         else:
             allowed = "a finite number"
-        raise PakarError(f"{flag} {value}: must be {allowed}")
+        shown = str(value)
+        raise PakarError(f"{flag} {shown if len(shown) <= 40 else shown[:37] + '...'}: must be {allowed}")
 
 
 def check_out_folder(flag: str, path) -> None:
