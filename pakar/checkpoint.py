@@ -231,19 +231,21 @@ def check_resume_state(obj: dict, path) -> None:
     for key, kind in RESUME_ENTRIES.items():
         if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
             raise PakarError(f"{path}: its {key!r} entry is a {type(obj[key]).__name__}, expected a {kind.__name__}")
+    missing = [k for k in ("epoch", "step_in_epoch", "step", "tokens_seen", "elapsed") if k not in obj["loop"]]
+    if missing:
+        raise PakarError(f"{path}: its loop counters lack {', '.join(missing)}")
     optimizer = obj["optimizer"]
-    if not optimizer.get("state") or not optimizer.get("param_groups"):
-        raise PakarError(f"{path}: its optimizer state is empty (no AdamW moments): resuming would silently "
-                         f"restart the optimizer; start a new run with --init-from {path} instead")
+    # AdamW creates its moments at the first step: only a state saved before any step may have none
+    if not optimizer.get("param_groups") or (not optimizer.get("state") and obj["loop"]["step"] != 0):
+        raise PakarError(f"{path}: its optimizer state is empty (no AdamW moments after {obj['loop']['step']} "
+                         f"steps): resuming would silently restart the optimizer; start a new run with "
+                         f"--init-from {path} instead")
     for name, value in optimizer["state"].items():
         tensors = {f"optimizer state {name}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)} \
             if isinstance(value, dict) else {}
         check_finite(tensors, path)
     if "torch" not in obj["rng"]:
         raise PakarError(f"{path}: its RNG state has no 'torch' generator state")
-    missing = [k for k in ("epoch", "step_in_epoch", "step", "tokens_seen", "elapsed") if k not in obj["loop"]]
-    if missing:
-        raise PakarError(f"{path}: its loop counters lack {', '.join(missing)}")
 
 
 def model_checkpoint(model_state: dict, config: ModelConfig, tokenizer_json: str, **meta) -> dict:

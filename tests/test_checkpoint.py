@@ -193,5 +193,9 @@ def test_check_resume_state_refuses_incomplete_states(changes, message):
     from pakar.checkpoint import check_resume_state
 
     check_resume_state(_state(), "state.pt")  # the complete state passes
+    # and so does a state saved before the first step (Ctrl-C at once), when AdamW has no moments yet
+    check_resume_state(_state(optimizer={"state": {}, "param_groups": [{"params": [0]}]},
+                              loop={"epoch": 0, "step_in_epoch": 0, "step": 0, "tokens_seen": 0, "elapsed": 0.1}),
+                       "state.pt")
     with pytest.raises(PakarError, match=message):
         check_resume_state(_state(**changes), "state.pt")
