@@ -377,7 +377,7 @@ def build_cases(root: Path, fx: dict, groups: set[str], timeout: float) -> list[
             "utf16.txt": "Indonesia adalah negara kepulauan.\n".encode("utf-16") * 50,
             "nul_bytes.txt": b"teks dengan \x00 NUL\n" * 100,
             "no_spaces_1mb.txt": (b"abcdefghij" * 100_000) + b"\n",
-            "broken.gz": gzip.compress(b"teks biasa\n" * 1000)[:200],
+            "broken.gz": gzip.compress(os.urandom(3000).hex().encode() + b"\n")[:2000],  # cut mid-stream
             "malformed.jsonl": b'{"text": "ok satu"}\n{not json\n[1, 2]\n{"other": 1}\n',
             "only_bad.jsonl": b"{not json\n",
             "image.png": b"\x89PNG\r\n\x1a\n" + os.urandom(2048),

@@ -60,7 +60,7 @@ import numpy as np
 from pakar import PakarError
 from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_path, is_val, iter_documents,
                           resolve_sources)
-from pakar.tokenizer import DEFAULT_VOCAB, MIN_VOCAB, Tokenizer, iter_pieces, train_on_corpus
+from pakar.tokenizer import DEFAULT_VOCAB, MAX_VOCAB, MIN_VOCAB, Tokenizer, iter_pieces, train_on_corpus
 
 if TYPE_CHECKING:
     import torch  # imported where batches are made: `pakar prepare` starts fast and stays small
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from pakar.cli import check_number, check_out_folder
 
     check_number("--val-fraction", args.val_fraction, 0, 0.5, low_open=True)
-    check_number("--vocab-size", args.vocab_size, MIN_VOCAB)
+    check_number("--vocab-size", args.vocab_size, MIN_VOCAB, MAX_VOCAB)
     check_out_folder("--out", args.out)
     _, data = prepare(args.data, Path(args.out), args.vocab_size, args.val_fraction)
     print(f"shards: {data.dir}")

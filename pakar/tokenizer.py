@@ -64,6 +64,7 @@ from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_p
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+MAX_VOCAB = 1 << 20  # far above any BPE in use (Qwen's has 151,646); larger sizes crash `tokenizers`' trainer
 DEFAULT_VOCAB = 8192
 # Qwen2's pre-tokenizer split: contractions, letter runs with one leading non-letter, single digits,
 # punctuation runs, newlines, other whitespace
@@ -213,6 +214,8 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
         raise PakarError(f"--vocab-size {vocab_size}: must be at least {MIN_VOCAB} "
                          f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
+    if vocab_size > MAX_VOCAB:
+        raise PakarError(f"--vocab-size {vocab_size}: must be at most {MAX_VOCAB}")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     n_docs = 0
@@ -367,7 +370,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     from pakar.cli import check_number, check_out_folder
 
-    check_number("--vocab-size", args.vocab_size, MIN_VOCAB)
+    check_number("--vocab-size", args.vocab_size, MIN_VOCAB, MAX_VOCAB)
     check_out_folder("--out", args.out)
     if args.data is None:
         print(f"no --data given: using the embedded sample corpus {embedded_sample_path()}")

@@ -97,7 +97,7 @@ class TrainArgs:
         check_number("--grad-clip", self.grad_clip, 0)  # 0 = off
         check_number("--time-limit", self.time_limit, 0, low_open=True)
         check_number("--val-fraction", self.val_fraction, 0, 0.5, low_open=True)
-        check_number("--vocab-size", self.vocab_size, 256 + 3)  # bytes + special tokens
+        check_number("--vocab-size", self.vocab_size, 256 + 3, 1 << 20)  # bytes + specials; pakar.tokenizer.MAX_VOCAB
         check_out_folder("--out", self.out)
         if self.config not in PRESETS:
             raise PakarError(f"unknown --config {self.config!r}; choose one of: {', '.join(PRESETS)}")

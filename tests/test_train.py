@@ -141,7 +141,7 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     ("weight_decay", -5.0, ">= 0"), ("weight_decay", float("inf"), ">= 0"), ("grad_clip", float("nan"), ">= 0"),
     ("warmup", -5, ">= 0"), ("time_limit", float("nan"), "> 0"), ("time_limit", -1.0, "> 0"),
     ("lr", float("nan"), "> 0"), ("lr", float("inf"), "> 0"), ("val_fraction", 0.0, "in (0, 0.5]"),
-    ("val_fraction", 1.5, "in (0, 0.5]"), ("vocab_size", 10, ">= 259"), ("max_steps", 0, ">= 1"),
+    ("val_fraction", 1.5, "in (0, 0.5]"), ("vocab_size", 10, "in [259, 1048576]"), ("vocab_size", 10**9, "in [259, 1048576]"), ("max_steps", 0, ">= 1"),
 ])
 def test_out_of_range_numbers_are_refused_naming_the_flag(tmp_path, flag, value, allowed):
     with pytest.raises(PakarError) as err:
