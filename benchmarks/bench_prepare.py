@@ -80,7 +80,7 @@ def main() -> int:
         tokenizer.save(run / "tokenizer.json")
         train_s = time.perf_counter() - t0
         docs = list(iter_documents([str(data)]))  # the documents prepare reads, in memory
-        chunks = list(document_chunks(iter(docs)))  # prepare's chunks of ~4 MB
+        chunks = [pieces for pieces, _, _ in document_chunks(iter(docs))]  # prepare's chunks of ~4 MB
 
         prepare_s, peak_kib, whole, chunked = [], 0, [], []
         for _ in range(args.repeat):  # interleaved, so a burst of load from elsewhere hits both sides

@@ -134,6 +134,18 @@ def load_generator(args) -> tuple[TextGenerator, Path]:
     return TextGenerator.from_ckpt(safe_load(path), device, pick_dtype(args.dtype, device), chat), path
 
 
+def check_sampling_flags(args) -> None:
+    """One line naming the flag for out-of-range sampling flags (argparse lets nan and inf through)."""
+    from pakar.cli import check_number
+
+    check_number("--temperature", args.temperature, 0)
+    check_number("--top-k", args.top_k, 0)
+    check_number("--top-p", args.top_p, 0, 1, low_open=True)
+    check_number("--repetition-penalty", args.repetition_penalty, 0, low_open=True)
+    check_number("--max-new-tokens", args.max_new_tokens, 1)
+    check_number("--seed", args.seed, 0, 2**63 - 2**20)  # a generator seed; chat-batch adds the prompt index
+
+
 def sampling_from_args(args, seed: int | None = None) -> SamplingParams:
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed)
@@ -298,6 +310,7 @@ def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible answers (default: random)")
     add_rag_args(p)
     args = p.parse_args(argv)
+    check_sampling_flags(args)
     retriever = open_retriever(args)
     gen, path = load_generator(args)
     if args.seed is not None:
@@ -463,8 +476,12 @@ def main_batch(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object, last")
     add_rag_args(p)
     args = p.parse_args(argv)
+    from pakar.cli import check_out_folder
+
     if args.batch_size < 1:
         raise PakarError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_sampling_flags(args)
+    check_out_folder("--out", args.out)
     sampling_from_args(args)  # validate the flags before loading the model
     retriever = open_retriever(args)
     gen, path = load_generator(args)

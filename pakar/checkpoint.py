@@ -22,14 +22,26 @@ Run folders (`check_run_dir`, shared by train and finetune): a folder that alrea
 (checkpoints/state.pt or model/lora epoch or step checkpoints) is refused unless the run is resumed
 (--resume) or replaced (--overwrite, which deletes those checkpoints first), and --init-from may never
 point into the checkpoints/ folder the run writes.
+
+Loading validates before anything is built, so a damaged or hand-edited file is one line naming the
+file and the problem, never a traceback and never a model that silently computes NaN:
+check_model_checkpoint (every model checkpoint and state file that safe_load opens) checks the four
+entries, the config's fields, that the model it describes fits in memory (counted from the config
+with pakar.info.param_counts, before any allocation: a config asking for 35 TB is refused at once),
+that the tokenizer parses and fits the vocabulary, that every weight has the shape the config implies
+and that every weight is finite. check_resume_state adds what --resume needs (optimizer with state,
+RNG, loop counters, arguments). A training state is a model checkpoint plus those entries, so it
+also works wherever a model checkpoint is expected.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +50,13 @@ from pakar import PakarError, __version__, what_is_there
 from pakar.config import ModelConfig
 
 FORMAT = "pakar-model-v1"
+# what every model checkpoint (and so every state file) holds, with the type of each entry
+REQUIRED_ENTRIES = {"config": dict, "model": dict, "tokenizer": str, "meta": dict}
+# the config fields that decide the weights' shapes: a checkpoint must state them (no silent defaults)
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "max_position_embeddings")
+# what --resume needs beyond the model: pakar.train's save_state writes exactly these
+RESUME_ENTRIES = {"optimizer": dict, "rng": dict, "loop": dict, "train_args": dict, "world_size": int}
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -146,7 +165,162 @@ def safe_load(path: str | Path, map_location="cpu", fmt: str = FORMAT, what: str
             hint = " (it is a LoRA adapter: fold it into a checkpoint with `pakar lora-merge`)"
         name = "pakar checkpoint" if fmt == FORMAT else f"pakar {what}"
         raise PakarError(f"{path} is not a {name} (expected format {fmt!r}){hint}")
+    if fmt == FORMAT:
+        check_model_checkpoint(obj, path)
     return obj
+
+
+def memory_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Total memory of `device` (physical RAM for the CPU, the GPU's memory for CUDA); None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        if sys.platform == "win32":
+            import ctypes
+
+            class MemoryStatus(ctypes.Structure):
+                _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                            ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                            ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                            ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                            ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+            status = MemoryStatus(dwLength=ctypes.sizeof(MemoryStatus))
+            ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status))
+            return int(status.ullTotalPhys)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def model_bytes(config: ModelConfig, bytes_per_param: int = 4) -> int:
+    """Bytes a built model of `config` occupies: its parameters (counted from the config, nothing is
+    allocated) and the float32 rotary tables."""
+    from pakar.info import param_counts
+
+    rope = 2 * config.max_position_embeddings * config.head_dim * 4
+    return param_counts(config)["total_params"] * bytes_per_param + rope
+
+
+def check_fits(config: ModelConfig, device: torch.device | str = "cpu", bytes_per_param: int = 4,
+               source: str = "the model") -> None:
+    """PakarError if a model of `config` cannot fit in `device`'s memory (checked before allocating)."""
+    need, have = model_bytes(config, bytes_per_param), memory_bytes(device)
+    if have is not None and need > have:
+        from pakar.info import param_counts
+
+        raise PakarError(f"{source}: its config describes {param_counts(config)['total_params']:,} parameters "
+                         f"({need / 2**30:,.1f} GiB), more than the {have / 2**30:,.1f} GiB of memory of "
+                         f"{torch.device(device)}; refusing to build it")
+
+
+def config_from_checkpoint(d: dict, source) -> ModelConfig:
+    """The ModelConfig a checkpoint's "config" entry describes; PakarError naming the field otherwise."""
+    missing = [k for k in SHAPE_FIELDS if k not in d]
+    if missing:
+        raise PakarError(f"{source}: its config lacks {', '.join(missing)}")
+    try:
+        return ModelConfig.from_dict(d)
+    except PakarError as e:
+        raise PakarError(f"{source}: {e}") from None
+    except TypeError as e:  # a value of a type the checks cannot even compare
+        raise PakarError(f"{source}: invalid model config ({e})") from None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every persistent tensor of a Transformer(config) and its shape (built on the meta device: free)."""
+    from pakar.model import Transformer
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+
+
+def check_weights(state: dict, config: ModelConfig, source) -> None:
+    """PakarError naming the first weight that is missing, unexpected, not a tensor, of the wrong shape
+    or not finite. LoRA factors in a fine-tuning state are checked for finiteness only."""
+    from pakar.lora import split_state
+
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise PakarError(f"{source}: weight {bad[0]!r} is not a tensor")
+    base, adapters = split_state(state)
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in base]
+    unexpected = [k for k in base if k not in expected]
+    if missing or unexpected:
+        raise PakarError(f"{source}: the weights do not match its config: "
+                         + ", ".join(f"{what} {names[:3]}" for what, names in (("missing", missing),
+                                     ("unexpected", unexpected)) if names))
+    for k, shape in expected.items():
+        if tuple(base[k].shape) != shape:
+            raise PakarError(f"{source}: weight {k} has shape {tuple(base[k].shape)}, its config implies {shape}")
+    check_finite(state, source)
+
+
+def check_finite(tensors: dict, source) -> None:
+    """PakarError naming the first floating-point tensor with a NaN or an infinity."""
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise PakarError(f"{source}: weight {k} has {n:,} non-finite value(s) (NaN or infinity): the run "
+                             f"that wrote it diverged; use an earlier checkpoint")
+
+
+def check_model_checkpoint(ckpt: dict, source) -> ModelConfig:
+    """Everything build_model relies on, checked without building anything (see the module docstring).
+    Returns the checkpoint's ModelConfig."""
+    from pakar.tokenizer import Tokenizer
+
+    for key, kind in REQUIRED_ENTRIES.items():
+        if key not in ckpt:
+            raise PakarError(f"{source}: not a complete pakar checkpoint: its {key!r} entry is missing")
+        if not isinstance(ckpt[key], kind):
+            raise PakarError(f"{source}: its {key!r} entry is a {type(ckpt[key]).__name__}, "
+                             f"expected a {kind.__name__}")
+    config = config_from_checkpoint(ckpt["config"], source)
+    check_fits(config, "cpu", source=str(source))
+    try:
+        tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
+    except PakarError as e:
+        raise PakarError(f"{source}: {e}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise PakarError(f"{source}: its tokenizer has {tokenizer.vocab_size:,} tokens, more than the model's "
+                         f"vocab_size {config.vocab_size:,}")
+    check_weights(ckpt["model"], config, source)
+    return config
+
+
+def check_resume_state(obj: dict, path) -> None:
+    """PakarError unless `obj` (already through safe_load) holds everything --resume restores: a model
+    checkpoint copied to state.pt, or a state whose optimizer lost its moments, would otherwise resume
+    with a fresh AdamW or crash."""
+    absent = [k for k in RESUME_ENTRIES if k not in obj]
+    if len(absent) == len(RESUME_ENTRIES):
+        raise PakarError(f"{path} is a model checkpoint, not a resumable state (no optimizer, RNG or loop "
+                         f"counters): start a new run with --init-from {path} instead of --resume")
+    if absent:
+        raise PakarError(f"{path}: not a complete resumable state: {', '.join(absent)} missing")
+    for key, kind in RESUME_ENTRIES.items():
+        if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
+            raise PakarError(f"{path}: its {key!r} entry is a {type(obj[key]).__name__}, expected a {kind.__name__}")
+    missing = [k for k in ("epoch", "step_in_epoch", "step", "tokens_seen", "elapsed") if k not in obj["loop"]]
+    if missing:
+        raise PakarError(f"{path}: its loop counters lack {', '.join(missing)}")
+    optimizer = obj["optimizer"]
+    # AdamW creates its moments at the first step: only a state saved before any step may have none
+    if not optimizer.get("param_groups") or (not optimizer.get("state") and obj["loop"]["step"] != 0):
+        raise PakarError(f"{path}: its optimizer state is empty (no AdamW moments after {obj['loop']['step']} "
+                         f"steps): resuming would silently restart the optimizer; start a new run with "
+                         f"--init-from {path} instead")
+    for name, value in optimizer["state"].items():
+        tensors = {f"optimizer state {name}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)} \
+            if isinstance(value, dict) else {}
+        check_finite(tensors, path)
+    if "torch" not in obj["rng"]:
+        raise PakarError(f"{path}: its RNG state has no 'torch' generator state")
 
 
 def model_checkpoint(model_state: dict, config: ModelConfig, tokenizer_json: str, **meta) -> dict:
@@ -166,6 +340,8 @@ def build_model(ckpt: dict, device="cpu", dtype: torch.dtype | None = None):
     from pakar.tokenizer import Tokenizer
 
     config = ModelConfig.from_dict(ckpt["config"])
+    bytes_per_param = torch.finfo(dtype).bits // 8 if dtype is not None else 4
+    check_fits(config, device, bytes_per_param, "checkpoint")  # a GPU may hold less than the RAM it came from
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device)

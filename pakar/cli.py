@@ -13,7 +13,9 @@ it): the encoding stays what the terminal expects, and what it cannot show becom
 from __future__ import annotations
 
 import importlib
+import math
 import sys
+from pathlib import Path
 
 from pakar import PakarError
 from pakar.runtime import THREADS_HELP, configure_threads
@@ -36,6 +38,37 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "search": ("pakar.retrieval", "main_search", "search an index: top passages with score and source"),
     "eval-rag": ("pakar.rag", "main_eval", "retrieval recall/MRR and answer EM/F1 on reading-comprehension QA"),
 }
+
+
+def check_number(flag: str, value, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """PakarError naming `flag` and the allowed range unless `value` is a finite number within it
+    (None = the flag is unset, accepted). argparse's float() accepts "nan" and "inf": this refuses them."""
+    if value is None:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        show = lambda x: f"{x:g}" if isinstance(x, float) else str(x)  # noqa: E731
+        if low is not None and high is not None:
+            allowed = f"in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
+        elif low is not None:
+            allowed = f"{'>' if low_open else '>='} {show(low)}"
+        elif high is not None:
+            allowed = f"{'<' if high_open else '<='} {show(high)}"
+        else:
+            allowed = "a finite number"
+        shown = str(value)
+        raise PakarError(f"{flag} {shown if len(shown) <= 40 else shown[:37] + '...'}: must be {allowed}")
+
+
+def check_out_folder(flag: str, path) -> None:
+    """PakarError if `path` names an existing file where a folder is meant (mkdir would fail later)."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise PakarError(f"{flag} {path}: is a file, not a folder; give a folder name")
 
 
 def usage() -> str:

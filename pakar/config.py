@@ -22,6 +22,7 @@ Presets (the vocabulary comes from the tokenizer at train time; 8192 is the defa
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from pakar import PakarError
@@ -73,12 +74,12 @@ class ModelConfig:
              "be 1.0 and the router would get no gradient from the language-model loss")
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                 f"{name} must be a positive number, got {value!r}")
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
+                 f"{name} must be a positive finite number, got {value!r}")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "expert_bias_update_rate"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
-                 f"{name} must be a number >= 0, got {value!r}")
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf,
+                 f"{name} must be a finite number >= 0, got {value!r}")
         for name in ("norm_topk_prob", "tie_word_embeddings"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
 

@@ -28,8 +28,9 @@ Design choices:
   tokenizer gives a new key and a new folder; old folders are left for the user to delete.
 - Atomic writes. Shards are written to temporary files and renamed into place, and the manifest
   last, so an interrupted prepare never leaves a manifest pointing at half-written shards.
-- Speed and memory. The main thread reads and cleans documents into ~4 MB chunks and writes the
-  finished ones; `tokenizers`' Rust encoder works on up to IN_FLIGHT chunks at once on all cores
+- Speed and memory. The main thread reads and cleans documents into ~4 MB chunks (a document longer
+  than pakar.tokenizer.PIECE_CHARS in exact pieces, so one 50 MB line is no bigger for the encoder
+  than many short ones) and writes the finished ones; `tokenizers`' Rust encoder works on up to IN_FLIGHT chunks at once on all cores
   with the GIL released. Memory is bounded by the chunks in flight (about 100 bytes per token inside
   `tokenizers`), not by the corpus. Threads, not processes: nothing to pickle, safe under Windows'
   spawn. On id_legal this matches or beats one encode_batch call over the whole corpus in memory
@@ -59,7 +60,7 @@ import numpy as np
 from pakar import PakarError
 from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_path, is_val, iter_documents,
                           resolve_sources)
-from pakar.tokenizer import DEFAULT_VOCAB, Tokenizer, train_on_corpus
+from pakar.tokenizer import DEFAULT_VOCAB, MAX_VOCAB, MIN_VOCAB, Tokenizer, iter_pieces, train_on_corpus
 
 if TYPE_CHECKING:
     import torch  # imported where batches are made: `pakar prepare` starts fast and stays small
@@ -126,17 +127,29 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def document_chunks(documents: Iterator[str]) -> Iterator[list[str]]:
-    """Documents in lists of about CHUNK_CHARS characters: the unit prepare hands the encoder."""
-    chunk, size = [], 0
+def document_chunks(documents: Iterator[str]) -> Iterator[tuple[list[str], list[int], list[bool]]]:
+    """The unit prepare hands the encoder: (pieces, hashes, lasts) of about CHUNK_CHARS characters.
+    A document longer than PIECE_CHARS comes as several pieces (pakar.tokenizer.iter_pieces, which
+    encode to exactly the whole document's ids), possibly spread over several chunks, so one huge
+    line never sits in the encoder at once; each piece carries its document's hash (the split rule
+    reads the whole text) and whether it is the document's last piece."""
+    pieces, hashes, lasts, size = [], [], [], 0
     for doc in documents:
-        chunk.append(doc)
-        size += len(doc)
-        if size >= CHUNK_CHARS:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+        h = doc_hash(doc)
+        parts = iter_pieces(doc)
+        part = next(parts)
+        while part is not None:
+            following = next(parts, None)  # one piece of lookahead: is this the document's last?
+            pieces.append(part)
+            hashes.append(h)
+            lasts.append(following is None)
+            size += len(part)
+            part = following
+            if size >= CHUNK_CHARS:
+                yield pieces, hashes, lasts
+                pieces, hashes, lasts, size = [], [], [], 0
+    if pieces:
+        yield pieces, hashes, lasts
 
 
 class _ShardWriter:
@@ -152,19 +165,26 @@ class _ShardWriter:
         self.counts = {s: {"tokens": 0, "documents": 0, "bytes": 0} for s in ("train", "val")}
         # the smallest hash among train documents and their [start, end) token ranges in train.bin
         self.min_hash, self.min_ranges = 1 << 64, []
+        self.doc_start: int | None = None  # train.bin position of the open document's first piece
 
-    def write(self, docs_ids: list[list[int]], hashes: list[int]) -> None:
+    def write(self, pieces_ids: list[list[int]], hashes: list[int], lasts: list[bool]) -> None:
+        """Appends encoded pieces (document_chunks); <|endoftext|> follows each document's last piece."""
         out = {"train": [], "val": []}
-        for ids, h in zip(docs_ids, hashes):
+        for ids, h, last in zip(pieces_ids, hashes, lasts):
             split = "val" if is_val(h, self.val_fraction) else "train"
-            if split == "train" and h <= self.min_hash:
-                if h < self.min_hash:
-                    self.min_hash, self.min_ranges = h, []
-                start = self.counts["train"]["tokens"] + len(out["train"])
-                self.min_ranges.append((start, start + len(ids) + 1))
+            if split == "train" and self.doc_start is None:
+                self.doc_start = self.counts["train"]["tokens"] + len(out["train"])
             out[split] += ids
+            if not last:
+                continue
             out[split].append(self.eot)
             self.counts[split]["documents"] += 1
+            if split == "train":
+                if h <= self.min_hash:
+                    if h < self.min_hash:
+                        self.min_hash, self.min_ranges = h, []
+                    self.min_ranges.append((self.doc_start, self.counts["train"]["tokens"] + len(out["train"])))
+                self.doc_start = None
         for split, ids in out.items():
             ids_N = np.array(ids, dtype=self.dtype)
             ids_N.tofile(self.files[split])
@@ -220,16 +240,16 @@ def _tokenize(sources: list[Path], tokenizer: Tokenizer, directory: Path, val_fr
 
             def drain_one() -> None:
                 nonlocal last_log
-                future, hashes = pending.popleft()
-                writer.write(future.result(), hashes)
+                future, hashes, lasts = pending.popleft()
+                writer.write(future.result(), hashes, lasts)
                 if time.time() - last_log > 30:
                     last_log = time.time()
                     n = sum(c["tokens"] for c in writer.counts.values())
                     log(f"  ... {stats.bytes / 1e6:,.0f} MB read, {n / 1e6:,.1f}M tokens, "
                         f"{n / (last_log - t0) / 1e6:.2f}M tokens/s")
 
-            for chunk in document_chunks(iter_documents(sources, stats)):
-                pending.append((pool.submit(tokenizer.encode_batch, chunk), [doc_hash(d) for d in chunk]))
+            for pieces, hashes, lasts in document_chunks(iter_documents(sources, stats)):
+                pending.append((pool.submit(tokenizer.encode_batch, pieces), hashes, lasts))
                 if len(pending) >= IN_FLIGHT:
                     drain_one()
             while pending:
@@ -248,8 +268,9 @@ def prepare(specs: list[str] | None, out_dir: str | os.PathLike = ".", vocab_siz
 
     specs None uses the embedded sample corpus. The tokenizer is, in order: the one passed in (nothing
     is written), out_dir/tokenizer.json, or a new one trained with `vocab_size` and saved there."""
-    if not 0 < val_fraction <= 0.5:
-        raise PakarError(f"--val-fraction {val_fraction}: must be in (0, 0.5]")
+    from pakar.cli import check_number
+
+    check_number("--val-fraction", val_fraction, 0, 0.5, low_open=True)
     if specs is None:
         log(f"no --data given: using the embedded sample corpus {embedded_sample_path()}")
         specs = [str(embedded_sample_path())]
@@ -398,6 +419,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
                         help=f"share of documents held out for validation (default {VAL_FRACTION})")
     args = parser.parse_args(argv)
+    from pakar.cli import check_number, check_out_folder
+
+    check_number("--val-fraction", args.val_fraction, 0, 0.5, low_open=True)
+    check_number("--vocab-size", args.vocab_size, MIN_VOCAB, MAX_VOCAB)
+    check_out_folder("--out", args.out)
     _, data = prepare(args.data, Path(args.out), args.vocab_size, args.val_fraction)
     print(f"shards: {data.dir}")
     return 0

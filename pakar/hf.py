@@ -124,6 +124,9 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, so
         if missing or len(by_expert) != E:
             raise PakarError(f"layer {layer} {proj}{where}: experts {missing[:5] or sorted(by_expert)[E:E + 5]} "
                              f"missing or beyond num_experts={E}")
+        shapes = {tuple(by_expert[i].shape) for i in range(E)}
+        if len(shapes) != 1:
+            raise PakarError(f"layer {layer} {proj}{where}: the experts' tensors differ in shape ({sorted(shapes)[:2]})")
         state[f"layers.{layer}.mlp.experts.{proj}"] = torch.stack([by_expert[i] for i in range(E)])
     for layer in range(config.num_hidden_layers):
         state[f"layers.{layer}.mlp.gate.expert_bias"] = torch.zeros(E, dtype=torch.float32)
@@ -219,6 +222,8 @@ def tokenizer_config(tokenizer, chat: bool, max_len: int) -> dict:
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     """ModelConfig from a Qwen3-MoE config.json (transformers 4.x or 5.x spelling). Anything pakar's
     architecture cannot represent is refused by name rather than silently changed."""
+    if not isinstance(d, dict):
+        raise PakarError(f"{source}: expected a JSON object, got a {type(d).__name__}")
     if d.get("model_type") != "qwen3_moe":
         raise PakarError(f"{source}: model_type is {d.get('model_type')!r}; pakar imports only 'qwen3_moe'")
 
@@ -256,6 +261,10 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         )
     except KeyError as e:
         raise PakarError(f"{source}: required field {e.args[0]!r} is missing") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # e.g. "hidden_size": "64", or 0 heads
+        raise PakarError(f"{source}: a field has an unusable value ({type(e).__name__}: {e})") from None
+    except PakarError as e:
+        raise PakarError(f"{source}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,12 +336,15 @@ def export_checkpoint(ckpt: dict, out_dir: str | Path, *, dtype: str = "float32"
     """Write a loaded pakar model checkpoint dict as a Hugging Face Qwen3-MoE folder. Returns the folder."""
     from safetensors.torch import save_file
 
+    from pakar.checkpoint import check_model_checkpoint
     from pakar.tokenizer import Tokenizer
 
     if dtype not in DTYPES:
         raise PakarError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
-    config = ModelConfig.from_dict(ckpt["config"])
+    # shapes against the config, finite weights, a tokenizer that parses: before anything is written,
+    # so a damaged checkpoint never becomes a folder that transformers refuses
+    config = check_model_checkpoint(ckpt, "--checkpoint")
     tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
     chat = bool(ckpt.get("meta", {}).get("chat", False))
     state = ckpt["model"]
@@ -385,9 +397,12 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise PakarError(f"{path} not found: not a Hugging Face model folder {what_is_there(path)}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PakarError(f"{path} is not valid JSON: {e}") from None
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise PakarError(f"{path} is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise PakarError(f"{path}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
 
 
 def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -397,6 +412,9 @@ def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
     if (folder / INDEX_NAME).is_file():
         weight_map = _read_json(folder / INDEX_NAME).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f and "\\" not in f
+                                                       for f in weight_map.values()):
+            raise PakarError(f"{folder / INDEX_NAME}: weight_map must map tensor names to file names in the folder")
         files = sorted(set(weight_map.values()))
     elif (folder / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
@@ -410,27 +428,31 @@ def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
             raise PakarError(f"{path} is listed in {INDEX_NAME} but missing {what_is_there(path)}")
         try:
             tensors.update(load_file(str(path)))
-        except (SafetensorError, OSError) as e:
-            raise PakarError(f"cannot read {path}: {e}") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PakarError(f"cannot read {path}: {first}") from None
     return tensors
 
 
 def import_folder(folder: str | Path) -> dict:
     """A pakar model checkpoint dict (float32 weights) from a Hugging Face Qwen3-MoE folder."""
-    from pakar.checkpoint import model_checkpoint
-    from pakar.model import Transformer
+    from pakar.checkpoint import check_fits, check_weights, model_checkpoint
     from pakar.tokenizer import Tokenizer
 
     folder = Path(folder)
     if not folder.is_dir():
         raise PakarError(f"{folder} is not a folder (expected a Hugging Face model folder) {what_is_there(folder)}")
     config = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    check_fits(config, "cpu", source=str(folder / "config.json"))
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
         raise PakarError(f"{tok_path} not found: pakar checkpoints carry their tokenizer, so import needs "
                          f"tokenizer.json (a 'fast' tokenizer) {what_is_there(tok_path)}")
-    tokenizer_json = tok_path.read_text(encoding="utf-8")
-    tokenizer = Tokenizer.from_json(tokenizer_json)
+    try:
+        tokenizer_json = tok_path.read_text(encoding="utf-8")
+        tokenizer = Tokenizer.from_json(tokenizer_json)
+    except (OSError, UnicodeDecodeError, PakarError) as e:
+        raise PakarError(f"{tok_path}: {e if isinstance(e, PakarError) else type(e).__name__}") from None
     if tokenizer.vocab_size > config.vocab_size:
         raise PakarError(f"{tok_path} has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
                          f"{config.vocab_size}")
@@ -440,16 +462,7 @@ def import_folder(folder: str | Path) -> dict:
     chat = eos == tokenizer.hf.id_to_token(tokenizer.im_end_id)
 
     state = {k: v.float() for k, v in from_hf_state_dict(read_hf_tensors(folder), config, str(folder)).items()}
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise PakarError(f"{folder}: weights do not match config.json: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != shape:
-            raise PakarError(f"{folder}: {k} has shape {tuple(state[k].shape)}, config.json implies {shape}")
+    check_weights(state, config, f"{folder} (against its config.json)")
     return model_checkpoint(state, config, tokenizer_json, chat=chat, imported_from=str(folder.resolve()))
 
 

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from pakar import PakarError
-from pakar.checkpoint import safe_load
+from pakar.checkpoint import check_finite, safe_load
 from pakar.data import file_sha256
 
 ADAPTER_FORMAT = "pakar-lora-v1"
@@ -103,8 +103,8 @@ class LoraSpec:
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise PakarError(f"--lora-rank must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise PakarError(f"--lora-alpha must be > 0, got {self.alpha}")
+        if not 0 < self.alpha < math.inf:
+            raise PakarError(f"--lora-alpha must be a finite number > 0, got {self.alpha}")
         self.targets = parse_targets(self.targets)
         self.token_ids = tuple(sorted(set(int(i) for i in self.token_ids)))
 
@@ -276,7 +276,23 @@ def router_buffers(base_state: dict) -> dict:
 
 def load_adapter(path: str | os.PathLike) -> dict:
     """An adapter file, loaded with weights_only=True; one-line errors for anything else."""
-    return safe_load(path, fmt=ADAPTER_FORMAT, what="LoRA adapter")
+    adapter = safe_load(path, fmt=ADAPTER_FORMAT, what="LoRA adapter")
+    for key, kind in {"lora": dict, "adapters": dict, "buffers": dict, "base": dict, "config": dict}.items():
+        if not isinstance(adapter.get(key), kind):
+            raise PakarError(f"{path}: not a complete LoRA adapter: its {key!r} entry is missing or not a {kind.__name__}")
+    if not isinstance(adapter["base"].get("path"), str) or not isinstance(adapter["base"].get("sha256"), str):
+        raise PakarError(f"{path}: its 'base' entry lacks the base checkpoint's path and sha256")
+    try:
+        LoraSpec.from_dict(adapter["lora"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PakarError(f"{path}: unreadable LoRA settings ({type(e).__name__}: {e})") from None
+    except PakarError as e:
+        raise PakarError(f"{path}: {e}") from None
+    for key, ab in adapter["adapters"].items():
+        if not isinstance(ab, dict) or not all(isinstance(t, torch.Tensor) for t in ab.values()):
+            raise PakarError(f"{path}: adapter {key!r} is not a set of tensors")
+        check_finite({f"{key}.{n}": t for n, t in ab.items()}, path)
+    return adapter
 
 
 def merge_adapter_file(adapter_path, base_path=None, out_path=None, log=print) -> Path:

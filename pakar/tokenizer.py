@@ -13,6 +13,15 @@ Design choices:
   split digit by digit, as in Qwen2), then byte-level BPE over the 256 byte symbols, so every string
   is encodable and nothing is ever unknown. The vocabulary counts the 256 bytes, the learned merges
   and 3 special tokens; a small corpus may stop short of the requested size (reported).
+- Long runs. A pre-token longer than MAX_PRETOKEN_CHARS (a line without spaces, a base64 blob) is
+  cut into pieces of that many characters by a second Split step, so BPE training and encoding stay
+  linear in the text's length (BPE training is quadratic in a pre-token's length: a 1 MB line without
+  spaces took minutes). Ordinary words, numbers, punctuation and whitespace runs are far shorter, so
+  the Qwen2 split is unchanged for them; the step is plain tokenizer.json, which transformers loads.
+  Long texts are also encoded (and trained on) in pieces of about PIECE_CHARS characters cut just
+  before a space that follows a non-space character (split_text): no pre-token of the Qwen2 pattern
+  spans such a point, so the ids are exactly those of the whole text, and the memory `tokenizers`
+  takes (about 100 bytes per token) stays bounded by the piece, not by the longest line.
 - Special tokens sit at ids 0, 1, 2: <|endoftext|> (document separator in the shards), <|im_start|>,
   <|im_end|> (ChatML). Plain text never produces them: `tokenizers` matches added tokens inside
   input text even with add_special_tokens=False, so the wrapper sets `encode_special_tokens = True`,
@@ -55,11 +64,15 @@ from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_p
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+MAX_VOCAB = 1 << 20  # far above any BPE in use (Qwen's has 151,646); larger sizes crash `tokenizers`' trainer
 DEFAULT_VOCAB = 8192
 # Qwen2's pre-tokenizer split: contractions, letter runs with one leading non-letter, single digits,
 # punctuation runs, newlines, other whitespace
 SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+MAX_PRETOKEN_CHARS = 256  # longer pre-tokens are cut (see "Long runs" above)
+PIECE_CHARS = 1 << 16  # texts longer than this are encoded in pieces (split_text)
+ENCODE_GROUP_CHARS = 4_000_000  # characters handed to one encode_batch_fast call at most
 TRAIN_MAX_BYTES = 256_000_000
 TRAIN_BATCH_DOCS = 256
 HELDOUT_MAX_BYTES = 4_000_000  # held-out text kept for the compression report
@@ -82,11 +95,33 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        if len(text) > PIECE_CHARS:
+            return self.encode_batch([text])[0]
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encodes in parallel on all cores (Rust threads, the GIL released); skips offset tracking."""
-        return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+        """Encodes in parallel on all cores (Rust threads, the GIL released); skips offset tracking.
+        Long texts go in pieces (split_text) and groups of at most ENCODE_GROUP_CHARS characters."""
+        if all(len(t) <= PIECE_CHARS for t in texts) and sum(map(len, texts)) <= ENCODE_GROUP_CHARS:
+            return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+        out: list[list[int]] = [[] for _ in texts]
+        group, owners, size = [], [], 0
+
+        def flush() -> None:
+            for i, e in zip(owners, self.hf.encode_batch_fast(group, add_special_tokens=False)):
+                out[i] += e.ids
+
+        for i, text in enumerate(texts):
+            for piece in split_text(text):
+                group.append(piece)
+                owners.append(i)
+                size += len(piece)
+                if size >= ENCODE_GROUP_CHARS:
+                    flush()
+                    group, owners, size = [], [], 0
+        if group:
+            flush()
+        return out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -96,7 +131,15 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, s: str) -> Tokenizer:
-        return cls(tokenizers.Tokenizer.from_str(s))
+        """PakarError (one line) when `s` is not a tokenizer.json with pakar's special tokens."""
+        if not isinstance(s, str):
+            raise PakarError(f"tokenizer: expected tokenizer.json text, got a {type(s).__name__}")
+        try:
+            hf = tokenizers.Tokenizer.from_str(s)
+        except Exception as e:  # `tokenizers` raises a bare Exception on malformed JSON
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PakarError(f"tokenizer: not a valid tokenizer.json ({first[:200]})") from None
+        return cls(hf)
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes tokenizer.json atomically (shard caches key on it, a torn file must not exist)."""
@@ -115,11 +158,9 @@ class Tokenizer:
         if not path.is_file():
             raise PakarError(f"{path}: no such tokenizer file")
         try:
-            hf = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # `tokenizers` raises a bare Exception on malformed JSON
-            raise PakarError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
-        try:
-            return cls(hf)
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise PakarError(f"{path}: cannot read it as a tokenizer.json ({type(e).__name__})") from None
         except PakarError as e:
             raise PakarError(f"{path}: {e}") from None
 
@@ -135,11 +176,36 @@ class Tokenizer:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """`text` in pieces of at most max_chars characters that encode to exactly the ids of the whole:
+    each cut is made just before a space (U+0020) that follows a non-space character, where every
+    pre-token of the Qwen2 pattern starts or ends. A stretch of max_chars characters with no such
+    space (text without spaces) is cut at max_chars, which changes at most the pre-token at the cut."""
+    return list(iter_pieces(text, max_chars))
+
+
+def iter_pieces(text: str, max_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """split_text's pieces one at a time (a 50 MB line is not copied whole a second time)."""
+    start = 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = text.rfind(" ", start + 1, end + 1)
+        while cut > start and text[cut - 1].isspace():
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:
+            cut = end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def _empty_bpe() -> tokenizers.Tokenizer:
     hf = tokenizers.Tokenizer(models.BPE())
     hf.normalizer = normalizers.NFC()
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        # cut over-long pre-tokens: keeps BPE training linear on text without spaces
+        pre_tokenizers.Split(Regex(rf"[\s\S]{{1,{MAX_PRETOKEN_CHARS}}}"), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     hf.decoder = decoders.ByteLevel()
@@ -151,6 +217,8 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
         raise PakarError(f"--vocab-size {vocab_size}: must be at least {MIN_VOCAB} "
                          f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
+    if vocab_size > MAX_VOCAB:
+        raise PakarError(f"--vocab-size {vocab_size}: must be at most {MAX_VOCAB}")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     n_docs = 0
@@ -159,12 +227,12 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -
         nonlocal n_docs
         batch = []
         for doc in documents:
-            batch.append(doc)
-            if len(batch) == TRAIN_BATCH_DOCS:
-                n_docs += len(batch)
-                yield batch
-                batch = []
-        n_docs += len(batch)
+            n_docs += 1
+            for piece in iter_pieces(doc):  # a 50 MB line is trained on in pieces: bounded memory, same words
+                batch.append(piece)
+                if len(batch) >= TRAIN_BATCH_DOCS:
+                    yield batch
+                    batch = []
         if batch:
             yield batch
 
@@ -303,6 +371,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--out", default=".", help="folder for tokenizer.json (default: current folder)")
     parser.add_argument("--json", action="store_true", help="also print the report as one JSON object, last")
     args = parser.parse_args(argv)
+    from pakar.cli import check_number, check_out_folder
+
+    check_number("--vocab-size", args.vocab_size, MIN_VOCAB, MAX_VOCAB)
+    check_out_folder("--out", args.out)
     if args.data is None:
         print(f"no --data given: using the embedded sample corpus {embedded_sample_path()}")
     specs = args.data or [embedded_sample_path()]

@@ -66,8 +66,8 @@ import numpy as np
 import torch
 
 from pakar import PakarError
-from pakar.checkpoint import (DISK_ERRORS, atomic_save, check_run_dir, model_checkpoint, remove_run_files, remove_stale_temps,
-                              safe_load, write_error)
+from pakar.checkpoint import (DISK_ERRORS, atomic_save, check_resume_state, check_run_dir, model_checkpoint,
+                              remove_run_files, remove_stale_temps, safe_load, write_error)
 from pakar.config import PRESETS, ModelConfig, get_config
 from pakar.corpus import VAL_FRACTION
 from pakar.model import Transformer
@@ -123,23 +123,26 @@ class TrainArgs:
     fsdp: bool = False
 
     def __post_init__(self):
-        checks = [("epochs", self.epochs >= 1), ("batch", self.batch >= 1), ("seq-len", self.seq_len >= 8),
-                  ("grad-accum", self.grad_accum >= 1), ("log-every", self.log_every >= 1),
-                  ("save-every", self.save_every >= 0), ("eval-every", self.eval_every >= 0),
-                  ("eval-tokens", self.eval_tokens >= 1)]
-        for flag, ok in checks:
-            if not ok:
-                raise PakarError(f"--{flag} has an invalid value: {getattr(self, flag.replace('-', '_'))}")
+        from pakar.cli import check_number, check_out_folder
+
+        for flag, low in (("epochs", 1), ("batch", 1), ("seq-len", 8), ("grad-accum", 1), ("log-every", 1),
+                          ("save-every", 0), ("eval-every", 0), ("eval-tokens", 1), ("warmup", 0), ("max-steps", 1)):
+            check_number(f"--{flag}", getattr(self, flag.replace("-", "_")), low)
+        check_number("--seed", self.seed, 0, 2**64 - 1)  # torch and numpy seeds are unsigned 64-bit
+        check_number("--lr", self.lr, 0, low_open=True)
+        check_number("--min-lr-ratio", self.min_lr_ratio, 0, 1)
+        check_number("--weight-decay", self.weight_decay, 0)
+        check_number("--grad-clip", self.grad_clip, 0)  # 0 = off
+        check_number("--time-limit", self.time_limit, 0, low_open=True)
+        check_number("--val-fraction", self.val_fraction, 0, 0.5, low_open=True)
+        check_number("--vocab-size", self.vocab_size, 256 + 3, 1 << 20)  # bytes + specials; pakar.tokenizer.MAX_VOCAB
+        check_out_folder("--out", self.out)
         if self.config not in PRESETS:
             raise PakarError(f"unknown --config {self.config!r}; choose one of: {', '.join(PRESETS)}")
         if self.schedule not in ("cosine", "wsd"):
             raise PakarError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise PakarError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise PakarError(f"--lr must be > 0, got {self.lr}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise PakarError(f"--max-steps must be >= 1, got {self.max_steps}")
 
     # Fields that change what the next step computes: a resumed run must keep them.
     RESUME_KEYS = ("config", "batch", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup", "schedule",
@@ -171,6 +174,13 @@ def resolve_device(name: str) -> torch.device:
         raise PakarError(f"--device {name!r} is not a device name (try cpu, cuda, cuda:0)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PakarError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PakarError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PakarError(f"--device {name}: Apple's MPS backend is not available on this machine (try cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise PakarError(f"--device {name}: pakar runs on cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -498,6 +508,7 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
         if not state_path.is_file():
             raise PakarError(f"--resume: no saved state at {state_path}; start without --resume")
         state = safe_load(state_path)
+        check_resume_state(state, state_path)
         saved = state["train_args"]
         changed = [f"--{k.replace('_', '-')} (was {saved.get(k)!r}, now {args_dict.get(k)!r})"
                    for k in type(args).RESUME_KEYS if saved.get(k) != args_dict.get(k)]

@@ -332,3 +332,16 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     for cmd in (["chat"], ["chat-batch"], ["chat", "--checkpoint", "nope.pt"]):
         code, _, err = run_cli(cmd, capsys)
         assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--temperature", "nan"), ("--temperature", "-1"), ("--top-p", "2"), ("--top-k", "-1"),
+    ("--repetition-penalty", "inf"), ("--repetition-penalty", "0"), ("--max-new-tokens", "0"),
+    ("--seed", "-1"), ("--seed", str(2**70)),
+])
+def test_sampling_flags_out_of_range_are_one_line(run_dir, tmp_path, capsys, flag, value):
+    ck = str(run_dir / "checkpoints" / "model_epoch2.pt")
+    for cmd in (["chat-batch", "--out", str(tmp_path)], ["chat"]):
+        code, _, err = run_cli([*cmd, "--checkpoint", ck, flag, value], capsys)
+        assert code == 2 and err.startswith(f"error: {flag} {value if value != 'nan' else 'nan'}"), err
+        assert len(err.strip().splitlines()) == 1

@@ -251,3 +251,31 @@ def test_id_legal_prepare_peak_memory(tmp_path, shared_data):
     assert int(out.split()[-1]) < 1.5 * 1024 * 1024  # KiB
     data = TokenData.load(next((tmp_path / "data").iterdir()))
     assert data.manifest["train"]["documents"] + data.manifest["val"]["documents"] == 5267
+
+
+def test_a_huge_line_reaches_the_encoder_in_bounded_exact_pieces(tmp_path, sample_tokenizer, monkeypatch):
+    """One long line (the README: memory does not grow with the corpus) is encoded in pieces of at most
+    PIECE_CHARS and calls of about CHUNK_CHARS characters, and its tokens in the shard are exactly
+    what `tokenizers` gives for the whole line in one call."""
+    from pakar.tokenizer import PIECE_CHARS
+
+    line = " ".join(DOCS * 8)  # ~160K characters, one document
+    assert len(line) > 2 * PIECE_CHARS
+    monkeypatch.setattr("pakar.data.CHUNK_CHARS", 100_000)
+    seen = []
+    real = Tokenizer.encode_batch
+
+    def recording(self, texts):
+        seen.append([len(t) for t in texts])
+        return real(self, texts)
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", recording)
+    corpus = write_corpus(tmp_path / "c.txt", DOCS[:5] + [line] + DOCS[5:10])
+    _, data = prepare([str(corpus)], tmp_path, tokenizer=sample_tokenizer, log=quiet)
+    assert max(n for call in seen for n in call) <= PIECE_CHARS
+    assert max(sum(call) for call in seen) <= 100_000 + PIECE_CHARS
+    docs = split_docs(sample_tokenizer, data.train) + split_docs(sample_tokenizer, data.val)
+    assert sorted(docs) == sorted(DOCS[:10] + [line])
+    stream = np.concatenate([np.asarray(data.train), np.asarray(data.val)]).tolist()
+    want = sample_tokenizer.hf.encode(line, add_special_tokens=False).ids + [sample_tokenizer.eot_id]
+    assert any(stream[i:i + len(want)] == want for i in range(len(stream) - len(want) + 1) if stream[i] == want[0])

@@ -257,3 +257,51 @@ def test_import_refuses_what_pakar_cannot_represent(tokenizer, tmp_path, change,
     (out / "config.json").write_text(json.dumps(cfg | change))
     with pytest.raises(PakarError, match=message):
         import_folder(out)
+
+
+def test_export_verifies_shapes_before_writing(tokenizer, tmp_path, capsys):
+    """A checkpoint whose weights do not match its config (or hold NaN) is refused before anything is
+    written: no folder that transformers would refuse."""
+    from pakar.cli import main
+
+    ckpt = random_checkpoint(tokenizer, tmp_path / "m.pt")
+    wrong = {**ckpt, "model": {**ckpt["model"], "layers.0.mlp.experts.up_proj": torch.zeros(4, 32, 64)}}
+    with pytest.raises(PakarError, match=r"layers.0.mlp.experts.up_proj has shape \(4, 32, 64\), its config "
+                                         r"implies \(4, 64, 64\)"):
+        export_checkpoint(wrong, tmp_path / "hf", log=lambda *a: None)
+    assert not (tmp_path / "hf").exists()
+    torch.save(wrong, tmp_path / "wrong.pt")
+    assert main(["export", "--checkpoint", str(tmp_path / "wrong.pt"), "--out", str(tmp_path / "hf2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "up_proj" in err and err.count("\n") == 1
+    assert not (tmp_path / "hf2").exists()
+    nan = {**ckpt, "model": {**ckpt["model"], "norm.weight": torch.full((64,), float("nan"))}}
+    with pytest.raises(PakarError, match="non-finite"):
+        export_checkpoint(nan, tmp_path / "hf3", log=lambda *a: None)
+    assert not (tmp_path / "hf3").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda out: (out / "config.json").write_text("[1, 2]"), "expected a JSON object"),
+    (lambda out: (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()),
+                                                              "hidden_size": "64"})), "hidden_size"),
+    (lambda out: (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()),
+                                                              "num_attention_heads": 0, "head_dim": None})),
+     "config.json"),
+    (lambda out: (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()),
+                                                              "hidden_size": 65536, "num_hidden_layers": 96,
+                                                              "num_experts": 2048, "moe_intermediate_size": 16384})),
+     "GiB of memory"),
+    (lambda out: (out / "tokenizer.json").write_text("{ nope"), "tokenizer.json"),
+    (lambda out: (out / "tokenizer.json").write_bytes(b"\xff\xfe\x00"), "tokenizer.json"),
+    (lambda out: (out / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"),
+     "model.safetensors"),
+])
+def test_import_errors_are_one_line(tokenizer, tmp_path, capsys, damage, message):
+    from pakar.cli import main
+
+    out = export_checkpoint(random_checkpoint(tokenizer, tmp_path / "m.pt"), tmp_path / "hf", log=lambda *a: None)
+    damage(out)
+    assert main(["import", "--from", str(out), "--out", str(tmp_path / "back.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

@@ -140,3 +140,52 @@ def test_cli_trains_and_reports_compression(tmp_path, capsys, shared_data):
 def test_cli_defaults_to_the_embedded_sample(tmp_path, capsys):
     assert main(["--vocab-size", "300", "--out", str(tmp_path)]) == 0
     assert "embedded sample corpus" in capsys.readouterr().out
+
+
+# --- long runs: capped pre-tokens, exact pieces -------------------------------------------------------
+
+def test_pretokens_are_capped_and_the_qwen2_split_is_unchanged_on_normal_text(sample_tokenizer):
+    """A run without spaces becomes pre-tokens of at most MAX_PRETOKEN_CHARS (BPE training is
+    quadratic in a pre-token's length); on ordinary text the pre-tokens are exactly those of the plain
+    Qwen2 split (a reference pre-tokenizer built here from `tokenizers` alone)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from pakar.corpus import embedded_sample_path, iter_documents
+    from pakar.tokenizer import MAX_PRETOKEN_CHARS, SPLIT_PATTERN
+
+    ours = sample_tokenizer.hf.pre_tokenizer
+    pieces = [p for p, _ in ours.pre_tokenize_str("abcdefghij" * 500)]
+    assert max(map(len, pieces)) <= MAX_PRETOKEN_CHARS and "".join(pieces) == "abcdefghij" * 500
+    reference = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    docs = list(iter_documents([embedded_sample_path()]))
+    docs += ["kode:\n" + " " * 40 + "x = 1\t\t# komentar\r\n", "=" * 200 + " garis", "1234567890 " * 30]
+    for doc in docs:
+        assert ours.pre_tokenize_str(doc) == reference.pre_tokenize_str(doc)
+
+
+def test_long_texts_encode_in_exact_pieces(sample_tokenizer, shared_data):
+    """split_text cuts only where no pre-token spans the cut: encoding the pieces gives exactly the ids
+    of encoding the whole text in one `tokenizers` call (the reference), here with pieces of 200 chars."""
+    from pakar.tokenizer import split_text
+
+    with open(shared_data / "id_general" / "wiki_paragraphs.txt", encoding="utf-8") as f:
+        text = " ".join(line.rstrip("\n") for _, line in zip(range(60), f))
+    text += "  dua  spasi,\ttab\n baris baru .\n\n titik... (kurung)   akhir " + "tanpaspasi" * 15
+    whole = sample_tokenizer.hf.encode(text, add_special_tokens=False).ids
+    pieces = split_text(text, 200)
+    assert len(pieces) > 20 and max(map(len, pieces)) <= 200 and "".join(pieces) == text
+    assert [i for p in pieces for i in sample_tokenizer.hf.encode(p, add_special_tokens=False).ids] == whole
+    assert sample_tokenizer.encode_batch([text[:1000], text]) == [sample_tokenizer.encode(text[:1000]), whole]
+
+
+def test_training_on_a_line_without_spaces_sees_capped_words():
+    """A line without spaces is trained on as pre-tokens of at most MAX_PRETOKEN_CHARS: the trainer
+    never sees the long word (the merges it learns span at most that many characters), which is what
+    keeps training linear (uncapped, a 1 MB line took minutes; 30K characters still take seconds)."""
+    from pakar.tokenizer import MAX_PRETOKEN_CHARS, train_tokenizer
+
+    tok = train_tokenizer(["abcdefghij" * 3_000, "teks biasa di sini"], vocab_size=400)
+    longest = max(len(tok.decode([i])) for i in range(3, tok.vocab_size))
+    assert longest <= MAX_PRETOKEN_CHARS
+    assert tok.decode(tok.encode("abcdefghij" * 1000)) == "abcdefghij" * 1000

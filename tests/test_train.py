@@ -134,3 +134,51 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tmp_path / "nope.txt"),
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "nope.txt" in res.stderr
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("seed", -1, "in [0,"), ("min_lr_ratio", -1.0, "in [0, 1]"), ("min_lr_ratio", 2.0, "in [0, 1]"),
+    ("weight_decay", -5.0, ">= 0"), ("weight_decay", float("inf"), ">= 0"), ("grad_clip", float("nan"), ">= 0"),
+    ("warmup", -5, ">= 0"), ("time_limit", float("nan"), "> 0"), ("time_limit", -1.0, "> 0"),
+    ("lr", float("nan"), "> 0"), ("lr", float("inf"), "> 0"), ("val_fraction", 0.0, "in (0, 0.5]"),
+    ("val_fraction", 1.5, "in (0, 0.5]"), ("vocab_size", 10, "in [259, 1048576]"), ("vocab_size", 10**9, "in [259, 1048576]"), ("max_steps", 0, ">= 1"),
+])
+def test_out_of_range_numbers_are_refused_naming_the_flag(tmp_path, flag, value, allowed):
+    with pytest.raises(PakarError) as err:
+        small_args(tmp_path, **{flag: value})
+    message = str(err.value)
+    assert message.startswith(f"--{flag.replace('_', '-')} ") and allowed in message and "\n" not in message
+
+
+def test_device_and_out_mistakes_are_one_line(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(PakarError, match="is a file, not a folder"):
+        small_args(a_file)
+    from pakar.train import resolve_device
+
+    if not torch.backends.mps.is_available():
+        with pytest.raises(PakarError, match="MPS"):
+            resolve_device("mps")
+    with pytest.raises(PakarError, match="cpu, cuda"):
+        resolve_device("meta")
+    res = subprocess.run([sys.executable, "-m", "pakar", "train", "--seed", "-1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2 and res.stderr.startswith("error: --seed -1") and "Traceback" not in res.stderr
+
+
+def test_resume_refuses_a_model_checkpoint_or_an_empty_optimizer(tmp_path):
+    """--resume reads checkpoints/state.pt through check_resume_state: a model checkpoint copied there,
+    or a state whose optimizer lost its moments, is one line (it would crash, or resume with a fresh
+    AdamW without a word)."""
+    train(small_args(tmp_path, max_steps=2))
+    state_path = tmp_path / "checkpoints" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    model_only = {k: state[k] for k in ("format", "config", "model", "tokenizer", "meta")}
+    torch.save(model_only, state_path)
+    with pytest.raises(PakarError, match="is a model checkpoint, not a resumable state"):
+        train(small_args(tmp_path, max_steps=3, resume=True))
+    state["optimizer"]["state"] = {}
+    torch.save(state, state_path)
+    with pytest.raises(PakarError, match="optimizer state is empty"):
+        train(small_args(tmp_path, max_steps=3, resume=True))
