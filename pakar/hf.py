@@ -446,7 +446,14 @@ def main_export(argv: list[str], prog: str = "pakar export") -> int:
     p = argparse.ArgumentParser(prog=prog, description="Write a Hugging Face Qwen3-MoE model folder "
                                 "(config.json, safetensors weights, tokenizer) from a pakar checkpoint.")
     p.add_argument("--checkpoint", required=True, help="pakar model checkpoint (.pt), e.g. checkpoints/model_epoch5.pt")
-    p.add_argument("--out", required=True, help="output folder (created; files of an earlier export are replaced)")
+    p.add_argument("--out", required=True, help="output folder (created; files of an earlier export are replaced); "
+                   "with --format gguf, the .gguf file (an Ollama Modelfile is written beside it)")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="hf: Hugging Face Qwen3-MoE folder; gguf: one file for llama.cpp, Ollama and LM Studio "
+                        "(needs pip install 'pakar[gguf]') (default: hf)")
+    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f32",
+                   help="GGUF weight type: f32 (exact), f16, or q8_0 (8-bit, about a quarter of f32's size) "
+                        "(default: f32; only with --format gguf)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="weight dtype in the folder (default: float32, exact; bfloat16 halves the size)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
@@ -457,6 +464,11 @@ def main_export(argv: list[str], prog: str = "pakar export") -> int:
                         "bias) without that bias; its routing, and so its outputs, will differ (default: refuse)")
     args = p.parse_args(argv)
     ckpt = safe_load(args.checkpoint)
+    if args.format == "gguf":
+        from pakar.gguf import export_gguf
+
+        export_gguf(ckpt, args.out, outtype=args.outtype, allow_bias_drop=args.allow_bias_drop)
+        return 0
     export_checkpoint(ckpt, args.out, dtype=args.dtype, allow_bias_drop=args.allow_bias_drop,
                       max_shard_size=args.max_shard_size)
     return 0
