@@ -617,7 +617,7 @@ async def _stream(job: Job, parsed: Parsed, rid: str, worker: Worker):
 
 
 def load_generator(checkpoint: str | None = None, model_dir: str | None = None, device: str = "auto",
-                   dtype: str = "auto"):
+                   dtype: str = "auto", quantize: str | None = None):
     """(TextGenerator, default model name) from a pakar checkpoint or a Hugging Face Qwen3-MoE folder."""
     from pakar.chat import pick_dtype
     from pakar.checkpoint import safe_load
@@ -633,10 +633,12 @@ def load_generator(checkpoint: str | None = None, model_dir: str | None = None, 
         from pakar.hf import import_folder
 
         ckpt, name = import_folder(model_dir), Path(model_dir).resolve().name
-    return TextGenerator.from_ckpt(ckpt, device, pick_dtype(dtype, device)), name
+    return TextGenerator.from_ckpt(ckpt, device, pick_dtype(dtype, device), quantize=quantize), name
 
 
 def main(argv: list[str], prog: str = "pakar serve") -> int:
+    from pakar.chat import add_quantize_arg
+
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible HTTP server (/v1/chat/completions, "
                                 "/v1/completions, /v1/models, /health) with a web chat page at /.")
     src = p.add_mutually_exclusive_group(required=True)
@@ -654,6 +656,7 @@ def main(argv: list[str], prog: str = "pakar serve") -> int:
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: auto, cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and cache dtype (default: auto, bfloat16 on a GPU that supports it, else float32)")
+    add_quantize_arg(p)
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"completions generated together; more wait in a queue (default: {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
@@ -668,7 +671,7 @@ def main(argv: list[str], prog: str = "pakar serve") -> int:
 
     import uvicorn
 
-    gen, name = load_generator(args.checkpoint, args.model_dir, args.device, args.dtype)
+    gen, name = load_generator(args.checkpoint, args.model_dir, args.device, args.dtype, args.quantize)
     name = args.model_name or name
     app = create_app(gen, name, args.api_key, args.max_batch, args.max_queue)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
