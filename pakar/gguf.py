@@ -47,7 +47,7 @@ from pakar.config import ModelConfig
 OUTTYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # q8_0 quantises blocks of 32 values along a row
 # chat defaults of `pakar chat` (chat.py), for the Modelfile
-DEFAULT_SAMPLING = {"temperature": 0.8, "repeat_penalty": 1.1}
+DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repeat_penalty": 1.1}
 
 
 def _gguf():
@@ -127,8 +127,7 @@ def ollama_modelfile(gguf_name: str) -> str:
             '"""\n'
             'PARAMETER stop "<|im_end|>"\n'
             'PARAMETER stop "<|endoftext|>"\n'
-            f"PARAMETER temperature {s['temperature']}\n"
-            f"PARAMETER repeat_penalty {s['repeat_penalty']}\n")
+            + "".join(f"PARAMETER {k} {v}\n" for k, v in s.items()))
 
 
 def export_gguf(ckpt: dict, out_file: str | Path, *, outtype: str = "f32", allow_bias_drop: bool = False,

