@@ -145,7 +145,9 @@ class LlamaCpp:
 
     def __init__(self, path: Path, n_ctx: int, n_seq: int, threads: int):
         import llama_cpp as L
+        from llama_cpp._logger import set_verbose
 
+        set_verbose(False)  # llama.cpp's load log (hundreds of lines) only on errors
         self.L = L
         L.llama_backend_init()
         mp = L.llama_model_default_params()
