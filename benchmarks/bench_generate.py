@@ -9,6 +9,18 @@ Both must produce the same greedy tokens (checked and reported: `tokens_match`).
 runs are interleaved, so a slower stretch of a shared machine slows both.
 Target: decode at batch 1 at least 3x transformers on a CPU.
 
+Beside them, in the same run and with the same weights and thread count:
+- pakar with `--quantize int8` (pakar/quant.py), batch 1 and 8 (its greedy tokens are reported
+  against float32's: `int8_tokens_match`);
+- llama.cpp through llama-cpp-python, on GGUF files of the same weights written by
+  `pakar export --format gguf` (f32 and q8_0), greedy, through its low-level batch API: batch 8 is
+  8 sequences (seq ids 0-7) decoded together, one `llama_decode` per step; argmax on the host. Its
+  f32 tokens are reported against pakar's (`llama_f32_tokens_match`). Skipped, with a note, where
+  `llama_cpp` or `gguf` is not importable. Targets: pakar int8 batch-1 decode on `small` >= 3x
+  transformers and >= 1.0x llama.cpp q8_0; batch 8 aggregate >= llama.cpp's.
+The GGUF files need a tokenizer with the model's vocabulary: one is trained on the shared Indonesian
+data when present (else the embedded sample), and the vocabulary is whatever size that gives.
+
 Also measured at batch 1: the matrix-vector products alone (`matvec_floor_ms`: the weights a token
 reads, which every engine pays) and so the most any engine could gain over transformers here
 (`ceiling_speedup` = transformers' time per token / the floor).
@@ -111,20 +123,133 @@ def matvec_floor(model: Transformer, tokens: int = 64) -> float:
     return (time.perf_counter() - t0) / tokens
 
 
-def bench_config(name: str, n_new: int, repeats: int, prompt_len: int) -> dict:
+def bench_tokenizer():
+    """A byte-level BPE with (up to) 8192 tokens for the GGUF files' vocabulary."""
+    from pakar.corpus import embedded_sample_path, iter_documents
+    from pakar.tokenizer import train_tokenizer
+
+    data = ROOT.parent / "shared" / "data" / "id_general" / "wiki_paragraphs.txt"
+    return train_tokenizer(iter_documents([data if data.is_file() else embedded_sample_path()]), vocab_size=8192)
+
+
+def llama_cpp_files(model: Transformer, tokenizer, folder: Path) -> dict[str, Path]:
+    """{"f32": path, "q8_0": path}: the model as GGUF, written by pakar's own exporter."""
+    from pakar.gguf import export_gguf
+
+    ckpt = {"model": model.state_dict(), "config": model.config.to_dict(), "tokenizer": tokenizer.to_json()}
+    return {t: export_gguf(ckpt, folder / f"{t}.gguf", outtype=t, log=lambda *a: None) for t in ("f32", "q8_0")}
+
+
+class LlamaCpp:
+    """Greedy decoding in llama.cpp through llama-cpp-python's low-level API, B sequences at once."""
+
+    def __init__(self, path: Path, n_ctx: int, n_seq: int, threads: int):
+        import llama_cpp as L
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)  # llama.cpp's load log (hundreds of lines) only on errors
+        self.L = L
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_ctx, n_ctx, n_seq
+        cp.n_threads = cp.n_threads_batch = threads
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        self.V = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.batch = L.llama_batch_init(n_ctx, 0, n_seq)
+
+    def _decode(self, rows: list[tuple[int, list[int], int]]) -> list[int]:
+        """rows: (sequence, tokens, first position); returns each row's argmax after its last token."""
+        import numpy as np
+
+        L, b = self.L, self.batch
+        n = 0
+        last = []
+        for s, toks, pos in rows:
+            for j, t in enumerate(toks):
+                b.token[n], b.pos[n], b.n_seq_id[n] = t, pos + j, 1
+                b.seq_id[n][0] = s
+                b.logits[n] = j == len(toks) - 1
+                n += 1
+            last.append(n - 1)
+        b.n_tokens = n
+        if L.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        return [int(np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.V,)).argmax())
+                for i in last]
+
+    def generate(self, prompts: list[list[int]], n_new: int) -> list[list[int]]:
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        nxt = self._decode([(s, p, 0) for s, p in enumerate(prompts)])
+        out = [[t] for t in nxt]
+        for k in range(1, n_new):
+            nxt = self._decode([(s, [out[s][-1]], len(p) + k - 1) for s, p in enumerate(prompts)])
+            for s, t in enumerate(nxt):
+                out[s].append(t)
+        return out
+
+
+def time_call(fn, prompts, n_new):
+    t0 = time.perf_counter()
+    out = fn(prompts, n_new)
+    return time.perf_counter() - t0, out
+
+
+def rate_and_ttft(fn, prompts, n_new, repeats) -> tuple[float, float, list[list[int]]]:
+    """(aggregate decode tokens/s, time to first token in s, tokens) of fn(prompts, n) -> tokens."""
+    fn(prompts, 2)  # warm-up
+    t1 = statistics.median(time_call(fn, prompts, 1)[0] for _ in range(repeats))
+    runs = [time_call(fn, prompts, n_new) for _ in range(repeats)]
+    tn = statistics.median(t for t, _ in runs)
+    return len(prompts) * (n_new - 1) / (tn - t1), t1, runs[-1][1]
+
+
+def bench_others(name: str, model: Transformer, tokenizer, prompts_by_B: dict, ours_tokens: dict, n_new: int,
+                 repeats: int, threads: int, folder: Path) -> dict:
+    """pakar int8 and llama.cpp f32 / q8_0, batch 1 and 8; figures per engine and batch."""
+    import copy
+
+    from pakar.quant import quantize_int8
+
+    res: dict = {}
+    int8 = Engine(quantize_int8(copy.deepcopy(model)))
+    engines = {"pakar_int8": lambda p, n: int8.generate(p, SamplingParams(max_new_tokens=n, temperature=0.0))}
+    try:
+        files = llama_cpp_files(model, tokenizer, folder)
+        for t, path in files.items():
+            runner = LlamaCpp(path, n_ctx=8 * (len(prompts_by_B[8][0]) + n_new + 2), n_seq=8, threads=threads)
+            engines[f"llama_cpp_{t}"] = runner.generate
+    except ImportError as e:
+        res["llama_cpp_note"] = f"llama.cpp not measured: {e}"
+    for B, prompts in prompts_by_B.items():
+        for key, fn in engines.items():
+            rate, ttft, toks = rate_and_ttft(fn, prompts, n_new, repeats)
+            res.setdefault(key, {})[f"batch{B}"] = {"decode_tok_s": round(rate, 1), "ttft_ms": round(1000 * ttft, 2)}
+            if key in ("pakar_int8", "llama_cpp_f32"):
+                res[key][f"batch{B}"]["tokens_match_pakar_f32"] = toks == ours_tokens[B]
+            print(f"{name} batch {B}: {key} {rate:,.0f} tok/s, time to first token {1000 * ttft:.1f} ms", flush=True)
+    return res
+
+
+def bench_config(name: str, n_new: int, repeats: int, prompt_len: int, tokenizer, threads: int,
+                 folder: Path) -> dict:
     torch.manual_seed(0)
-    model = Transformer(get_config(name, vocab_size=8192)).eval()
+    model = Transformer(get_config(name, vocab_size=tokenizer.vocab_size)).eval()
+    V = model.config.vocab_size
     hf = hf_copy(model)
     engine = Engine(model)
     g = torch.Generator().manual_seed(1)
     res = {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
     with torch.inference_mode():
-        x = torch.randint(3, 8192, (1, prompt_len), generator=g)
+        x = torch.randint(3, V, (1, prompt_len), generator=g)
         res["max_logit_diff_vs_hf"] = (model(x).logits - hf(x).logits).abs().max().item()
     match = True
+    prompts_by_B, tokens_by_B = {}, {}
     for B in (1, 8):
-        prompts = torch.randint(3, 8192, (B, prompt_len), generator=g).tolist()
+        prompts = prompts_by_B[B] = torch.randint(3, V, (B, prompt_len), generator=g).tolist()
         (o1, oN), (h1, hN), ours_tok, hf_tok = measure(engine, hf, prompts, n_new, repeats)
+        tokens_by_B[B] = ours_tok
         match &= ours_tok == hf_tok
         ours_rate, hf_rate = B * (n_new - 1) / (oN - o1), B * (n_new - 1) / (hN - h1)
         res[f"batch{B}"] = {"ours_decode_tok_s": round(ours_rate, 1), "hf_decode_tok_s": round(hf_rate, 1),
@@ -142,6 +267,14 @@ def bench_config(name: str, n_new: int, repeats: int, prompt_len: int) -> dict:
                   f"ours {1000 / ours_rate:.2f} ms, transformers {1000 / hf_rate:.2f} ms: no engine could "
                   f"beat transformers by more than {b1['ceiling_speedup']:.2f}x here", flush=True)
     res["tokens_match"] = match
+    res |= bench_others(name, model, tokenizer, prompts_by_B, tokens_by_B, n_new, repeats, threads, folder)
+    for B in (1, 8):
+        int8 = res["pakar_int8"][f"batch{B}"]["decode_tok_s"]
+        res[f"batch{B}"]["int8_vs_hf"] = round(int8 / res[f"batch{B}"]["hf_decode_tok_s"], 2)
+        if "llama_cpp_q8_0" in res:
+            res[f"batch{B}"]["int8_vs_llama_q8_0"] = round(int8 / res["llama_cpp_q8_0"][f"batch{B}"]["decode_tok_s"], 2)
+            res[f"batch{B}"]["f32_vs_llama_f32"] = round(
+                res[f"batch{B}"]["ours_decode_tok_s"] / res["llama_cpp_f32"][f"batch{B}"]["decode_tok_s"], 2)
     return res
 
 
@@ -161,12 +294,23 @@ def main() -> None:
     import transformers
 
     out["transformers"] = transformers.__version__
-    for name in args.configs:
-        out[name] = bench_config(name, args.new_tokens, args.repeats, args.prompt_len)
+    import tempfile
+
+    tokenizer = bench_tokenizer()
+    out["vocab_size"] = tokenizer.vocab_size
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.configs:
+            out[name] = bench_config(name, args.new_tokens, args.repeats, args.prompt_len, tokenizer,
+                                     torch.get_num_threads(), Path(folder) / name)
     speedups = [out[n]["batch1"]["speedup"] for n in args.configs]
     out["target_batch1_speedup"] = 3.0
     out["min_batch1_speedup"] = min(speedups)
     out["target_met"] = min(speedups) >= 3.0
+    if "small" in args.configs:  # issue 14's targets, on small
+        s = out["small"]
+        out["small_int8_batch1_vs_hf"] = s["batch1"]["int8_vs_hf"]
+        out["small_int8_batch1_vs_llama_q8_0"] = s["batch1"].get("int8_vs_llama_q8_0")
+        out["small_int8_batch8_vs_llama_q8_0"] = s["batch8"].get("int8_vs_llama_q8_0")
     print(json.dumps(out))
 
 

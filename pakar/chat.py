@@ -89,9 +89,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and cache dtype (default auto: bfloat16 on a GPU that supports it, else float32)")
+    add_quantize_arg(p)
     p.add_argument("--mode", default="auto", choices=["auto", "chat", "text"],
                    help="chat: ChatML template; text: continue text; auto: chat when the checkpoint was "
                    "chat fine-tuned (default auto)")
+
+
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: 8-bit weights with per-channel scales for attention, experts and output head "
+                        "(CPU only, float32 between products; faster decoding, see pakar eval --quantize) "
+                        "(default: none)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_new: int) -> None:
@@ -131,7 +139,8 @@ def load_generator(args) -> tuple[TextGenerator, Path]:
     path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
     device = resolve_device(args.device)
     chat = None if args.mode == "auto" else args.mode == "chat"
-    return TextGenerator.from_ckpt(safe_load(path), device, pick_dtype(args.dtype, device), chat), path
+    return TextGenerator.from_ckpt(safe_load(path), device, pick_dtype(args.dtype, device), chat,
+                                   quantize=args.quantize), path
 
 
 def check_sampling_flags(args) -> None:

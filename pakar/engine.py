@@ -182,8 +182,11 @@ def lean_decode_ok(model: torch.nn.Module) -> bool:
     """Whether `lean_decode_step` may stand in for the model's forward: a plain pakar Transformer (any
     attention or norm submodules, e.g. LoRA-wrapped, are called as modules; the MoE block and its
     stacked experts must be the stock ones), in eval mode, on the CPU."""
+    from pakar.quant import Int8Experts
+
     return (model.embed_tokens.weight.device.type == "cpu" and not model.training
-            and all(type(layer.mlp) is MoE and type(layer.mlp.experts) is Experts for layer in model.layers))
+            and all(type(layer.mlp) is MoE and type(layer.mlp.experts) in (Experts, Int8Experts)
+                    for layer in model.layers))
 
 
 def lean_decode_step(model, tok_B1: torch.Tensor, cache: KVCache, position_ids_B1: torch.Tensor | None,

@@ -338,6 +338,23 @@ def plot_experts(res: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _quantized(run, model, quantize: str, stats) -> dict:
+    """run(stats) -> results, as they are, or with --quantize int8: float32 first (its corpus stats
+    discarded, the text is read twice), then the int8 model, with the bits-per-byte change."""
+    if quantize != "int8":
+        return run(stats)
+    from pakar.quant import quantize_int8
+
+    ref = run(type(stats)())
+    quantize_int8(model)
+    res = run(stats)
+    res["quantize"] = "int8"
+    res["float32_bits_per_byte"], res["float32_loss"] = ref["bits_per_byte"], ref["loss"]
+    if ref["bits_per_byte"]:
+        res["bits_per_byte_change"] = res["bits_per_byte"] / ref["bits_per_byte"] - 1
+    return res
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from pakar.chat import pick_dtype
     from pakar.checkpoint import latest_epoch_checkpoint, load_model
@@ -364,6 +381,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (default auto: bfloat16 autocast on cuda, float32 on cpu); weights "
                    "stay float32")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: evaluate with 8-bit weights (pakar.quant, CPU) and report the change in bits per "
+                        "byte against float32 on the same text (evaluates twice) (default: none)")
     p.add_argument("--plot", metavar="PNG", help="also draw the expert load per layer to this PNG file")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object, last")
     args = p.parse_args(argv)
@@ -378,6 +398,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     device = resolve_device(args.device)
     # weights stay float32; bfloat16 runs as autocast, so the logits and the sums keep their precision
     amp = torch.bfloat16 if pick_dtype(args.dtype, device) == torch.bfloat16 else None
+    if args.quantize == "int8":
+        from pakar.quant import check_int8
+
+        check_int8(device, amp)
     model, tokenizer, ckpt = load_model(path, device)
     W = model.config.max_position_embeddings
     kind = detect_kind(args.data)
@@ -386,8 +410,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if kind == "chat":
         from pakar.finetune import evaluate_chat
 
-        res = evaluate_chat(model, tokenizer, args.data, args.batch_size, split=args.split,
-                            max_tokens=args.max_tokens, device=device, autocast_dtype=amp, stats=stats)
+        def run(stats):
+            return evaluate_chat(model, tokenizer, args.data, args.batch_size, split=args.split,
+                                 max_tokens=args.max_tokens, device=device, autocast_dtype=amp, stats=stats)
+        res = _quantized(run, model, args.quantize, stats)
         scope = f"assistant tokens of {res['conversations']:,} conversations ({args.split})"
     else:
         trained = ckpt.get("meta", {}).get("seq_len") or ckpt.get("train_args", {}).get("seq_len") or 256
@@ -401,8 +427,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 print(f"\r  {done:,} tokens evaluated ({done / max(dt, 1e-9):,.0f} tokens/s)", end="",
                       file=sys.stderr, flush=True)
 
-        res = evaluate_corpus(model, tokenizer, args.data, args.batch_size, seq_len, args.max_tokens, device, amp,
-                              stats=stats, progress=progress)
+        def run(stats):
+            return evaluate_corpus(model, tokenizer, args.data, args.batch_size, seq_len, args.max_tokens, device,
+                                   amp, stats=stats, progress=progress)
+        res = _quantized(run, model, args.quantize, stats)
         if tty:
             print(file=sys.stderr)
         res["seq_len"] = seq_len
@@ -416,6 +444,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     bpb = res["bits_per_byte"]
     print(f"bits per byte {bpb:.4f} | loss {res['loss']:.4f} nats/token | perplexity {res['perplexity']:.2f}"
           if bpb is not None else f"loss {res['loss']:.4f} nats/token | perplexity {res['perplexity']:.2f}")
+    if "float32_bits_per_byte" in res and bpb is not None:
+        print(f"int8 vs float32: bits per byte {bpb:.4f} vs {res['float32_bits_per_byte']:.4f} "
+              f"({100 * res['bits_per_byte_change']:+.2f}% relative)")
     print(expert_table(res))
     if args.plot:
         plot_experts(res, Path(args.plot), f"{path.name} on {', '.join(Path(d).name for d in args.data)}"[:80])

@@ -177,11 +177,16 @@ class TextGenerator:
 
     @classmethod
     def from_ckpt(cls, ckpt: dict, device="cpu", dtype: torch.dtype | None = None,
-                  chat: bool | None = None) -> "TextGenerator":
-        """From a loaded checkpoint dict; chat mode is the checkpoint's own (meta "chat") unless given."""
+                  chat: bool | None = None, quantize: str | None = None) -> "TextGenerator":
+        """From a loaded checkpoint dict; chat mode is the checkpoint's own (meta "chat") unless given;
+        quantize "int8" swaps in 8-bit weights (pakar.quant; CPU)."""
         from pakar.checkpoint import build_model
+        from pakar.quant import check_int8, maybe_quantize
 
+        if quantize == "int8":
+            check_int8(device, dtype)  # before building: a GPU user gets one line, not a loaded model
         model, tokenizer = build_model(ckpt, device, dtype)
+        model = maybe_quantize(model, quantize)
         return cls(model, tokenizer, chat=bool(ckpt.get("meta", {}).get("chat", False)) if chat is None else chat)
 
     @classmethod

@@ -479,6 +479,13 @@ def main_export(argv: list[str], prog: str = "pakar export") -> int:
                    "checkpoints/model_epoch*.pt in the current folder)")
     p.add_argument("--out", help="output folder, created; files of an earlier export there are replaced "
                    "(default: export/<checkpoint name>, e.g. export/model_epoch2)")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="hf: Hugging Face Qwen3-MoE folder; gguf: one file for llama.cpp, Ollama and LM Studio, "
+                        "written to --out (default export/<checkpoint name>.gguf) with an Ollama Modelfile beside "
+                        "it (needs pip install 'pakar[gguf]') (default: hf)")
+    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f32",
+                   help="GGUF weight type: f32 (exact), f16, or q8_0 (8-bit, about a quarter of f32's size) "
+                        "(default: f32; only with --format gguf)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="weight dtype in the folder (default: float32, exact; bfloat16 halves the size)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
@@ -490,6 +497,12 @@ def main_export(argv: list[str], prog: str = "pakar export") -> int:
     args = p.parse_args(argv)
     path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
     ckpt = safe_load(path)
+    if args.format == "gguf":
+        from pakar.gguf import export_gguf
+
+        export_gguf(ckpt, args.out or Path("export") / f"{path.stem}.gguf", outtype=args.outtype,
+                    allow_bias_drop=args.allow_bias_drop)
+        return 0
     export_checkpoint(ckpt, args.out or Path("export") / path.stem, dtype=args.dtype, allow_bias_drop=args.allow_bias_drop,
                       max_shard_size=args.max_shard_size)
     return 0

@@ -201,11 +201,14 @@ class MoE(nn.Module):
         _, _, idx_NK, weight_NK = self.gate(x_ND)
         K = idx_NK.shape[1]
         chosen = idx_NK.tolist()
-        ex = self.experts  # each weight read once: under a parametrization every read recomputes it
-        w_gate, w_up, w_down = ex.gate_proj, ex.up_proj, ex.down_proj
+        ex = self.experts
+        if hasattr(ex, "swiglu"):  # quantised experts (pakar.quant) bring their own product
+            swiglu = ex.swiglu
+        else:
+            w_gate, w_up, w_down = ex.gate_proj, ex.up_proj, ex.down_proj  # each read once (parametrizations)
 
-        def swiglu(x, e):
-            return F.linear(F.silu(F.linear(x, w_gate[e])) * F.linear(x, w_up[e]), w_down[e])
+            def swiglu(x, e):
+                return F.linear(F.silu(F.linear(x, w_gate[e])) * F.linear(x, w_up[e]), w_down[e])
 
         if N == 1:  # the common interactive case: K experts on one row, no gather or scatter
             y_NKD = torch.stack([swiglu(x_ND, e) for e in chosen[0]], dim=1)

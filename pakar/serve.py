@@ -1005,7 +1005,7 @@ def uvicorn_config(app, limits: Limits = Limits(), **kw):
 
 
 def load_generator(checkpoint: str | None = None, model_dir: str | None = None, device: str = "auto",
-                   dtype: str = "auto"):
+                   dtype: str = "auto", quantize: str | None = None):
     """(TextGenerator, default model name) from a pakar checkpoint or a Hugging Face Qwen3-MoE folder."""
     from pakar.chat import pick_dtype
     from pakar.checkpoint import latest_epoch_checkpoint, safe_load
@@ -1023,7 +1023,7 @@ def load_generator(checkpoint: str | None = None, model_dir: str | None = None, 
         from pakar.hf import import_folder
 
         ckpt, name = import_folder(model_dir), Path(model_dir).resolve().name
-    return TextGenerator.from_ckpt(ckpt, device, pick_dtype(dtype, device)), name
+    return TextGenerator.from_ckpt(ckpt, device, pick_dtype(dtype, device), quantize=quantize), name
 
 
 def read_api_key(api_key: str | None, api_key_file: str | None, env=os.environ) -> str | None:
@@ -1056,6 +1056,8 @@ def default_allowed_hosts(host: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str], prog: str = "pakar serve") -> int:
+    from pakar.chat import add_quantize_arg
+
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible HTTP server (/v1/chat/completions, "
                                 "/v1/completions, /v1/models, /health) with a web chat page at /.")
     src = p.add_mutually_exclusive_group()
@@ -1087,6 +1089,7 @@ def main(argv: list[str], prog: str = "pakar serve") -> int:
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: auto, cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and cache dtype (default: auto, bfloat16 on a GPU that supports it, else float32)")
+    add_quantize_arg(p)
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"completions generated together; more wait in a queue (default: {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
@@ -1119,7 +1122,7 @@ def main(argv: list[str], prog: str = "pakar serve") -> int:
     import uvicorn
 
     retriever = open_retriever(args)
-    gen, name = load_generator(args.checkpoint, args.model_dir, args.device, args.dtype)
+    gen, name = load_generator(args.checkpoint, args.model_dir, args.device, args.dtype, args.quantize)
     name = args.model_name or name
     app = create_app(gen, name, api_key, args.max_batch, args.max_queue, limits, retriever)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
