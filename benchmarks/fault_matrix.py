@@ -13,7 +13,7 @@ matrices, e.g. the server's and the bad inputs', are added as one more entry):
 - divergence  --lr 1e3: exit status 2, one "error:" line, no traceback, no NaN/inf in any file.
 
 Every child runs with OMP_NUM_THREADS=1 (CPU arithmetic is then the same in every run). The random
-moments are uniform over the reference run's training time, measured from its first logged step.
+moments are uniform over the reference run's training time, from its first to its last logged step.
 The last line is one JSON object: {"matrices": {name: counts}, "failures": N, "seconds": S}; the exit
 status is 1 when any trial failed.
 """
@@ -75,14 +75,25 @@ def temp_files(out: Path) -> list[Path]:
     return [p for p in out.rglob("*") if TEMP_FILES.match(p.name)]
 
 
+def last_step_seen(out: Path, proc: subprocess.Popen, steps: int) -> float:
+    """Wait for the run's record of optimizer step `steps`; returns the time it was seen."""
+    metrics, last = out / "metrics.jsonl", f'"step": {steps},'
+    while proc.poll() is None and not any('"kind": "train"' in l and last in l
+                                          for l in metrics.read_text().splitlines()):
+        time.sleep(0.005)
+    return time.perf_counter()
+
+
 def reference(work: Path, steps: int) -> tuple[Path, float]:
-    """The uninterrupted run, and its training time (first logged step to exit)."""
+    """The uninterrupted run, and its training time: first to last logged optimizer step, so that the
+    random moments fall while it trains (not in the final validation and save after it)."""
     ref = work / "ref"
     proc = subprocess.Popen(train_cmd(ref, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     t0 = first_step_seen(ref, proc)
+    t1 = last_step_seen(ref, proc, steps)
     if proc.wait() != 0:
         raise SystemExit("the reference run failed")
-    return ref, time.perf_counter() - t0
+    return ref, t1 - t0
 
 
 def interrupt_and_resume(ref: Path, out: Path, steps: int, sig: signal.Signals, delay: float) -> dict:
