@@ -1,9 +1,8 @@
 """Fault matrix: what a run survives off the happy path (issue 17). Counts, never timings.
 
-    python benchmarks/fault_matrix.py [--trials 10] [--steps 40] [--only kill signals divergence] [--seed 0]
+    python benchmarks/fault_matrix.py [--trials 10] [--steps 40] [--only kill signals divergence inputs server]
 
-Matrices (each a function returning a dict of counts; `MATRICES` maps a name to it, so other
-matrices, e.g. the server's and the bad inputs', are added as one more entry):
+Matrices (each a function returning a dict of counts; `MATRICES` maps a name to it):
 
 - kill        a tiny training run (--save-every 3, so many kills land inside a save) is SIGKILLed at a
               random moment of its training, then continued with --resume; its final weights must be
@@ -11,6 +10,10 @@ matrices, e.g. the server's and the bad inputs', are added as one more entry):
 - signals     the same with SIGINT and with SIGTERM (--trials each): the process must exit 128+signal
               after saving, and the resume command it prints must end bit-identical.
 - divergence  --lr 1e3: exit status 2, one "error:" line, no traceback, no NaN/inf in any file.
+- inputs      benchmarks/fault_inputs.py: bad checkpoints, states, corpora and flags through the real
+              CLI; tracebacks and accepted bad inputs counted (target 0).
+- server      benchmarks/fault_server.py: hostile requests and sockets against a real server while a
+              bystander streams; 5xx answers, server tracebacks and broken bystander streams (target 0).
 
 Every child runs with OMP_NUM_THREADS=1 (CPU arithmetic is then the same in every run). The random
 moments are uniform over the reference run's training time, from its first to its last logged step.
@@ -183,7 +186,29 @@ def matrix_divergence(opts, work: Path, ref: Path, train_s: float) -> dict:
             "message": errors[0][:160] if errors else None}
 
 
-MATRICES = {"kill": matrix_kill, "signals": matrix_signals, "divergence": matrix_divergence}
+def _script(name: str) -> dict:
+    """Run a sibling matrix script (its own process, its own temp folders); its last line's JSON."""
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name(name))], capture_output=True, text=True,
+                         env=ENV)
+    lines = res.stdout.strip().splitlines()
+    try:
+        return {**json.loads(lines[-1]), "rc": res.returncode}
+    except (IndexError, json.JSONDecodeError):
+        return {"rc": res.returncode, "error": (res.stdout + res.stderr)[-600:]}
+
+
+def matrix_inputs(opts, work: Path, ref: Path, train_s: float) -> dict:
+    """benchmarks/fault_inputs.py: bad checkpoints, states, corpora and flags through the real CLI."""
+    return _script("fault_inputs.py")
+
+
+def matrix_server(opts, work: Path, ref: Path, train_s: float) -> dict:
+    """benchmarks/fault_server.py: hostile clients against a real server while a bystander streams."""
+    return _script("fault_server.py")
+
+
+MATRICES = {"kill": matrix_kill, "signals": matrix_signals, "divergence": matrix_divergence,
+            "inputs": matrix_inputs, "server": matrix_server}
 
 
 def failures(name: str, counts: dict) -> int:
@@ -191,6 +216,12 @@ def failures(name: str, counts: dict) -> int:
         return 1 - counts["ok"]
     if name == "signals":
         return sum(c["trials"] - c["ok"] for c in counts.values())
+    if name == "inputs":  # a traceback, a bad input accepted, a timeout, or the script itself failing
+        return (counts.get("tracebacks", 1) + counts.get("accepted_bad_input", 0) + counts.get("timeouts", 0)
+                + (counts["rc"] != 0))
+    if name == "server":
+        return (counts.get("count_5xx", 1) + counts.get("server_tracebacks", 0)
+                + counts.get("bystander_streams_broken", 0) + (counts["rc"] != 0))
     return counts["trials"] - counts["ok"]
 
 
