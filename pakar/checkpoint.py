@@ -37,6 +37,7 @@ also works wherever a model checkpoint is expected.
 from __future__ import annotations
 
 import errno
+import hashlib
 import math
 import os
 import pickle
@@ -140,6 +141,16 @@ def first_nonfinite(obj, where: str = "") -> str | None:
         if bad is not None:
             return bad
     return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's sha256 (hex), read in 1 MiB blocks: a base checkpoint's identity in LoRA adapters and
+    fine-tuning metadata, and an index's source manifest."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def safe_load(path: str | Path, map_location="cpu", fmt: str = FORMAT, what: str = "checkpoint") -> dict:

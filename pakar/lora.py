@@ -52,11 +52,8 @@ Shape legend: E experts, O out features, I in features, R rank.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -65,61 +62,10 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from pakar import PakarError
-from pakar.checkpoint import check_finite, safe_load
-from pakar.data import file_sha256
+from pakar.args import ATTENTION_TARGETS, EXPERT_TARGETS, TARGET_GROUPS, LoraSpec, parse_targets  # noqa: F401
+from pakar.checkpoint import check_finite, file_sha256, safe_load
 
 ADAPTER_FORMAT = "pakar-lora-v1"
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
-TARGET_GROUPS = {"attention": ATTENTION_TARGETS, "experts": EXPERT_TARGETS,
-                 "all": ATTENTION_TARGETS + EXPERT_TARGETS}
-
-
-def parse_targets(names) -> tuple[str, ...]:
-    """--lora-targets words (tensor names or the groups attention / experts / all) -> tensor names,
-    in a canonical order."""
-    chosen: set[str] = set()
-    for name in ([names] if isinstance(names, str) else names):
-        for word in str(name).replace(",", " ").split():
-            if word in TARGET_GROUPS:
-                chosen.update(TARGET_GROUPS[word])
-            elif word in TARGET_GROUPS["all"]:
-                chosen.add(word)
-            else:
-                raise PakarError(f"--lora-targets: unknown target {word!r}; choose from "
-                                 f"{', '.join(TARGET_GROUPS['all'])} or the groups {', '.join(TARGET_GROUPS)}")
-    if not chosen:
-        raise PakarError("--lora-targets: no target given")
-    return tuple(t for t in TARGET_GROUPS["all"] if t in chosen)
-
-
-@dataclass
-class LoraSpec:
-    rank: int
-    alpha: float
-    targets: tuple[str, ...] = ATTENTION_TARGETS
-    token_ids: tuple[int, ...] = ()  # vocabulary rows of embed_tokens and lm_head trained alongside
-
-    def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise PakarError(f"--lora-rank must be a positive integer, got {self.rank!r}")
-        if not 0 < self.alpha < math.inf:
-            raise PakarError(f"--lora-alpha must be a finite number > 0, got {self.alpha}")
-        self.targets = parse_targets(self.targets)
-        self.token_ids = tuple(sorted(set(int(i) for i in self.token_ids)))
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "targets": list(self.targets), "token_ids": list(self.token_ids)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LoraSpec:
-        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), targets=tuple(d["targets"]),
-                   token_ids=tuple(d.get("token_ids", ())))
-
 
 def _init_A(A: torch.Tensor) -> None:
     """nn.Linear's default weight rule, applied per (R, I) slice: uniform in +-1/sqrt(I)."""
@@ -328,17 +274,3 @@ def merge_adapter_file(adapter_path, base_path=None, out_path=None, log=print) -
     return out_path
 
 
-def main_merge(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Fold a LoRA adapter into its base model and write a "
-                                "self-contained checkpoint (for chat, eval, export and serve).")
-    p.add_argument("--adapter", required=True, help="adapter file written by `pakar finetune --lora-rank R` "
-                   "(checkpoints/lora_epoch{N}.pt)")
-    p.add_argument("--base", default=None, help="base checkpoint (default: the path recorded in the adapter; "
-                   "its sha256 must match)")
-    p.add_argument("--out", required=True, help="path of the merged model checkpoint (.pt)")
-    p.add_argument("--json", action="store_true", help="print a summary as one JSON object, last")
-    args = p.parse_args(argv)
-    out = merge_adapter_file(args.adapter, args.base, args.out)
-    if args.json:
-        print(json.dumps({"merged": str(out), "bytes": out.stat().st_size}))
-    return 0

@@ -34,7 +34,6 @@ mask (assistant content and its <|im_end|> only).
 
 from __future__ import annotations
 
-import argparse
 import json
 import string
 import sys
@@ -246,42 +245,3 @@ def answer_metrics(gen, retriever, rows: list[dict], mode: str, max_new: int, ba
     return out
 
 
-def main_eval(argv: list[str] | None = None, prog: str = "pakar eval-rag") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Retrieval recall and answer quality on reading-"
-                                "comprehension QA ({\"context\", \"question\", \"answer\"} JSONL).")
-    p.add_argument("--index", required=True, help="index folder built by `pakar index` over the contexts")
-    p.add_argument("--data", required=True, help='JSONL of {"context", "question", "answer"} ("" = unanswerable)')
-    p.add_argument("--checkpoint", help="also generate answers: exact match and token F1 with the gold passage, "
-                   "retrieved passages and none")
-    p.add_argument("--rag-k", type=int, default=3, help="retrieved passages per question in the prompt (default 3)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit in tokens (default 32)")
-    p.add_argument("--batch-size", type=int, default=16, help="questions generated together (default 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    a = p.parse_args(argv)
-    rows = read_qa(Path(a.data))[:a.limit]
-    retriever = Retriever(a.index, a.rag_k)
-    result: dict = {"questions": len(rows), "retrieval": retrieval_metrics(retriever.index, rows)}
-    if a.checkpoint:
-        from pakar.generate import TextGenerator
-        from pakar.train import resolve_device
-
-        gen = TextGenerator.from_checkpoint(a.checkpoint, device=resolve_device(a.device))
-        result["checkpoint"] = a.checkpoint
-        result["chat_model"] = gen.chat
-        for mode in ("gold", "retrieved", "none"):
-            result[f"answers_{mode}"] = answer_metrics(gen, retriever, rows, mode, a.max_new_tokens, a.batch_size)
-    if a.json:
-        print(json.dumps(result, ensure_ascii=False))
-        return 0
-    r = result["retrieval"]
-    print(f"{len(rows)} questions | retrieval: recall@1 {r['recall@1']}  recall@5 {r['recall@5']}  "
-          f"recall@20 {r['recall@20']}  MRR {r['mrr']}")
-    for mode in ("gold", "retrieved", "none"):
-        if f"answers_{mode}" in result:
-            m = result[f"answers_{mode}"]
-            print(f"answers with {mode:9s} passages: answerable EM {m['answerable']['exact_match']} "
-                  f"F1 {m['answerable']['f1']} (n={m['answerable']['n']}); unanswerable abstained "
-                  f"{m['unanswerable']['exact_match']}% (n={m['unanswerable']['n']})")
-    return 0

@@ -74,7 +74,6 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import hmac
@@ -99,12 +98,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pakar import PakarError
+from pakar.args import (API_KEY_ENV, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BATCH, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE,
+                        DEFAULT_MAX_REQUEST_BYTES)
 from pakar.rag import sources_payload
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-DEFAULT_MAX_BATCH = 16
-DEFAULT_MAX_QUEUE = 256
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string: each token scans the held-back tail against every stop string
@@ -113,13 +110,9 @@ MIN_TEMPERATURE = 0.01  # (0, 0.01) is raised to 0.01: below it float32 logits /
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 MAX_JSON_DEPTH = 32  # a chat request nests 5 deep; deeper bodies are hostile, not clients
 MAX_INT_DIGITS = 32  # longer integer literals are refused by the field that holds them, never parsed
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
-DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a connection gets to send a request's headers (and its body)
-DEFAULT_MAX_CONNECTIONS = 512
 KEEP_ALIVE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's default)
 MAX_HEADER_BYTES = 16 * 1024  # h11's bound on a request line plus headers; more is answered 400
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
-API_KEY_ENV = "PAKAR_API_KEY"
 WEB_DIR = Path(__file__).with_name("web")
 WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
              "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -971,7 +964,7 @@ def guarded_protocol(header_timeout: float, max_connections: int):
     return GuardedH11Protocol
 
 
-def _fd_room(max_connections: int) -> int:
+def fd_room(max_connections: int) -> int:
     """Raise the soft open-file limit (POSIX) so that max_connections sockets fit beside the model's
     files; returns the connections that fit."""
     try:
@@ -1004,27 +997,6 @@ def uvicorn_config(app, limits: Limits = Limits(), **kw):
 # command line
 
 
-def load_generator(checkpoint: str | None = None, model_dir: str | None = None, device: str = "auto",
-                   dtype: str = "auto", quantize: str | None = None):
-    """(TextGenerator, default model name) from a pakar checkpoint or a Hugging Face Qwen3-MoE folder."""
-    from pakar.chat import pick_dtype
-    from pakar.checkpoint import latest_epoch_checkpoint, safe_load
-    from pakar.generate import TextGenerator
-    from pakar.train import resolve_device
-
-    if checkpoint is not None and model_dir is not None:
-        raise PakarError("give only one of --checkpoint PATH or --model DIR")
-    if checkpoint is None and model_dir is None:  # like chat and eval: the newest epoch checkpoint here
-        checkpoint = latest_epoch_checkpoint(".")
-    device = resolve_device(device)
-    if checkpoint is not None:
-        ckpt, name = safe_load(checkpoint), Path(checkpoint).stem
-    else:
-        from pakar.hf import import_folder
-
-        ckpt, name = import_folder(model_dir), Path(model_dir).resolve().name
-    return TextGenerator.from_ckpt(ckpt, device, pick_dtype(dtype, device), quantize=quantize), name
-
 
 def read_api_key(api_key: str | None, api_key_file: str | None, env=os.environ) -> str | None:
     """The key from --api-key, else --api-key-file (its first line), else $PAKAR_API_KEY; None = no key.
@@ -1055,80 +1027,3 @@ def default_allowed_hosts(host: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(LOOPBACK_NAMES + extra))
 
 
-def main(argv: list[str], prog: str = "pakar serve") -> int:
-    from pakar.chat import add_quantize_arg
-
-    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible HTTP server (/v1/chat/completions, "
-                                "/v1/completions, /v1/models, /health) with a web chat page at /.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="pakar model checkpoint (.pt) (default, without --model: the newest "
-                     "checkpoints/model_epoch*.pt in the current folder)")
-    src.add_argument("--model", dest="model_dir", help="Hugging Face Qwen3-MoE folder (e.g. from pakar export)")
-    p.add_argument("--host", default=DEFAULT_HOST,
-                   help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 opens it "
-                        f"to the network: set an API key and --allowed-hosts then)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})")
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set, else no "
-                        f"key; prefer --api-key-file or the variable: a command line is visible to other users)")
-    p.add_argument("--api-key-file", default=None, help="read the API key from the first line of this file")
-    p.add_argument("--allowed-hosts", default=None,
-                   help="comma-separated names clients may use in the Host header, '*' for any (default: "
-                        "localhost,127.0.0.1,[::1] and the --host address); other names get 400, which stops "
-                        "DNS-rebinding pages")
-    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                   help=f"largest request body in bytes; larger ones get 413 (default: {DEFAULT_MAX_REQUEST_BYTES})")
-    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
-                   help=f"seconds a connection gets to send a request's headers, and then its body; slower "
-                        f"ones are closed (default: {DEFAULT_HEADER_TIMEOUT:g})")
-    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                   help=f"open connections at most; more are closed on arrival (default: {DEFAULT_MAX_CONNECTIONS})")
-    p.add_argument("--model-name", default=None,
-                   help="model id reported by /v1/models and expected in requests (default: the checkpoint's "
-                        "file name or the folder's name)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: auto, cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight and cache dtype (default: auto, bfloat16 on a GPU that supports it, else float32)")
-    add_quantize_arg(p)
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"completions generated together; more wait in a queue (default: {DEFAULT_MAX_BATCH})")
-    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                   help=f"waiting completions before new requests get 429 (default: {DEFAULT_MAX_QUEUE})")
-    from pakar.chat import add_rag_args, open_retriever
-
-    add_rag_args(p)
-    args = p.parse_args(argv)
-    if not 1 <= args.port <= 65535:
-        raise PakarError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.max_batch < 1 or args.max_queue < 1:
-        raise PakarError("--max-batch and --max-queue must be at least 1")
-    if args.max_request_bytes < 1024:
-        raise PakarError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
-    if not args.header_timeout > 0 or args.header_timeout == float("inf"):
-        raise PakarError(f"--header-timeout must be a number of seconds > 0, got {args.header_timeout}")
-    if args.max_connections < 1:
-        raise PakarError(f"--max-connections must be at least 1, got {args.max_connections}")
-    api_key = read_api_key(args.api_key, args.api_key_file)
-    hosts = (default_allowed_hosts(args.host) if args.allowed_hosts is None else
-             tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()))
-    if not hosts:
-        raise PakarError("--allowed-hosts is empty (use '*' to allow any Host header)")
-    max_connections = _fd_room(args.max_connections)
-    if max_connections < args.max_connections:
-        print(f"WARNING: the open-file limit leaves room for {max_connections} connections, not "
-              f"--max-connections {args.max_connections}", file=sys.stderr)
-    limits = Limits(args.max_request_bytes, args.header_timeout, max_connections, hosts)
-
-    import uvicorn
-
-    retriever = open_retriever(args)
-    gen, name = load_generator(args.checkpoint, args.model_dir, args.device, args.dtype, args.quantize)
-    name = args.model_name or name
-    app = create_app(gen, name, api_key, args.max_batch, args.max_queue, limits, retriever)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        print(f"WARNING: listening on {args.host} without an API key: anyone who can reach this machine can "
-              f"use the model", file=sys.stderr)
-    print(f"serving {name!r} ({'chat' if gen.chat else 'text'} model, context {gen.context_window} tokens) on "
-          f"http://{args.host}:{args.port}/  (OpenAI base URL: http://{args.host}:{args.port}/v1)", flush=True)
-    uvicorn.Server(uvicorn_config(app, limits, host=args.host, port=args.port, log_level="info")).run()
-    return 0
