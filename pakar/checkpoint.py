@@ -252,8 +252,6 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def check_weights(state: dict, config: ModelConfig, source) -> None:
     """PakarError naming the first weight that is missing, unexpected, not a tensor, of the wrong shape
     or not finite. LoRA factors in a fine-tuning state are checked for finiteness only."""
-    from pakar.lora import split_state
-
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise PakarError(f"{source}: weight {bad[0]!r} is not a tensor")
@@ -269,6 +267,28 @@ def check_weights(state: dict, config: ModelConfig, source) -> None:
         if tuple(base[k].shape) != shape:
             raise PakarError(f"{source}: weight {k} has shape {tuple(base[k].shape)}, its config implies {shape}")
     check_finite(state, source)
+
+
+def split_state(state: dict) -> tuple[dict, dict]:
+    """A LoRA model's state dict -> (the plain base state dict with the model's own key names,
+    {base key: {"lora_A": A, "lora_B": B} or, for token rows, {"rows": ids, "delta": (n, D)}})."""
+    base, adapters = {}, {}
+    for key, value in state.items():
+        if ".parametrizations." in key:  # <module>.parametrizations.<name>.original | .0.<factor>
+            module, rest = key.split(".parametrizations.", 1)
+            name, tail = rest.split(".", 1)
+            if tail == "original":
+                base[f"{module}.{name}"] = value
+            elif tail in ("0.lora_A", "0.lora_B", "0.rows", "0.delta"):
+                adapters.setdefault(f"{module}.{name}", {})[tail[2:]] = value
+            else:
+                raise PakarError(f"unexpected parametrized state key {key!r}")
+        elif key.endswith((".lora_A", ".lora_B")):
+            owner, which = key.rsplit(".", 1)
+            adapters.setdefault(f"{owner}.weight", {})[which] = value
+        else:
+            base[key] = value
+    return base, adapters
 
 
 def check_finite(tensors: dict, source) -> None:

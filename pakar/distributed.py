@@ -62,6 +62,7 @@ import torch
 import torch.distributed as dist
 
 from pakar import PakarError
+from pakar.runtime import autocast_dtype, resolve_device
 
 # ZeRO-2 by default: optimizer state and gradients sharded, parameters replicated, so forward and
 # backward run without parameter gathers. DeepSpeed's own defaults otherwise; note that with bf16 it
@@ -427,8 +428,6 @@ def setup(args) -> Context:
     device = _pick_device(args.device, local_rank, world_size)
     if use_ds:
         import_deepspeed(device)  # fail early, before any data work, if it is missing
-    from pakar.train import autocast_dtype
-
     backend = pick_backend(device)
     if not dist.is_initialized():
         kw = {"device_id": device} if backend == "nccl" else {}
@@ -460,8 +459,6 @@ def _pick_device(name: str, local_rank: int, world_size: int) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda:") and world_size == 1:
-        from pakar.train import resolve_device
-
         device = resolve_device(name)
         torch.cuda.set_device(device)
         return device

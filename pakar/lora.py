@@ -63,7 +63,7 @@ from torch.nn.utils import parametrize
 
 from pakar import PakarError
 from pakar.args import ATTENTION_TARGETS, EXPERT_TARGETS, TARGET_GROUPS, LoraSpec, parse_targets  # noqa: F401
-from pakar.checkpoint import check_finite, file_sha256, safe_load
+from pakar.checkpoint import check_finite, file_sha256, safe_load, split_state  # noqa: F401  (its users' home)
 
 ADAPTER_FORMAT = "pakar-lora-v1"
 
@@ -158,28 +158,6 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     if not adapted:
         raise PakarError(f"--lora-targets {' '.join(spec.targets)}: the model has no such tensors")
     return model
-
-
-def split_state(state: dict) -> tuple[dict, dict]:
-    """A LoRA model's state dict -> (the plain base state dict with the model's own key names,
-    {base key: {"lora_A": A, "lora_B": B} or, for token rows, {"rows": ids, "delta": (n, D)}})."""
-    base, adapters = {}, {}
-    for key, value in state.items():
-        if ".parametrizations." in key:  # <module>.parametrizations.<name>.original | .0.<factor>
-            module, rest = key.split(".parametrizations.", 1)
-            name, tail = rest.split(".", 1)
-            if tail == "original":
-                base[f"{module}.{name}"] = value
-            elif tail in ("0.lora_A", "0.lora_B", "0.rows", "0.delta"):
-                adapters.setdefault(f"{module}.{name}", {})[tail[2:]] = value
-            else:
-                raise PakarError(f"unexpected parametrized state key {key!r}")
-        elif key.endswith((".lora_A", ".lora_B")):
-            owner, which = key.rsplit(".", 1)
-            adapters.setdefault(f"{owner}.weight", {})[which] = value
-        else:
-            base[key] = value
-    return base, adapters
 
 
 def merge_state(base: dict, adapters: dict, scale: float) -> dict:

@@ -42,15 +42,9 @@ from pathlib import Path
 from typing import Callable
 
 from pakar import PakarError
+from pakar.prompts import INSTRUCTION, NO_ANSWER, rc_messages, render_rag_prompt  # noqa: F401  (their users' home)
 
-NO_ANSWER = "Maaf, jawabannya tidak ada di sumber."
-INSTRUCTION = f'Jawab pertanyaan berdasarkan sumber berikut. Jika jawabannya tidak ada di sumber, jawab: "{NO_ANSWER}"'
 TEXT_MODE_SUFFIX = "\nJawaban:"
-
-
-def render_rag_prompt(question: str, passages: list[str]) -> str:
-    sources = "".join(f"[{i}] {p.strip()}\n\n" for i, p in enumerate(passages, 1))
-    return f"{INSTRUCTION}\n\n{sources}Pertanyaan: {question.strip()}"
 
 
 def fit_rag_prompt(question: str, passages: list[str], budget: int, count: Callable[[str], int]) -> tuple[str, int]:
@@ -78,22 +72,6 @@ def fit_rag_prompt(question: str, passages: list[str], budget: int, count: Calla
             kept.append(" ".join(words[:lo]) + " …")
         break
     return render_rag_prompt(question, kept), len(kept)
-
-
-def rc_messages(record: dict) -> list[dict]:
-    """A reading-comprehension record as the conversation fine-tuning learns from (template above)."""
-    context, question, answer = record.get("context"), record.get("question"), record.get("answer")
-    if isinstance(context, str):
-        context = [context]
-    if not (isinstance(context, list) and context and all(isinstance(c, str) and c.strip() for c in context)):
-        raise PakarError("reading-comprehension record: 'context' must be a non-empty string or list of strings")
-    if not isinstance(question, str) or not question.strip():
-        raise PakarError("reading-comprehension record: 'question' must be a non-empty string")
-    if answer is not None and not isinstance(answer, str):
-        raise PakarError("reading-comprehension record: 'answer' must be a string (\"\" = not answerable)")
-    reply = answer.strip() if answer and answer.strip() else NO_ANSWER
-    return [{"role": "user", "content": render_rag_prompt(question, context)},
-            {"role": "assistant", "content": reply}]
 
 
 class Retriever:
