@@ -36,6 +36,7 @@ also works wherever a model checkpoint is expected.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import math
@@ -49,6 +50,9 @@ import torch
 
 from pakar import PakarError, __version__, what_is_there
 from pakar.config import ModelConfig
+from pakar.info import param_counts
+from pakar.model import Transformer
+from pakar.tokenizer import Tokenizer
 
 FORMAT = "pakar-model-v1"
 # what every model checkpoint (and so every state file) holds, with the type of each entry
@@ -190,8 +194,6 @@ def memory_bytes(device: torch.device | str = "cpu") -> int | None:
         return None
     try:
         if sys.platform == "win32":
-            import ctypes
-
             class MemoryStatus(ctypes.Structure):
                 _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
                             ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
@@ -210,8 +212,6 @@ def memory_bytes(device: torch.device | str = "cpu") -> int | None:
 def model_bytes(config: ModelConfig, bytes_per_param: int = 4) -> int:
     """Bytes a built model of `config` occupies: its parameters (counted from the config, nothing is
     allocated) and the float32 rotary tables."""
-    from pakar.info import param_counts
-
     rope = 2 * config.max_position_embeddings * config.head_dim * 4
     return param_counts(config)["total_params"] * bytes_per_param + rope
 
@@ -221,8 +221,6 @@ def check_fits(config: ModelConfig, device: torch.device | str = "cpu", bytes_pe
     """PakarError if a model of `config` cannot fit in `device`'s memory (checked before allocating)."""
     need, have = model_bytes(config, bytes_per_param), memory_bytes(device)
     if have is not None and need > have:
-        from pakar.info import param_counts
-
         raise PakarError(f"{source}: its config describes {param_counts(config)['total_params']:,} parameters "
                          f"({need / 2**30:,.1f} GiB), more than the {have / 2**30:,.1f} GiB of memory of "
                          f"{torch.device(device)}; refusing to build it")
@@ -243,8 +241,6 @@ def config_from_checkpoint(d: dict, source) -> ModelConfig:
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every persistent tensor of a Transformer(config) and its shape (built on the meta device: free)."""
-    from pakar.model import Transformer
-
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
 
@@ -303,8 +299,6 @@ def check_finite(tensors: dict, source) -> None:
 def check_model_checkpoint(ckpt: dict, source) -> ModelConfig:
     """Everything build_model relies on, checked without building anything (see the module docstring).
     Returns the checkpoint's ModelConfig."""
-    from pakar.tokenizer import Tokenizer
-
     for key, kind in REQUIRED_ENTRIES.items():
         if key not in ckpt:
             raise PakarError(f"{source}: not a complete pakar checkpoint: its {key!r} entry is missing")
@@ -367,9 +361,6 @@ def save_model(path: str | Path, model_state: dict, config: ModelConfig, tokeniz
 
 def build_model(ckpt: dict, device="cpu", dtype: torch.dtype | None = None):
     """A Transformer (eval mode) and a Tokenizer from a loaded checkpoint dict."""
-    from pakar.model import Transformer
-    from pakar.tokenizer import Tokenizer
-
     config = ModelConfig.from_dict(ckpt["config"])
     bytes_per_param = torch.finfo(dtype).bits // 8 if dtype is not None else 4
     check_fits(config, device, bytes_per_param, "checkpoint")  # a GPU may hold less than the RAM it came from

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pakar import PakarError
+from pakar import PakarError, __version__
 from pakar.args import check_number, check_out_folder  # noqa: F401  (their earlier home)
 from pakar.runtime import THREADS_HELP, configure_threads
 
@@ -74,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from pakar import __version__
-
         print(f"pakar {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except OSError as e:  # a full disk or a folder we may not write: one line naming the path, not a traceback
-        from pakar.checkpoint import DISK_ERRORS
+        from pakar.checkpoint import DISK_ERRORS  # lazy: it imports torch; the launcher stays light
 
         if e.errno not in DISK_ERRORS:
             raise

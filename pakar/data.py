@@ -364,7 +364,7 @@ class BatchLoader:
 
     def get(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: int64 (batch_size, seq_len), y = x shifted left by one token."""
-        import torch
+        import torch  # lazy: only batches need torch; `pakar prepare` stays torch-free
 
         if not 0 <= step < self.steps_per_epoch or epoch < 0:
             raise IndexError(f"step {step} of epoch {epoch} outside [0, {self.steps_per_epoch}) steps")
@@ -381,7 +381,7 @@ def iter_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_tok
     windows r, r+world_size, ...; the last batch may be smaller. max_tokens caps the targets (rounded
     up to whole windows). The tail after the last full window is not evaluated, except that a stream
     shorter than one window is evaluated as one shorter window."""
-    import torch
+    import torch  # lazy: only batches need torch; `pakar prepare` stays torch-free
 
     n_windows = max(len(tokens) - 1, 0) // seq_len
     if max_tokens is not None:

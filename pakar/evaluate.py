@@ -46,16 +46,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from pakar import PakarError
+from pakar.corpus import iter_documents
+from pakar.quant import quantize_int8
 
 LN2 = math.log(2.0)
 
 
 def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    import torch.distributed as dist
-
     initialised = dist.is_available() and dist.is_initialized()
     if rank is None:
         rank = dist.get_rank() if initialised else 0
@@ -143,8 +144,6 @@ class EvalSums:
         win_t = torch.tensor([self.windows], dtype=torch.int64, device=self.device)
         sums = self.t.clone()
         if distributed:
-            import torch.distributed as dist
-
             for t in (sums, counts_LE, win_t):
                 dist.all_reduce(t)
         nats, n_tok, nats_b, n_bytes = sums.tolist()
@@ -241,8 +240,6 @@ CHUNK_WINDOWS = 64  # windows per streamed chunk: memory is CHUNK_WINDOWS x seq_
 def iter_corpus_tokens(specs, tokenizer, stats=None, docs_per_batch: int = 256):
     """Token ids (int64 numpy) per batch of documents, in the token shards' layout: every document
     followed by <|endoftext|>. Chat records in a text corpus are skipped and counted, as in the shards."""
-    from pakar.corpus import iter_documents
-
     eot = tokenizer.eot_id
     pending: list[str] = []
 
@@ -309,7 +306,7 @@ def expert_table(res: dict) -> str:
 
 def plot_experts(res: dict, path: Path, title: str) -> None:
     try:
-        import matplotlib
+        import matplotlib  # lazy: the optional plot extra, only with --plot
 
         matplotlib.use("Agg")  # files only; never needs a display
         import matplotlib.pyplot as plt
@@ -340,8 +337,6 @@ def quantized(run, model, quantize: str, stats) -> dict:
     discarded, the text is read twice), then the int8 model, with the bits-per-byte change."""
     if quantize != "int8":
         return run(stats)
-    from pakar.quant import quantize_int8
-
     ref = run(type(stats)())
     quantize_int8(model)
     res = run(stats)

@@ -45,10 +45,14 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from pakar import PakarError, what_is_there
 from pakar.args import DEFAULT_MAX_SHARD, EXPORT_DTYPES
+from pakar.checkpoint import check_fits, check_model_checkpoint, check_weights, model_checkpoint
 from pakar.config import ModelConfig
+from pakar.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -201,8 +205,6 @@ def generation_config(tokenizer, chat: bool) -> dict:
 
 
 def tokenizer_config(tokenizer, chat: bool, max_len: int) -> dict:
-    from pakar.tokenizer import CHAT_TEMPLATE
-
     sp = special_tokens(tokenizer, chat)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -333,11 +335,6 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]
 def export_checkpoint(ckpt: dict, out_dir: str | Path, *, dtype: str = "float32", allow_bias_drop: bool = False,
                       max_shard_size: str = DEFAULT_MAX_SHARD, log=print) -> Path:
     """Write a loaded pakar model checkpoint dict as a Hugging Face Qwen3-MoE folder. Returns the folder."""
-    from safetensors.torch import save_file
-
-    from pakar.checkpoint import check_model_checkpoint
-    from pakar.tokenizer import Tokenizer
-
     if dtype not in DTYPES:
         raise PakarError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
@@ -406,9 +403,6 @@ def _read_json(path: Path) -> dict:
 
 def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder (single file or sharded via the index), on the CPU."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if (folder / INDEX_NAME).is_file():
         weight_map = _read_json(folder / INDEX_NAME).get("weight_map", {})
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f and "\\" not in f
@@ -435,9 +429,6 @@ def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def import_folder(folder: str | Path) -> dict:
     """A pakar model checkpoint dict (float32 weights) from a Hugging Face Qwen3-MoE folder."""
-    from pakar.checkpoint import check_fits, check_weights, model_checkpoint
-    from pakar.tokenizer import Tokenizer
-
     folder = Path(folder)
     if not folder.is_dir():
         raise PakarError(f"{folder} is not a folder (expected a Hugging Face model folder) {what_is_there(folder)}")

@@ -61,9 +61,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from pakar import PakarError
+from pakar import PakarError, __version__
 from pakar.args import ATTENTION_TARGETS, EXPERT_TARGETS, TARGET_GROUPS, LoraSpec, parse_targets  # noqa: F401
-from pakar.checkpoint import check_finite, file_sha256, safe_load, split_state  # noqa: F401  (its users' home)
+from pakar.checkpoint import (atomic_save, check_finite, file_sha256, model_checkpoint, safe_load,  # noqa: F401
+                              split_state)
+from pakar.config import ModelConfig
+from pakar.moe import Experts
 
 ADAPTER_FORMAT = "pakar-lora-v1"
 
@@ -129,8 +132,6 @@ class TokenRows(nn.Module):
 def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Freeze every parameter of `model` and add adapters on spec.targets (and the token rows of
     spec.token_ids), in place. Returns the model."""
-    from pakar.moe import Experts
-
     if any(isinstance(m, LoRALinear) or parametrize.is_parametrized(m) for m in model.modules()):
         raise PakarError("the model already has LoRA adapters")
     for p in model.parameters():
@@ -183,8 +184,6 @@ def merge_state(base: dict, adapters: dict, scale: float) -> dict:
 
 def adapter_checkpoint(adapters: dict, buffers: dict, spec: LoraSpec, base_path: str | os.PathLike,
                        base_sha256: str, config: dict, **meta) -> dict:
-    from pakar import __version__
-
     return {"format": ADAPTER_FORMAT, "lora": spec.to_dict(),
             "adapters": {k: {n: t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu()
                              for n, t in ab.items()} for k, ab in adapters.items()},
@@ -221,8 +220,6 @@ def load_adapter(path: str | os.PathLike) -> dict:
 
 def merge_adapter_file(adapter_path, base_path=None, out_path=None, log=print) -> Path:
     """Fold an adapter file into its base checkpoint and write a self-contained model checkpoint."""
-    from pakar.checkpoint import atomic_save, model_checkpoint
-
     adapter = load_adapter(adapter_path)
     base_path = Path(base_path if base_path is not None else adapter["base"]["path"])
     if not base_path.is_file():
@@ -240,8 +237,6 @@ def merge_adapter_file(adapter_path, base_path=None, out_path=None, log=print) -
         if key not in state or state[key].shape != value.shape:
             raise PakarError(f"adapter buffer {key!r} does not fit the base model")
         state[key] = value.to(state[key].dtype)
-    from pakar.config import ModelConfig
-
     meta = {**base.get("meta", {}), **adapter.get("meta", {}),
             "merged_lora": {"adapter": str(Path(adapter_path).resolve()), "base": str(base_path.resolve()),
                             "base_sha256": sha, **spec.to_dict()}}

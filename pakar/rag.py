@@ -43,6 +43,7 @@ from typing import Callable
 
 from pakar import PakarError
 from pakar.prompts import INSTRUCTION, NO_ANSWER, rc_messages, render_rag_prompt  # noqa: F401  (their users' home)
+from pakar.retrieval import Index, format_source
 
 TEXT_MODE_SUFFIX = "\nJawaban:"
 
@@ -50,7 +51,7 @@ TEXT_MODE_SUFFIX = "\nJawaban:"
 def fit_rag_prompt(question: str, passages: list[str], budget: int, count: Callable[[str], int]) -> tuple[str, int]:
     """The largest template (best passages first, the last one possibly cut) with count(text) <= budget.
     Returns (text, passages used). The question is whole, or ContextLengthError."""
-    from pakar.engine import ContextLengthError
+    from pakar.engine import ContextLengthError  # lazy: torch; retrieval alone (search, eval-rag) stays torch-free
 
     if count(render_rag_prompt(question, [])) > budget:
         raise ContextLengthError(f"the question alone is {count(render_rag_prompt(question, []))} prompt "
@@ -78,8 +79,6 @@ class Retriever:
     """An opened index and the number of passages to put in each prompt."""
 
     def __init__(self, index_dir, k: int = 3):
-        from pakar.retrieval import Index
-
         if k < 1:
             raise PakarError(f"--rag-k {k}: must be at least 1")
         self.index, self.k = Index(index_dir), k
@@ -109,8 +108,6 @@ def sources_payload(hits) -> list[dict]:
 
 
 def format_sources(hits) -> str:
-    from pakar.retrieval import format_source
-
     return "\n".join(f"  [{i}] {format_source(h)}" for i, h in enumerate(hits, 1))
 
 
@@ -186,6 +183,7 @@ def retrieval_metrics(index, rows: list[dict]) -> dict:
 
 def answer_metrics(gen, retriever, rows: list[dict], mode: str, max_new: int, batch_size: int) -> dict:
     """EM/F1 (answerable) and abstention accuracy (unanswerable) with `mode` passages: gold | retrieved | none."""
+    # lazy: torch; retrieval alone (search, eval-rag without --checkpoint) stays torch-free
     from pakar.engine import SamplingParams
     from pakar.generate import Request
 

@@ -65,7 +65,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 @lru_cache(maxsize=1)
 def _stemmer():
     try:
-        from Sastrawi.Stemmer.StemmerFactory import StemmerFactory
+        from Sastrawi.Stemmer.StemmerFactory import StemmerFactory  # lazy: loads a dictionary; only when stemming
     except ImportError:
         raise PakarError("stemming needs PySastrawi: pip install PySastrawi (or index with --no-stem)") from None
     return StemmerFactory().create_stemmer()
@@ -74,7 +74,7 @@ def _stemmer():
 @lru_cache(maxsize=1)
 def _stopwords() -> frozenset[str]:
     try:
-        from Sastrawi.StopWordRemover.StopWordRemoverFactory import StopWordRemoverFactory
+        from Sastrawi.StopWordRemover.StopWordRemoverFactory import StopWordRemoverFactory  # lazy: only with --stopwords
     except ImportError:
         raise PakarError("--stopwords needs PySastrawi: pip install PySastrawi") from None
     return frozenset(StopWordRemoverFactory().get_stop_words())
@@ -264,7 +264,7 @@ def build_index(specs, out_dir: str | os.PathLike, settings: IndexSettings | Non
 
 
 def _bm25_build(ids: np.ndarray, offsets: np.ndarray, vocab: dict[str, int], out: Path) -> None:
-    import bm25s
+    import bm25s  # lazy: only an index build or search needs it (chat and serve load this module unused)
 
     retriever = bm25s.BM25()  # Lucene variant, k1=1.5, b=0.75: bm25s's defaults
     retriever.scores = retriever.build_index_from_ids(list(range(len(vocab))), _FlatDocs(ids, offsets),
@@ -300,7 +300,7 @@ class Index:
     """An index opened for search. Score arrays are memory-mapped; passage texts are read on demand."""
 
     def __init__(self, path: str | os.PathLike):
-        import bm25s
+        import bm25s  # lazy: only an index build or search needs it (chat and serve load this module unused)
 
         self.path = Path(path)
         if not (self.path / "index.json").is_file():

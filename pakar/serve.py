@@ -91,13 +91,18 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h11
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pakar import PakarError
+from pakar.generate import ContextLengthError, SamplingParams, TextBatch
+from pakar.generate import Request as GenerationRequest  # fastapi's Request is the HTTP one
 from pakar.args import (API_KEY_ENV, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BATCH, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE,
                         DEFAULT_MAX_REQUEST_BYTES)
 from pakar.rag import sources_payload
@@ -312,8 +317,6 @@ class Parsed:
 
 def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Parsed:
     """Validate an OpenAI request body against the served model; raise APIError naming the culprit."""
-    from pakar.generate import ContextLengthError, Request, SamplingParams
-
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -365,7 +368,7 @@ def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Pars
             params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                     top_k=max(top_k, 0), repetition_penalty=repetition_penalty,
                                     seed=None if seed is None else (seed + i) % 2**63)
-            requests.append(Request(prompt, params, stop))
+            requests.append(GenerationRequest(prompt, params, stop))
         try:
             prompt_tokens += gen.check(requests[-1])
         except ContextLengthError as e:
@@ -456,8 +459,6 @@ class Worker:
         self.inbox.put(None)  # wake the worker if it is idle
 
     def _run(self) -> None:
-        from pakar.generate import TextBatch
-
         batch = TextBatch(self.gen)
         while True:
             idle = batch.active == 0 and not self.waiting
@@ -809,8 +810,6 @@ async def _watch_disconnect(request: Request, job: Job, worker: Worker) -> None:
 def _augment(body, gen, retriever) -> list | None:
     """Replace the last user message of a chat body by the RAG template; the hits used, or None when
     the body is not a valid chat request (parse_request then names the problem)."""
-    from pakar.generate import ContextLengthError
-
     try:
         msgs = _messages(body)
         max_tokens = _get_int(body, "max_tokens", _get_int(body, "max_completion_tokens", None, 1), 1)
@@ -920,9 +919,6 @@ def guarded_protocol(header_timeout: float, max_connections: int):
     connections beyond `max_connections` are closed as soon as they are accepted, so a flood of
     sockets cannot use up the process's file descriptors. (uvicorn's limit_concurrency does not
     bound sockets: it answers 503 to requests, and only once a request arrives.)"""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     class GuardedH11Protocol(H11Protocol):
         _header_timer = None
 
@@ -968,7 +964,7 @@ def fd_room(max_connections: int) -> int:
     """Raise the soft open-file limit (POSIX) so that max_connections sockets fit beside the model's
     files; returns the connections that fit."""
     try:
-        import resource
+        import resource  # lazy: POSIX only (Windows has no resource module)
     except ImportError:  # Windows: the proactor loop has no select() limit; nothing to raise
         return max_connections
     spare = 64  # the checkpoint, the listening socket, logs, torch's own files
@@ -986,8 +982,6 @@ def fd_room(max_connections: int) -> int:
 
 def uvicorn_config(app, limits: Limits = Limits(), **kw):
     """uvicorn.Config for `app` with pakar's connection guards (used by main() and the tests)."""
-    import uvicorn
-
     return uvicorn.Config(app, http=guarded_protocol(limits.header_timeout, limits.max_connections),
                           timeout_keep_alive=KEEP_ALIVE_TIMEOUT, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                           **kw)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pakar import PakarError
 from pakar.corpus import CorpusStats, detect_kind
+from pakar.runtime import autocast_dtype, resolve_device
 
 
 def main_eval(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -54,7 +55,6 @@ def main_eval(argv: list[str] | None = None, prog: str | None = None) -> int:
     from pakar.checkpoint import latest_epoch_checkpoint, load_model
     from pakar.evaluate import evaluate_corpus, expert_table, plot_experts, quantized
     from pakar.quant import check_int8
-    from pakar.runtime import autocast_dtype, resolve_device
 
     path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
     device = resolve_device(args.device)
@@ -136,7 +136,6 @@ def main_eval_rag(argv: list[str] | None = None, prog: str = "pakar eval-rag") -
     result: dict = {"questions": len(rows), "retrieval": retrieval_metrics(retriever.index, rows)}
     if a.checkpoint:
         from pakar.generate import TextGenerator  # lazy: torch, only with --checkpoint
-        from pakar.runtime import resolve_device
 
         gen = TextGenerator.from_checkpoint(a.checkpoint, device=resolve_device(a.device))
         result["checkpoint"] = a.checkpoint
