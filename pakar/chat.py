@@ -1,6 +1,7 @@
 """Talking to a checkpoint from the terminal: `pakar chat` (the seed's chat_interactive.py), a REPL that
 streams answers, and `pakar chat-batch` (the seed's test_chat_batch.py), a batched run over a prompt
-list that writes a report.
+list that writes a report. Their parsers are in pakar.commands.chat; this module is the library they
+call: load_generator (the one loader of chat, chat-batch and serve), ChatSession, repl, run_batch.
 
 Design choices:
 
@@ -112,11 +113,11 @@ def default_model_name(path: Path) -> str:
     return path.resolve().name if path.is_dir() else path.stem
 
 
-def describe(gen: TextGenerator, path: Path) -> str:
-    n = sum(p.numel() for p in gen.engine.model.parameters())
-    cfg = gen.engine.config
+def describe(textgen: TextGenerator, path: Path) -> str:
+    n = sum(p.numel() for p in textgen.engine.model.parameters())
+    cfg = textgen.engine.config
     return (f"{path} | {n / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
-            f"(top-{cfg.num_experts_per_tok}) | context {gen.context_window} tokens | {gen.engine.device}")
+            f"(top-{cfg.num_experts_per_tok}) | context {textgen.context_window} tokens | {textgen.engine.device}")
 
 
 # --- the REPL -------------------------------------------------------------------------------------
@@ -124,9 +125,9 @@ def describe(gen: TextGenerator, path: Path) -> str:
 class ChatSession:
     """The REPL's state and logic, separate from the terminal so that tests can drive it directly."""
 
-    def __init__(self, gen: TextGenerator, params: SamplingParams, system: str | None = None, out=None,
+    def __init__(self, textgen: TextGenerator, params: SamplingParams, system: str | None = None, out=None,
                  retriever=None):
-        self.gen, self.params, self.system = gen, params, system
+        self.textgen, self.params, self.system = textgen, params, system
         self.history: list[dict] = []
         self.out = out or sys.stdout
         self.retriever = retriever  # pakar.rag.Retriever: answer from retrieved sources
@@ -150,7 +151,7 @@ class ChatSession:
             self.history.clear()
             self.write("(conversation cleared)\n")
         elif name == "system":
-            if not self.gen.chat:  # one line: nothing is set, nothing is cleared
+            if not self.textgen.chat:  # one line: nothing is set, nothing is cleared
                 self.write("(text mode has no system prompt: this model continues text. A chat model comes "
                            "from `pakar finetune` on chat data; --mode chat forces the chat template)\n")
                 return True
@@ -174,13 +175,13 @@ class ChatSession:
         """The prompt for the next answer: the fitted conversation (chat) or the text itself."""
         if self.retriever is not None:
             return self.rag_prompt_for(text)
-        if not self.gen.chat:
+        if not self.textgen.chat:
             return text
         self.history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-        reserve = min(self.params.max_new_tokens, self.gen.context_window // 2)
+        reserve = min(self.params.max_new_tokens, self.textgen.context_window // 2)
         try:
-            kept = self.gen.fit_messages(messages, reserve)
+            kept = self.textgen.fit_messages(messages, reserve)
         except ContextLengthError:
             self.history.pop()
             raise
@@ -194,17 +195,17 @@ class ChatSession:
 
     def rag_prompt_for(self, text: str):
         """The RAG template for `text` (sources in self.sources) after the recent plain history."""
-        reserve = min(self.params.max_new_tokens, self.gen.context_window // 2)
+        reserve = min(self.params.max_new_tokens, self.textgen.context_window // 2)
         history: list[dict] = []
-        if self.gen.chat and self.history:
+        if self.textgen.chat and self.history:
             try:  # recent turns while they fit in a quarter of the window; the rest is for passages
-                history = self.gen.fit_messages(self.history + [{"role": "user", "content": text}],
-                                                self.gen.context_window * 3 // 4)[:-1]
+                history = self.textgen.fit_messages(self.history + [{"role": "user", "content": text}],
+                                                self.textgen.context_window * 3 // 4)[:-1]
             except ContextLengthError:
                 history = []
-        prompt, self.sources = self.retriever.prompt(self.gen, text, history, reserve,
-                                                     self.system if self.gen.chat else None)
-        if self.gen.chat:
+        prompt, self.sources = self.retriever.prompt(self.textgen, text, history, reserve,
+                                                     self.system if self.textgen.chat else None)
+        if self.textgen.chat:
             self.history = history + [{"role": "user", "content": text}]
         return prompt
 
@@ -213,7 +214,7 @@ class ChatSession:
         self.sources = []
         try:
             prompt = self.prompt_for(text)
-            batch = self.gen.start([Request(prompt, self.params)])
+            batch = self.textgen.start([Request(prompt, self.params)])
         except PakarError as e:
             self.write(f"({e})\n")
             return ""
@@ -236,7 +237,7 @@ class ChatSession:
         if self.sources:
             self.write(f"sources:\n{format_sources(self.sources)}\n")
         answer = "".join(pieces)
-        if self.gen.chat and answer.strip():
+        if self.textgen.chat and answer.strip():
             self.history.append({"role": "assistant", "content": answer})
         return answer
 
@@ -315,18 +316,18 @@ def _md_cell(s: str) -> str:
     return s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
 
 
-def run_batch(gen: TextGenerator, items: list[tuple[str, object]], make_params, batch_size: int,
+def run_batch(textgen: TextGenerator, items: list[tuple[str, object]], make_params, batch_size: int,
               on_done=None) -> tuple[list[dict], float]:
     """Answer every prompt with at most `batch_size` rows at a time; a finished row's slot goes to the
     next prompt right away. Returns (rows in prompt order, wall seconds)."""
     requests = [Request(p, make_params(i)) for i, (_, p) in enumerate(items)]
     for i, r in enumerate(requests):  # refuse bad prompts before any work, naming the prompt
         try:
-            gen.check(r)
+            textgen.check(r)
         except PakarError as e:
             raise PakarError(f"prompt {i + 1} ({_shown(r.prompt)[:40]!r}...): {e}") from None
     t0 = time.perf_counter()
-    batch = gen.start([])
+    batch = textgen.start([])
     order: dict[int, int] = {}  # batch index -> prompt index
     nxt = 0
     results: dict[int, dict] = {}
@@ -352,15 +353,15 @@ def run_batch(gen: TextGenerator, items: list[tuple[str, object]], make_params, 
     return [results[i] for i in range(len(items))], time.perf_counter() - t0
 
 
-def rag_items(gen: TextGenerator, retriever, items: list[tuple[str, object]], max_new: int):
+def rag_items(textgen: TextGenerator, retriever, items: list[tuple[str, object]], max_new: int):
     """(items with each last message in the RAG template, the hits of each) for chat-batch --index."""
     out, hits_per_item = [], []
-    reserve = min(max_new, gen.context_window // 2)
+    reserve = min(max_new, textgen.context_window // 2)
     for topic, prompt in items:
         question = _shown(prompt)
         history = prompt[:-1] if isinstance(prompt, list) else []
         system = history[0]["content"] if history and history[0]["role"] == "system" else None
-        rag_prompt, hits = retriever.prompt(gen, question, history[1:] if system else history, reserve, system)
+        rag_prompt, hits = retriever.prompt(textgen, question, history[1:] if system else history, reserve, system)
         out.append((topic, rag_prompt))
         hits_per_item.append(hits)
     return out, hits_per_item

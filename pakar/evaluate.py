@@ -28,7 +28,7 @@ validation. Design choices:
 - Expert utilisation: tokens routed to each expert in each layer, summed over every evaluated
   input position (the model reports them per forward in `expert_counts`).
 
-`pakar eval` (main) reads any corpus. Text is tokenized as a stream in the token shards' layout (each
+`pakar eval` (pakar.commands.evaluate) reads any corpus. Text is tokenized as a stream in the token shards' layout (each
 document followed by <|endoftext|>) and evaluated chunk by chunk (`evaluate_corpus`), giving exactly
 what evaluate_tokens gives on the whole stream while memory stays one chunk and `--max-tokens` stops
 the reading early. Chat JSONL (first record {"messages": ...}) goes to pakar.finetune.evaluate_chat:

@@ -4,12 +4,12 @@
     pakar finetune --checkpoint base.pt --data chat.jsonl [--lora-rank 8 --lora-targets attention experts]
 
 API:
-    FinetuneArgs(TrainArgs)                       the training flags plus LoRA and the chat split
+    FinetuneArgs(TrainArgs)                       the training flags plus LoRA and the chat split (pakar.args)
     finetune(args, base=None) -> summary dict     run it (pakar.train.train does the work)
-    load_chat(specs, tokenizer, max_len, val_fraction) -> (train, val, ChatStats)
-    ChatData                                      the loop's data object for conversations
-    evaluate_conversations(model, convs, ...) / evaluate_chat(model, tokenizer, specs, ...)
     train_chat(train_args) -> summary             `train.py --init-from X --data chat.jsonl`
+    preset_name(base) -> str                      the preset a checkpoint was trained from
+The chat data (load_chat, ChatData, collate, evaluate_conversations, evaluate_chat) lives in
+pakar.chat_data, which `pakar eval` shares; the command line is pakar.commands.train.
 
 Design choices:
 

@@ -6,7 +6,7 @@ API:
     render_rag_prompt(question, passages) -> str         the user message (template below)
     fit_rag_prompt(question, passages, budget, count) -> (str, n_passages_used)
     rc_messages(record) -> list[dict]         {"context","question","answer"} -> a chat conversation
-    Retriever(index_dir, k).prompt(gen, question, history, reserve) -> (messages or text, hits)
+    Retriever(index_dir, k).prompt(textgen, question, history, reserve) -> (messages or text, hits)
     answer_scores(prediction, gold) -> (em, f1); main_eval (`pakar eval-rag`)
 
 The template (one user message; numbered sources, then the question last):
@@ -83,21 +83,21 @@ class Retriever:
             raise PakarError(f"--rag-k {k}: must be at least 1")
         self.index, self.k = Index(index_dir), k
 
-    def prompt(self, gen, question: str, history: list[dict] | None = None, reserve: int = 128,
+    def prompt(self, textgen, question: str, history: list[dict] | None = None, reserve: int = 128,
                system: str | None = None):
-        """(prompt for gen, hits actually in it). Chat models get messages (system, history, the
+        """(prompt for textgen, hits actually in it). Chat models get messages (system, history, the
         templated question); text models get the template text."""
         hits = self.index.search(question, self.k)
-        budget = gen.context_window - max(1, reserve)
+        budget = textgen.context_window - max(1, reserve)
         head = ([{"role": "system", "content": system}] if system else []) + list(history or [])
-        if gen.chat:
+        if textgen.chat:
             def count(text: str) -> int:
-                return len(gen.encode(head + [{"role": "user", "content": text}]))
+                return len(textgen.encode(head + [{"role": "user", "content": text}]))
         else:
             def count(text: str) -> int:
-                return len(gen.encode(text + TEXT_MODE_SUFFIX))
+                return len(textgen.encode(text + TEXT_MODE_SUFFIX))
         text, used = fit_rag_prompt(question, [h.text for h in hits], budget, count)
-        prompt = head + [{"role": "user", "content": text}] if gen.chat else text + TEXT_MODE_SUFFIX
+        prompt = head + [{"role": "user", "content": text}] if textgen.chat else text + TEXT_MODE_SUFFIX
         return prompt, hits[:used]
 
 
@@ -181,7 +181,7 @@ def retrieval_metrics(index, rows: list[dict]) -> dict:
     return {f"recall@{k}": round(100 * v / n, 2) for k, v in found.items()} | {"mrr": round(mrr / n, 4)}
 
 
-def answer_metrics(gen, retriever, rows: list[dict], mode: str, max_new: int, batch_size: int) -> dict:
+def answer_metrics(textgen, retriever, rows: list[dict], mode: str, max_new: int, batch_size: int) -> dict:
     """EM/F1 (answerable) and abstention accuracy (unanswerable) with `mode` passages: gold | retrieved | none."""
     # lazy: torch; retrieval alone (search, eval-rag without --checkpoint) stays torch-free
     from pakar.engine import SamplingParams
@@ -190,19 +190,19 @@ def answer_metrics(gen, retriever, rows: list[dict], mode: str, max_new: int, ba
     prompts = []
     for r in rows:
         if mode == "retrieved":
-            prompt, _ = retriever.prompt(gen, r["question"], reserve=max_new)
+            prompt, _ = retriever.prompt(textgen, r["question"], reserve=max_new)
         else:
             context = [] if mode == "none" else [r["context"]] if isinstance(r["context"], str) else r["context"]
-            budget = gen.context_window - max_new
-            count = (lambda t: len(gen.encode([{"role": "user", "content": t}]))) if gen.chat else \
-                (lambda t: len(gen.encode(t + TEXT_MODE_SUFFIX)))
+            budget = textgen.context_window - max_new
+            count = (lambda t: len(textgen.encode([{"role": "user", "content": t}]))) if textgen.chat else \
+                (lambda t: len(textgen.encode(t + TEXT_MODE_SUFFIX)))
             text, _ = fit_rag_prompt(r["question"], context, budget, count)
-            prompt = [{"role": "user", "content": text}] if gen.chat else text + TEXT_MODE_SUFFIX
+            prompt = [{"role": "user", "content": text}] if textgen.chat else text + TEXT_MODE_SUFFIX
         prompts.append(prompt)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new)
     answers: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        answers += [c.text for c in gen.generate([Request(p, params) for p in prompts[i:i + batch_size]])]
+        answers += [c.text for c in textgen.generate([Request(p, params) for p in prompts[i:i + batch_size]])]
     sums = {"answerable": [0, 0.0, 0.0], "unanswerable": [0, 0.0, 0.0]}
     for r, a in zip(rows, answers):
         a = a.strip().split("\n")[0]

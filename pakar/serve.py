@@ -315,7 +315,7 @@ class Parsed:
     sources: list | None = None  # --index: the numbered passages in the prompt (the "sources" field)
 
 
-def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Parsed:
+def parse_request(body, kind: str, textgen, model_name: str, max_batch: int) -> Parsed:
     """Validate an OpenAI request body against the served model; raise APIError naming the culprit."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -326,7 +326,7 @@ def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Pars
         raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
                        "model", "model_not_found")
     _refuse_unsupported(body)
-    W = gen.context_window
+    W = textgen.context_window
     if kind == "chat":
         prompts: list = [_messages(body)]
         max_tokens = _get_int(body, "max_completion_tokens", None, 1)
@@ -363,14 +363,14 @@ def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Pars
 
     requests, prompt_tokens = [], 0
     for prompt in prompts:
-        _refuse_surely_too_long(prompt, gen, param)
+        _refuse_surely_too_long(prompt, textgen, param)
         for i in range(n):
             params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                     top_k=max(top_k, 0), repetition_penalty=repetition_penalty,
                                     seed=None if seed is None else (seed + i) % 2**63)
             requests.append(GenerationRequest(prompt, params, stop))
         try:
-            prompt_tokens += gen.check(requests[-1])
+            prompt_tokens += textgen.check(requests[-1])
         except ContextLengthError as e:
             raise APIError(400, str(e), param, "context_length_exceeded") from None
         except PakarError as e:
@@ -388,13 +388,13 @@ def _max_token_bytes(tokenizer) -> int:
     return cached
 
 
-def _refuse_surely_too_long(prompt, gen, param: str) -> None:
+def _refuse_surely_too_long(prompt, textgen, param: str) -> None:
     """A context_length_exceeded answer without tokenizing, for prompts that cannot fit whatever
     their tokens: megabytes of text would otherwise cost seconds of tokenizer time for nothing."""
     texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    per_token = _max_token_bytes(gen.tokenizer)
-    W = gen.context_window
+    per_token = _max_token_bytes(textgen.tokenizer)
+    W = textgen.context_window
     if nbytes // per_token >= W:
         raise APIError(400, f"the prompt is {nbytes} bytes, so at least {nbytes // per_token} tokens (no token "
                             f"covers more than {per_token} bytes), but the model's context window is {W} tokens",
@@ -426,8 +426,8 @@ class Worker:
     """Owns the TextGenerator. Admits queued jobs into one running TextBatch between decode steps;
     sends ("delta", choice, text, finish_reason, completion|None) and ("error", APIError) to jobs."""
 
-    def __init__(self, gen, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE):
-        self.gen, self.max_batch, self.max_queue = gen, max_batch, max_queue
+    def __init__(self, textgen, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE):
+        self.textgen, self.max_batch, self.max_queue = textgen, max_batch, max_queue
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque[Job] = deque()
         self.owner: dict[int, tuple[Job, int]] = {}  # batch index -> (job, choice)
@@ -459,7 +459,7 @@ class Worker:
         self.inbox.put(None)  # wake the worker if it is idle
 
     def _run(self) -> None:
-        batch = TextBatch(self.gen)
+        batch = TextBatch(self.textgen)
         while True:
             idle = batch.active == 0 and not self.waiting
             try:
@@ -491,7 +491,7 @@ class Worker:
                     job.send(("error", err))
                 self.running.clear()
                 self.owner.clear()
-                batch = TextBatch(self.gen)
+                batch = TextBatch(self.textgen)
 
     def _admit(self, batch) -> None:
         """Move waiting jobs into the batch, first come first served, while rows are free."""
@@ -684,12 +684,12 @@ async def read_body(request: Request, limits: Limits) -> bytes:
                        "request_timeout") from None
 
 
-def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+def create_app(textgen, model_name: str, api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
                max_queue: int = DEFAULT_MAX_QUEUE, limits: Limits = Limits(), retriever=None):
-    """The FastAPI app serving `gen` (a pakar.generate.TextGenerator) as `model_name`. Serve it with
+    """The FastAPI app serving `textgen` (a pakar.generate.TextGenerator) as `model_name`. Serve it with
     uvicorn_config(app, limits) so that the connection limits apply too. With a pakar.rag.Retriever,
     chat requests are answered from retrieved sources."""
-    worker = Worker(gen, max_batch, max_queue)
+    worker = Worker(textgen, max_batch, max_queue)
     # JSON parsing and tokenization run here, off the event loop: a huge prompt must not stall other
     # clients or /health. Two threads: more would only compete with the worker for the GIL.
     parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pakar-serve-parse")
@@ -764,13 +764,13 @@ def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int 
         check_key(request)
         # "chat": whether the model was chat fine-tuned (its checkpoint's meta); the web page says when not
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "pakar", "max_model_len": gen.context_window,
-                                            "chat": gen.chat}]}
+                                            "owned_by": "pakar", "max_model_len": textgen.context_window,
+                                            "chat": textgen.chat}]}
 
     def parse(raw: bytes, kind: str) -> Parsed:
         body = parse_json(raw)
-        hits = _augment(body, gen, retriever) if retriever is not None and kind == "chat" else None
-        parsed = parse_request(body, kind, gen, model_name, max_batch)
+        hits = _augment(body, textgen, retriever) if retriever is not None and kind == "chat" else None
+        parsed = parse_request(body, kind, textgen, model_name, max_batch)
         if hits is not None:
             parsed.sources = sources_payload(hits)
         return parsed
@@ -807,7 +807,7 @@ async def _watch_disconnect(request: Request, job: Job, worker: Worker) -> None:
     job.events.put_nowait(("gone",))
 
 
-def _augment(body, gen, retriever) -> list | None:
+def _augment(body, textgen, retriever) -> list | None:
     """Replace the last user message of a chat body by the RAG template; the hits used, or None when
     the body is not a valid chat request (parse_request then names the problem)."""
     try:
@@ -817,14 +817,14 @@ def _augment(body, gen, retriever) -> list | None:
         return None
     if msgs[-1]["role"] != "user":
         return None
-    W = gen.context_window
+    W = textgen.context_window
     reserve = min(max_tokens or W, W // 4)
     system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
     try:
-        prompt, hits = retriever.prompt(gen, msgs[-1]["content"], msgs[1 if system else 0:-1], reserve, system)
+        prompt, hits = retriever.prompt(textgen, msgs[-1]["content"], msgs[1 if system else 0:-1], reserve, system)
     except ContextLengthError as e:
         raise APIError(400, str(e), "messages", "context_length_exceeded") from None
-    body["messages"] = prompt if gen.chat else msgs[:-1] + [{"role": "user", "content": prompt}]
+    body["messages"] = prompt if textgen.chat else msgs[:-1] + [{"role": "user", "content": prompt}]
     return hits
 
 
@@ -981,7 +981,7 @@ def fd_room(max_connections: int) -> int:
 
 
 def uvicorn_config(app, limits: Limits = Limits(), **kw):
-    """uvicorn.Config for `app` with pakar's connection guards (used by main() and the tests)."""
+    """uvicorn.Config for `app` with pakar's connection guards (used by pakar.commands.serve and the tests)."""
     return uvicorn.Config(app, http=guarded_protocol(limits.header_timeout, limits.max_connections),
                           timeout_keep_alive=KEEP_ALIVE_TIMEOUT, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                           **kw)

@@ -12,7 +12,10 @@ step -> log. Choices:
   The MoE auxiliary losses are averaged over micro-batches; expert loads for bias balancing are summed.
 - AdamW (fused where the device supports it), linear warmup then cosine or warmup-stable-decay (WSD)
   to `--min-lr-ratio` of the peak; weight decay only on matrices (not norms, embeddings, router bias).
-- Precision: bf16 autocast on CUDA, float32 on CPU unless `--dtype bfloat16`.
+- Precision: bf16 autocast on a CUDA GPU that supports it, float32 elsewhere unless `--dtype bfloat16`
+  (pakar.runtime.autocast_dtype: the one rule evaluation and generation follow too).
+- Arguments: TrainArgs (pakar.args); the command line is pakar.commands.train, which also sends chat
+  JSONL data with --init-from to pakar.finetune.train_chat (the seed's form of chat fine-tuning).
 - Only rank 0 writes logs and checkpoints; the distributed wrapping lives in pakar.distributed.
 
 Never losing work (the choices of issue 17):

@@ -29,7 +29,7 @@ def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from pakar.chat import ChatSession, describe, load_generator, repl
 
-    gen, path = load_generator(args.checkpoint, device=args.device, dtype=args.dtype, mode=args.mode,
+    textgen, path = load_generator(args.checkpoint, device=args.device, dtype=args.dtype, mode=args.mode,
                                quantize=args.quantize)
     if args.seed is not None:
         torch.manual_seed(args.seed)  # unseeded rows draw their generator seeds from torch's RNG
@@ -38,8 +38,8 @@ def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
         import readline  # noqa: F401  (line editing and history where available; absent on Windows)
     except ImportError:
         pass
-    print(f"pakar chat | {describe(gen, path)}")
-    if gen.chat:
+    print(f"pakar chat | {describe(textgen, path)}")
+    if textgen.chat:
         print("chat mode: the model was fine-tuned on conversations; it sees the history that fits its "
               "context window.")
     else:
@@ -49,7 +49,7 @@ def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
     if retriever:
         print(f"retrieval: {len(retriever.index):,} passages in {args.index}; {args.rag_k} per question, "
               "sources listed under each answer")
-    repl(ChatSession(gen, params, args.system, retriever=retriever))
+    repl(ChatSession(textgen, params, args.system, retriever=retriever))
     return 0
 
 
@@ -78,19 +78,19 @@ def main_batch(argv: list[str] | None = None, prog: str | None = None) -> int:
                             read_prompts, run_batch, write_reports)
     from pakar.rag import format_sources, sources_payload
 
-    gen, path = load_generator(args.checkpoint, device=args.device, dtype=args.dtype, mode=args.mode,
+    textgen, path = load_generator(args.checkpoint, device=args.device, dtype=args.dtype, mode=args.mode,
                                quantize=args.quantize)
     if args.prompts:
         items = read_prompts(Path(args.prompts))
     else:
-        items = [(topic, question if gen.chat else opening) for topic, question, opening in DEFAULT_PROMPTS]
-    items = [(t, _as_request_prompt(pr, gen.chat, args.system)) for t, pr in items]
+        items = [(topic, question if textgen.chat else opening) for topic, question, opening in DEFAULT_PROMPTS]
+    items = [(t, _as_request_prompt(pr, textgen.chat, args.system)) for t, pr in items]
     sources: list[list] = []
     questions = [_shown(pr) for _, pr in items]
     if retriever:  # each prompt's last message becomes the RAG template with its own sources
-        items, sources = rag_items(gen, retriever, items, args.max_new_tokens)
-    print(f"pakar chat-batch | {describe(gen, path)}")
-    print(f"{len(items)} prompts, {'chat' if gen.chat else 'text'} mode, batch size {args.batch_size}\n")
+        items, sources = rag_items(textgen, retriever, items, args.max_new_tokens)
+    print(f"pakar chat-batch | {describe(textgen, path)}")
+    print(f"{len(items)} prompts, {'chat' if textgen.chat else 'text'} mode, batch size {args.batch_size}\n")
 
     def show(row: dict) -> None:
         if sources:
@@ -101,13 +101,13 @@ def main_batch(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"{head}\n  -> {row['answer'].strip() or '(empty answer)'}{cites}\n  ({row['completion_tokens']} "
               f"tokens, {row['tokens_per_s']:.1f} tokens/s, {row['finish_reason']})\n", flush=True)
 
-    rows, wall = run_batch(gen, items, lambda i: sampling_from_args(args, seed=args.seed + i), args.batch_size,
+    rows, wall = run_batch(textgen, items, lambda i: sampling_from_args(args, seed=args.seed + i), args.batch_size,
                            on_done=show)
     total = sum(r["completion_tokens"] for r in rows)
     reasons: dict[str, int] = {}
     for r in rows:
         reasons[r["finish_reason"]] = reasons.get(r["finish_reason"], 0) + 1
-    summary = {"checkpoint": str(path), "mode": "chat" if gen.chat else "text", "prompts": len(rows),
+    summary = {"checkpoint": str(path), "mode": "chat" if textgen.chat else "text", "prompts": len(rows),
                "batch_size": args.batch_size, "completion_tokens": total, "seconds": round(wall, 3),
                "tokens_per_s": round(total / max(wall, 1e-9), 2),
                "mean_time_to_first_token_s": round(sum(r["time_to_first_token_s"] for r in rows) / len(rows), 4),

@@ -137,11 +137,11 @@ def main_eval_rag(argv: list[str] | None = None, prog: str = "pakar eval-rag") -
     if a.checkpoint:
         from pakar.generate import TextGenerator  # lazy: torch, only with --checkpoint
 
-        gen = TextGenerator.from_checkpoint(a.checkpoint, device=resolve_device(a.device))
+        textgen = TextGenerator.from_checkpoint(a.checkpoint, device=resolve_device(a.device))
         result["checkpoint"] = a.checkpoint
-        result["chat_model"] = gen.chat
+        result["chat_model"] = textgen.chat
         for mode in ("gold", "retrieved", "none"):
-            result[f"answers_{mode}"] = answer_metrics(gen, retriever, rows, mode, a.max_new_tokens, a.batch_size)
+            result[f"answers_{mode}"] = answer_metrics(textgen, retriever, rows, mode, a.max_new_tokens, a.batch_size)
     if a.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0

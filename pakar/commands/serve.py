@@ -83,13 +83,13 @@ def main_serve(argv: list[str], prog: str = "pakar serve") -> int:
     from pakar.chat import default_model_name, load_generator  # lazy: torch
 
     retriever = open_retriever(args)
-    gen, path = load_generator(args.checkpoint, args.model_dir, args.device, args.dtype, quantize=args.quantize)
+    textgen, path = load_generator(args.checkpoint, args.model_dir, args.device, args.dtype, quantize=args.quantize)
     name = args.model_name or default_model_name(path)
-    app = create_app(gen, name, api_key, args.max_batch, args.max_queue, limits, retriever)
+    app = create_app(textgen, name, api_key, args.max_batch, args.max_queue, limits, retriever)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"WARNING: listening on {args.host} without an API key: anyone who can reach this machine can "
               f"use the model", file=sys.stderr)
-    print(f"serving {name!r} ({'chat' if gen.chat else 'text'} model, context {gen.context_window} tokens) on "
+    print(f"serving {name!r} ({'chat' if textgen.chat else 'text'} model, context {textgen.context_window} tokens) on "
           f"http://{args.host}:{args.port}/  (OpenAI base URL: http://{args.host}:{args.port}/v1)", flush=True)
     uvicorn.Server(uvicorn_config(app, limits, host=args.host, port=args.port, log_level="info")).run()
     return 0
