@@ -200,7 +200,7 @@ class ChatSession:
         if self.textgen.chat and self.history:
             try:  # recent turns while they fit in a quarter of the window; the rest is for passages
                 history = self.textgen.fit_messages(self.history + [{"role": "user", "content": text}],
-                                                self.textgen.context_window * 3 // 4)[:-1]
+                                                    self.textgen.context_window * 3 // 4)[:-1]
             except ContextLengthError:
                 history = []
         prompt, self.sources = self.retriever.prompt(self.textgen, text, history, reserve,

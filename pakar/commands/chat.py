@@ -30,7 +30,7 @@ def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
     from pakar.chat import ChatSession, describe, load_generator, repl
 
     textgen, path = load_generator(args.checkpoint, device=args.device, dtype=args.dtype, mode=args.mode,
-                               quantize=args.quantize)
+                                   quantize=args.quantize)
     if args.seed is not None:
         torch.manual_seed(args.seed)  # unseeded rows draw their generator seeds from torch's RNG
     params = sampling_from_args(args)
@@ -79,7 +79,7 @@ def main_batch(argv: list[str] | None = None, prog: str | None = None) -> int:
     from pakar.rag import format_sources, sources_payload
 
     textgen, path = load_generator(args.checkpoint, device=args.device, dtype=args.dtype, mode=args.mode,
-                               quantize=args.quantize)
+                                   quantize=args.quantize)
     if args.prompts:
         items = read_prompts(Path(args.prompts))
     else:
