@@ -6,7 +6,7 @@ pakar's choice (pakar.runtime), in the same run.
 Each measurement is a fresh `tiny` training process (threads and the OpenMP wait policy are fixed when
 torch loads, so they cannot change inside one process) on the embedded sample corpus, tokenized once
 beforehand into a template folder that every run copies. Variants:
-- before: the old start-up, `pakar.train.main` called directly, so neither OMP_NUM_THREADS nor
+- before: the old start-up, `pakar.commands.train.main` called directly, so neither OMP_NUM_THREADS nor
   OMP_WAIT_POLICY is set: torch's default of one thread per core, libgomp's default spin-waiting.
 - after:  `python -m pakar train`: pakar's choice of threads and wait policy (printed).
 - 1 thread: `python -m pakar train --threads 1`, the reference the tests use.
@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OLD_START = "import sys; from pakar.train import main; sys.exit(main(sys.argv[1:]))"  # no pakar.runtime
+OLD_START = "import sys; from pakar.commands.train import main; sys.exit(main(sys.argv[1:]))"  # no pakar.runtime
 THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE")
 
 

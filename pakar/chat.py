@@ -1,6 +1,7 @@
 """Talking to a checkpoint from the terminal: `pakar chat` (the seed's chat_interactive.py), a REPL that
 streams answers, and `pakar chat-batch` (the seed's test_chat_batch.py), a batched run over a prompt
-list that writes a report.
+list that writes a report. Their parsers are in pakar.commands.chat; this module is the library they
+call: load_generator (the one loader of chat, chat-batch and serve), ChatSession, repl, run_batch.
 
 Design choices:
 
@@ -27,18 +28,21 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from pakar import PakarError, what_is_there
+from pakar.checkpoint import latest_epoch_checkpoint, safe_load
 from pakar.engine import SamplingParams
 from pakar.generate import ContextLengthError, Request, TextGenerator
+from pakar.hf import import_folder
+from pakar.rag import format_sources
+from pakar.runtime import inference_dtype, resolve_device
+from pakar.tokenizer import validate_messages
 
 # The seed's topics: teknologi, pengetahuan umum, topik ringan, jurnal. Each entry has a question for
 # chat models and an opening for models that only continue text.
@@ -81,90 +85,39 @@ HELP = """commands:
 Ctrl-C stops an answer while it is being written."""
 
 
-# --- shared command-line plumbing -------------------------------------------------------------------
+# --- loading a model ----------------------------------------------------------------------------------
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="model checkpoint (default: the newest checkpoints/model_epoch*.pt "
-                   "in the current folder)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and cache dtype (default auto: bfloat16 on a GPU that supports it, else float32)")
-    add_quantize_arg(p)
-    p.add_argument("--mode", default="auto", choices=["auto", "chat", "text"],
-                   help="chat: ChatML template; text: continue text; auto: chat when the checkpoint was "
-                   "chat fine-tuned (default auto)")
-
-
-def add_quantize_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="int8: 8-bit weights with per-channel scales for attention, experts and output head "
-                        "(CPU only, float32 between products; faster decoding, see pakar eval --quantize) "
-                        "(default: none)")
-
-
-def add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_new: int) -> None:
-    p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"sampling temperature, 0 = greedy (default {temperature})")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = off (default 50)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1], 1 = off (default 0.95)")
-    p.add_argument("--repetition-penalty", type=float, default=1.1,
-                   help="> 1 discourages repeating tokens, 1 = off (default 1.1)")
-    p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"tokens per answer at most (default {max_new})")
-    p.add_argument("--system", default=None, help="system prompt for chat mode (default: none)")
+def load_generator(checkpoint: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
+                   device: str = "auto", dtype: str = "auto", mode: str = "auto",
+                   quantize: str | None = None) -> tuple[TextGenerator, Path]:
+    """(TextGenerator, the file or folder it came from) for chat, chat-batch and serve: a pakar checkpoint,
+    or a Hugging Face Qwen3-MoE folder (model_dir); neither = the newest epoch checkpoint in the current
+    folder. device/dtype are flag values (pakar.runtime: dtype auto = bf16 on a GPU that supports it);
+    mode auto = chat when the checkpoint was chat fine-tuned; quantize "int8" = 8-bit weights (CPU)."""
+    if checkpoint is not None and model_dir is not None:
+        raise PakarError("give only one of --checkpoint PATH or --model DIR")
+    if checkpoint is None and model_dir is None:  # like chat and eval: the newest epoch checkpoint here
+        checkpoint = latest_epoch_checkpoint(".")
+    torch_device = resolve_device(device)
+    if checkpoint is not None:
+        path, ckpt = Path(checkpoint), safe_load(checkpoint)
+    else:
+        path, ckpt = Path(model_dir), import_folder(model_dir)
+    chat = None if mode == "auto" else mode == "chat"
+    return TextGenerator.from_ckpt(ckpt, torch_device, inference_dtype(dtype, torch_device), chat,
+                                   quantize=quantize), path
 
 
-def add_rag_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--index", default=None, help="answer from this `pakar index` folder: each question is "
-                   "searched and asked with numbered sources (default: no retrieval)")
-    p.add_argument("--rag-k", type=int, default=3, help="passages retrieved per question with --index (default 3)")
+def default_model_name(path: Path) -> str:
+    """The model id a server reports for `path`: a checkpoint's file stem, a folder's own name."""
+    return path.resolve().name if path.is_dir() else path.stem
 
 
-def open_retriever(args):
-    from pakar.rag import Retriever
-
-    return Retriever(args.index, args.rag_k) if args.index else None
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Weights and cache dtype for inference: auto = bfloat16 on a GPU that supports it, else float32."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
-
-
-def load_generator(args) -> tuple[TextGenerator, Path]:
-    from pakar.checkpoint import latest_epoch_checkpoint, safe_load
-    from pakar.train import resolve_device
-
-    path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
-    device = resolve_device(args.device)
-    chat = None if args.mode == "auto" else args.mode == "chat"
-    return TextGenerator.from_ckpt(safe_load(path), device, pick_dtype(args.dtype, device), chat,
-                                   quantize=args.quantize), path
-
-
-def check_sampling_flags(args) -> None:
-    """One line naming the flag for out-of-range sampling flags (argparse lets nan and inf through)."""
-    from pakar.cli import check_number
-
-    check_number("--temperature", args.temperature, 0)
-    check_number("--top-k", args.top_k, 0)
-    check_number("--top-p", args.top_p, 0, 1, low_open=True)
-    check_number("--repetition-penalty", args.repetition_penalty, 0, low_open=True)
-    check_number("--max-new-tokens", args.max_new_tokens, 1)
-    check_number("--seed", args.seed, 0, 2**63 - 2**20)  # a generator seed; chat-batch adds the prompt index
-
-
-def sampling_from_args(args, seed: int | None = None) -> SamplingParams:
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed)
-
-
-def describe(gen: TextGenerator, path: Path) -> str:
-    n = sum(p.numel() for p in gen.engine.model.parameters())
-    cfg = gen.engine.config
+def describe(textgen: TextGenerator, path: Path) -> str:
+    n = sum(p.numel() for p in textgen.engine.model.parameters())
+    cfg = textgen.engine.config
     return (f"{path} | {n / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
-            f"(top-{cfg.num_experts_per_tok}) | context {gen.context_window} tokens | {gen.engine.device}")
+            f"(top-{cfg.num_experts_per_tok}) | context {textgen.context_window} tokens | {textgen.engine.device}")
 
 
 # --- the REPL -------------------------------------------------------------------------------------
@@ -172,9 +125,9 @@ def describe(gen: TextGenerator, path: Path) -> str:
 class ChatSession:
     """The REPL's state and logic, separate from the terminal so that tests can drive it directly."""
 
-    def __init__(self, gen: TextGenerator, params: SamplingParams, system: str | None = None, out=None,
+    def __init__(self, textgen: TextGenerator, params: SamplingParams, system: str | None = None, out=None,
                  retriever=None):
-        self.gen, self.params, self.system = gen, params, system
+        self.textgen, self.params, self.system = textgen, params, system
         self.history: list[dict] = []
         self.out = out or sys.stdout
         self.retriever = retriever  # pakar.rag.Retriever: answer from retrieved sources
@@ -198,7 +151,7 @@ class ChatSession:
             self.history.clear()
             self.write("(conversation cleared)\n")
         elif name == "system":
-            if not self.gen.chat:  # one line: nothing is set, nothing is cleared
+            if not self.textgen.chat:  # one line: nothing is set, nothing is cleared
                 self.write("(text mode has no system prompt: this model continues text. A chat model comes "
                            "from `pakar finetune` on chat data; --mode chat forces the chat template)\n")
                 return True
@@ -222,13 +175,13 @@ class ChatSession:
         """The prompt for the next answer: the fitted conversation (chat) or the text itself."""
         if self.retriever is not None:
             return self.rag_prompt_for(text)
-        if not self.gen.chat:
+        if not self.textgen.chat:
             return text
         self.history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-        reserve = min(self.params.max_new_tokens, self.gen.context_window // 2)
+        reserve = min(self.params.max_new_tokens, self.textgen.context_window // 2)
         try:
-            kept = self.gen.fit_messages(messages, reserve)
+            kept = self.textgen.fit_messages(messages, reserve)
         except ContextLengthError:
             self.history.pop()
             raise
@@ -242,17 +195,17 @@ class ChatSession:
 
     def rag_prompt_for(self, text: str):
         """The RAG template for `text` (sources in self.sources) after the recent plain history."""
-        reserve = min(self.params.max_new_tokens, self.gen.context_window // 2)
+        reserve = min(self.params.max_new_tokens, self.textgen.context_window // 2)
         history: list[dict] = []
-        if self.gen.chat and self.history:
+        if self.textgen.chat and self.history:
             try:  # recent turns while they fit in a quarter of the window; the rest is for passages
-                history = self.gen.fit_messages(self.history + [{"role": "user", "content": text}],
-                                                self.gen.context_window * 3 // 4)[:-1]
+                history = self.textgen.fit_messages(self.history + [{"role": "user", "content": text}],
+                                                    self.textgen.context_window * 3 // 4)[:-1]
             except ContextLengthError:
                 history = []
-        prompt, self.sources = self.retriever.prompt(self.gen, text, history, reserve,
-                                                     self.system if self.gen.chat else None)
-        if self.gen.chat:
+        prompt, self.sources = self.retriever.prompt(self.textgen, text, history, reserve,
+                                                     self.system if self.textgen.chat else None)
+        if self.textgen.chat:
             self.history = history + [{"role": "user", "content": text}]
         return prompt
 
@@ -261,7 +214,7 @@ class ChatSession:
         self.sources = []
         try:
             prompt = self.prompt_for(text)
-            batch = self.gen.start([Request(prompt, self.params)])
+            batch = self.textgen.start([Request(prompt, self.params)])
         except PakarError as e:
             self.write(f"({e})\n")
             return ""
@@ -282,11 +235,9 @@ class ChatSession:
         note = {"length": ", length limit", "interrupted": ", stopped"}.get(reason, "")
         self.write(f"\n[{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s{note}]\n")
         if self.sources:
-            from pakar.rag import format_sources
-
             self.write(f"sources:\n{format_sources(self.sources)}\n")
         answer = "".join(pieces)
-        if self.gen.chat and answer.strip():
+        if self.textgen.chat and answer.strip():
             self.history.append({"role": "assistant", "content": answer})
         return answer
 
@@ -311,38 +262,6 @@ def repl(session: ChatSession, read=input) -> None:
         session.answer(line)
 
 
-def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Chat with a checkpoint in the terminal; answers "
-                                "stream as they are generated.")
-    add_model_args(p)
-    add_sampling_args(p, temperature=0.8, max_new=256)
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible answers (default: random)")
-    add_rag_args(p)
-    args = p.parse_args(argv)
-    check_sampling_flags(args)
-    retriever = open_retriever(args)
-    gen, path = load_generator(args)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)  # unseeded rows draw their generator seeds from torch's RNG
-    params = sampling_from_args(args)
-    try:
-        import readline  # noqa: F401  (line editing and history where available; absent on Windows)
-    except ImportError:
-        pass
-    print(f"pakar chat | {describe(gen, path)}")
-    if gen.chat:
-        print("chat mode: the model was fine-tuned on conversations; it sees the history that fits its "
-              "context window.")
-    else:
-        print("text mode: this checkpoint was pretrained on plain text (no chat fine-tuning), so it "
-              "continues what you type; each line is continued on its own, with no conversation history.")
-    print("Type a message; /help lists commands, /quit leaves. Ctrl-C stops an answer.")
-    if retriever:
-        print(f"retrieval: {len(retriever.index):,} passages in {args.index}; {args.rag_k} per question, "
-              "sources listed under each answer")
-    repl(ChatSession(gen, params, args.system, retriever=retriever))
-    return 0
-
 
 # --- chat-batch ---------------------------------------------------------------------------------
 
@@ -366,8 +285,6 @@ def read_prompts(path: Path) -> list[tuple[str, object]]:
         if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
             out.append((str(obj.get("topic", "")), obj["prompt"]))
         elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-            from pakar.tokenizer import validate_messages
-
             try:
                 validate_messages(obj["messages"])
             except PakarError as e:
@@ -399,18 +316,18 @@ def _md_cell(s: str) -> str:
     return s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
 
 
-def run_batch(gen: TextGenerator, items: list[tuple[str, object]], make_params, batch_size: int,
+def run_batch(textgen: TextGenerator, items: list[tuple[str, object]], make_params, batch_size: int,
               on_done=None) -> tuple[list[dict], float]:
     """Answer every prompt with at most `batch_size` rows at a time; a finished row's slot goes to the
     next prompt right away. Returns (rows in prompt order, wall seconds)."""
     requests = [Request(p, make_params(i)) for i, (_, p) in enumerate(items)]
     for i, r in enumerate(requests):  # refuse bad prompts before any work, naming the prompt
         try:
-            gen.check(r)
+            textgen.check(r)
         except PakarError as e:
             raise PakarError(f"prompt {i + 1} ({_shown(r.prompt)[:40]!r}...): {e}") from None
     t0 = time.perf_counter()
-    batch = gen.start([])
+    batch = textgen.start([])
     order: dict[int, int] = {}  # batch index -> prompt index
     nxt = 0
     results: dict[int, dict] = {}
@@ -436,15 +353,15 @@ def run_batch(gen: TextGenerator, items: list[tuple[str, object]], make_params, 
     return [results[i] for i in range(len(items))], time.perf_counter() - t0
 
 
-def rag_items(gen: TextGenerator, retriever, items: list[tuple[str, object]], max_new: int):
+def rag_items(textgen: TextGenerator, retriever, items: list[tuple[str, object]], max_new: int):
     """(items with each last message in the RAG template, the hits of each) for chat-batch --index."""
     out, hits_per_item = [], []
-    reserve = min(max_new, gen.context_window // 2)
+    reserve = min(max_new, textgen.context_window // 2)
     for topic, prompt in items:
         question = _shown(prompt)
         history = prompt[:-1] if isinstance(prompt, list) else []
         system = history[0]["content"] if history and history[0]["role"] == "system" else None
-        rag_prompt, hits = retriever.prompt(gen, question, history[1:] if system else history, reserve, system)
+        rag_prompt, hits = retriever.prompt(textgen, question, history[1:] if system else history, reserve, system)
         out.append((topic, rag_prompt))
         hits_per_item.append(hits)
     return out, hits_per_item
@@ -471,72 +388,3 @@ def write_reports(rows: list[dict], summary: dict, out_dir: Path, stem: str) -> 
     return jsonl, md
 
 
-def main_batch(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Answer a list of prompts in batches and write a "
-                                "report (JSONL and a Markdown table).")
-    add_model_args(p)
-    add_sampling_args(p, temperature=0.7, max_new=128)
-    p.add_argument("--prompts", help="text file (one prompt per line) or JSONL ({\"prompt\": ...} or "
-                   "{\"messages\": [...]}, optional \"topic\") (default: a built-in Indonesian set covering "
-                   "teknologi, pengetahuan umum, topik ringan and jurnal)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together at most (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)")
-    p.add_argument("--out", default="reports", help="folder for the reports (default: reports)")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object, last")
-    add_rag_args(p)
-    args = p.parse_args(argv)
-    from pakar.cli import check_out_folder
-
-    if args.batch_size < 1:
-        raise PakarError(f"--batch-size must be >= 1, got {args.batch_size}")
-    check_sampling_flags(args)
-    check_out_folder("--out", args.out)
-    sampling_from_args(args)  # validate the flags before loading the model
-    retriever = open_retriever(args)
-    gen, path = load_generator(args)
-    if args.prompts:
-        items = read_prompts(Path(args.prompts))
-    else:
-        items = [(topic, question if gen.chat else opening) for topic, question, opening in DEFAULT_PROMPTS]
-    items = [(t, _as_request_prompt(pr, gen.chat, args.system)) for t, pr in items]
-    sources: list[list] = []
-    questions = [_shown(pr) for _, pr in items]
-    if retriever:  # each prompt's last message becomes the RAG template with its own sources
-        items, sources = rag_items(gen, retriever, items, args.max_new_tokens)
-    print(f"pakar chat-batch | {describe(gen, path)}")
-    print(f"{len(items)} prompts, {'chat' if gen.chat else 'text'} mode, batch size {args.batch_size}\n")
-
-    def show(row: dict) -> None:
-        if sources:
-            from pakar.rag import format_sources, sources_payload
-
-            row["prompt"] = questions[row["index"] - 1]
-            row["sources"] = sources_payload(sources[row["index"] - 1])
-        head = f"[{row['index']}] {row['topic'] + ': ' if row['topic'] else ''}{row['prompt']}"
-        cites = f"\n  sources:\n{format_sources(sources[row['index'] - 1])}" if sources else ""
-        print(f"{head}\n  -> {row['answer'].strip() or '(empty answer)'}{cites}\n  ({row['completion_tokens']} "
-              f"tokens, {row['tokens_per_s']:.1f} tokens/s, {row['finish_reason']})\n", flush=True)
-
-    rows, wall = run_batch(gen, items, lambda i: sampling_from_args(args, seed=args.seed + i), args.batch_size,
-                           on_done=show)
-    total = sum(r["completion_tokens"] for r in rows)
-    reasons: dict[str, int] = {}
-    for r in rows:
-        reasons[r["finish_reason"]] = reasons.get(r["finish_reason"], 0) + 1
-    summary = {"checkpoint": str(path), "mode": "chat" if gen.chat else "text", "prompts": len(rows),
-               "batch_size": args.batch_size, "completion_tokens": total, "seconds": round(wall, 3),
-               "tokens_per_s": round(total / max(wall, 1e-9), 2),
-               "mean_time_to_first_token_s": round(sum(r["time_to_first_token_s"] for r in rows) / len(rows), 4),
-               "finish_reasons": reasons,
-               "sampling": (f"temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}, "
-                            f"repetition penalty {args.repetition_penalty}, max {args.max_new_tokens} new tokens, "
-                            f"seed {args.seed}")}
-    jsonl, md = write_reports(rows, summary, Path(args.out), path.stem)
-    summary |= {"report_jsonl": str(jsonl), "report_md": str(md)}
-    print(f"summary: {len(rows)} prompts, {total} tokens in {wall:.1f} s = {summary['tokens_per_s']:.1f} tokens/s "
-          f"aggregate; mean time to first token {summary['mean_time_to_first_token_s']:.3f} s; "
-          f"finish reasons {', '.join(f'{k} {v}' for k, v in reasons.items())}")
-    print(f"reports: {jsonl}, {md}")
-    if args.json:
-        print(json.dumps(summary, ensure_ascii=False))
-    return 0

@@ -36,7 +36,9 @@ also works wherever a model checkpoint is expected.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import hashlib
 import math
 import os
 import pickle
@@ -48,6 +50,9 @@ import torch
 
 from pakar import PakarError, __version__, what_is_there
 from pakar.config import ModelConfig
+from pakar.info import param_counts
+from pakar.model import Transformer
+from pakar.tokenizer import Tokenizer
 
 FORMAT = "pakar-model-v1"
 # what every model checkpoint (and so every state file) holds, with the type of each entry
@@ -142,6 +147,16 @@ def first_nonfinite(obj, where: str = "") -> str | None:
     return None
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's sha256 (hex), read in 1 MiB blocks: a base checkpoint's identity in LoRA adapters and
+    fine-tuning metadata, and an index's source manifest."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def safe_load(path: str | Path, map_location="cpu", fmt: str = FORMAT, what: str = "checkpoint") -> dict:
     """torch.load with weights_only=True and one-line errors for missing, truncated or foreign files.
     `fmt` is the expected "format" field (a model checkpoint by default; pakar.lora's adapters too)."""
@@ -179,8 +194,6 @@ def memory_bytes(device: torch.device | str = "cpu") -> int | None:
         return None
     try:
         if sys.platform == "win32":
-            import ctypes
-
             class MemoryStatus(ctypes.Structure):
                 _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
                             ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
@@ -199,8 +212,6 @@ def memory_bytes(device: torch.device | str = "cpu") -> int | None:
 def model_bytes(config: ModelConfig, bytes_per_param: int = 4) -> int:
     """Bytes a built model of `config` occupies: its parameters (counted from the config, nothing is
     allocated) and the float32 rotary tables."""
-    from pakar.info import param_counts
-
     rope = 2 * config.max_position_embeddings * config.head_dim * 4
     return param_counts(config)["total_params"] * bytes_per_param + rope
 
@@ -210,8 +221,6 @@ def check_fits(config: ModelConfig, device: torch.device | str = "cpu", bytes_pe
     """PakarError if a model of `config` cannot fit in `device`'s memory (checked before allocating)."""
     need, have = model_bytes(config, bytes_per_param), memory_bytes(device)
     if have is not None and need > have:
-        from pakar.info import param_counts
-
         raise PakarError(f"{source}: its config describes {param_counts(config)['total_params']:,} parameters "
                          f"({need / 2**30:,.1f} GiB), more than the {have / 2**30:,.1f} GiB of memory of "
                          f"{torch.device(device)}; refusing to build it")
@@ -232,8 +241,6 @@ def config_from_checkpoint(d: dict, source) -> ModelConfig:
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every persistent tensor of a Transformer(config) and its shape (built on the meta device: free)."""
-    from pakar.model import Transformer
-
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
 
@@ -241,8 +248,6 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def check_weights(state: dict, config: ModelConfig, source) -> None:
     """PakarError naming the first weight that is missing, unexpected, not a tensor, of the wrong shape
     or not finite. LoRA factors in a fine-tuning state are checked for finiteness only."""
-    from pakar.lora import split_state
-
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise PakarError(f"{source}: weight {bad[0]!r} is not a tensor")
@@ -260,6 +265,28 @@ def check_weights(state: dict, config: ModelConfig, source) -> None:
     check_finite(state, source)
 
 
+def split_state(state: dict) -> tuple[dict, dict]:
+    """A LoRA model's state dict -> (the plain base state dict with the model's own key names,
+    {base key: {"lora_A": A, "lora_B": B} or, for token rows, {"rows": ids, "delta": (n, D)}})."""
+    base, adapters = {}, {}
+    for key, value in state.items():
+        if ".parametrizations." in key:  # <module>.parametrizations.<name>.original | .0.<factor>
+            module, rest = key.split(".parametrizations.", 1)
+            name, tail = rest.split(".", 1)
+            if tail == "original":
+                base[f"{module}.{name}"] = value
+            elif tail in ("0.lora_A", "0.lora_B", "0.rows", "0.delta"):
+                adapters.setdefault(f"{module}.{name}", {})[tail[2:]] = value
+            else:
+                raise PakarError(f"unexpected parametrized state key {key!r}")
+        elif key.endswith((".lora_A", ".lora_B")):
+            owner, which = key.rsplit(".", 1)
+            adapters.setdefault(f"{owner}.weight", {})[which] = value
+        else:
+            base[key] = value
+    return base, adapters
+
+
 def check_finite(tensors: dict, source) -> None:
     """PakarError naming the first floating-point tensor with a NaN or an infinity."""
     for k, t in tensors.items():
@@ -272,8 +299,6 @@ def check_finite(tensors: dict, source) -> None:
 def check_model_checkpoint(ckpt: dict, source) -> ModelConfig:
     """Everything build_model relies on, checked without building anything (see the module docstring).
     Returns the checkpoint's ModelConfig."""
-    from pakar.tokenizer import Tokenizer
-
     for key, kind in REQUIRED_ENTRIES.items():
         if key not in ckpt:
             raise PakarError(f"{source}: not a complete pakar checkpoint: its {key!r} entry is missing")
@@ -336,9 +361,6 @@ def save_model(path: str | Path, model_state: dict, config: ModelConfig, tokeniz
 
 def build_model(ckpt: dict, device="cpu", dtype: torch.dtype | None = None):
     """A Transformer (eval mode) and a Tokenizer from a loaded checkpoint dict."""
-    from pakar.model import Transformer
-    from pakar.tokenizer import Tokenizer
-
     config = ModelConfig.from_dict(ckpt["config"])
     bytes_per_param = torch.finfo(dtype).bits // 8 if dtype is not None else 4
     check_fits(config, device, bytes_per_param, "checkpoint")  # a GPU may hold less than the RAM it came from

@@ -1,8 +1,13 @@
-"""The one `pakar` command. Each subcommand is a small `main(argv)` in the module that owns the work.
+"""The one `pakar` command. Each subcommand is a small `main(argv, prog)` in pakar.commands (the thin
+command layer: one module per pipeline stage), which builds its parser from pakar.args, parses and
+checks the flags, and only then imports the library module that does the work.
 
-Modules are imported only when their subcommand runs, so `pakar --help` stays instant and a
-missing optional dependency (DeepSpeed, PEFT) only matters to the command that needs it. That also
-lets the global `--threads N` and the OpenMP wait policy (pakar.runtime) be set before torch loads.
+Command modules are imported only when their subcommand runs, and none imports torch (or numpy,
+tokenizers, fastapi) before its flags are parsed, so `pakar --help`, `pakar <command> --help` and a
+usage error answer at once (tests/test_layout.py checks that torch stays out; benchmarks/
+bench_startup.py times it), and a missing optional dependency (DeepSpeed, gguf) only matters to the
+command that needs it. That also lets the global `--threads N` and the OpenMP wait policy
+(pakar.runtime) be set before torch loads.
 
 Console output never fails on a character: model text can hold anything (U+FFFD included), and a
 Windows console or a redirected/piped stream in cp1252 would raise UnicodeEncodeError on it. main()
@@ -13,62 +18,31 @@ it): the encoding stays what the terminal expects, and what it cannot show becom
 from __future__ import annotations
 
 import importlib
-import math
 import sys
-from pathlib import Path
 
-from pakar import PakarError
+from pakar import PakarError, __version__
+from pakar.args import check_number, check_out_folder  # noqa: F401  (their earlier home)
 from pakar.runtime import THREADS_HELP, configure_threads
 
 # subcommand -> (module, function, one-line help), in pipeline order
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "tokenizer": ("pakar.tokenizer", "main", "train a byte-level BPE tokenizer on a corpus"),
-    "prepare": ("pakar.data", "main", "tokenize a corpus into cached token shards"),
-    "info": ("pakar.info", "main", "parameters, FLOPs and training memory of a config"),
-    "train": ("pakar.train", "main", "train a model (the seed's train.py)"),
-    "finetune": ("pakar.finetune", "main", "continue training or chat-SFT a checkpoint, optionally with LoRA"),
-    "lora-merge": ("pakar.lora", "main_merge", "fold a LoRA adapter into a full checkpoint"),
-    "eval": ("pakar.evaluate", "main", "loss, perplexity, bits per byte and expert use on a corpus"),
-    "chat": ("pakar.chat", "main_chat", "interactive chat in the terminal (the seed's chat_interactive.py)"),
-    "chat-batch": ("pakar.chat", "main_batch", "answer a list of prompts and write a report (test_chat_batch.py)"),
-    "export": ("pakar.hf", "main_export", "write a Hugging Face Qwen3-MoE model folder"),
-    "import": ("pakar.hf", "main_import", "read a Hugging Face Qwen3-MoE folder into a pakar checkpoint"),
-    "serve": ("pakar.serve", "main", "OpenAI-compatible HTTP server with a web chat page"),
-    "index": ("pakar.retrieval", "main_index", "build a passage search index over your documents (for --index)"),
-    "search": ("pakar.retrieval", "main_search", "search an index: top passages with score and source"),
-    "eval-rag": ("pakar.rag", "main_eval", "retrieval recall/MRR and answer EM/F1 on reading-comprehension QA"),
+    "tokenizer": ("pakar.commands.data", "main_tokenizer", "train a byte-level BPE tokenizer on a corpus"),
+    "prepare": ("pakar.commands.data", "main_prepare", "tokenize a corpus into cached token shards"),
+    "info": ("pakar.commands.info", "main", "parameters, FLOPs and training memory of a config"),
+    "train": ("pakar.commands.train", "main", "train a model (the seed's train.py)"),
+    "finetune": ("pakar.commands.train", "main_finetune", "continue training or chat-SFT a checkpoint, optionally with LoRA"),
+    "lora-merge": ("pakar.commands.train", "main_merge", "fold a LoRA adapter into a full checkpoint"),
+    "eval": ("pakar.commands.evaluate", "main_eval", "loss, perplexity, bits per byte and expert use on a corpus"),
+    "chat": ("pakar.commands.chat", "main_chat", "interactive chat in the terminal (the seed's chat_interactive.py)"),
+    "chat-batch": ("pakar.commands.chat", "main_batch", "answer a list of prompts and write a report (test_chat_batch.py)"),
+    "export": ("pakar.commands.hf", "main_export", "write a Hugging Face Qwen3-MoE model folder"),
+    "import": ("pakar.commands.hf", "main_import", "read a Hugging Face Qwen3-MoE folder into a pakar checkpoint"),
+    "serve": ("pakar.commands.serve", "main_serve", "OpenAI-compatible HTTP server with a web chat page"),
+    "index": ("pakar.commands.retrieval", "main_index", "build a passage search index over your documents (for --index)"),
+    "search": ("pakar.commands.retrieval", "main_search", "search an index: top passages with score and source"),
+    "eval-rag": ("pakar.commands.evaluate", "main_eval_rag", "retrieval recall/MRR and answer EM/F1 on reading-comprehension QA"),
 }
 
-
-def check_number(flag: str, value, low: float | None = None, high: float | None = None, *,
-                 low_open: bool = False, high_open: bool = False) -> None:
-    """PakarError naming `flag` and the allowed range unless `value` is a finite number within it
-    (None = the flag is unset, accepted). argparse's float() accepts "nan" and "inf": this refuses them."""
-    if value is None:
-        return
-    ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        show = lambda x: f"{x:g}" if isinstance(x, float) else str(x)  # noqa: E731
-        if low is not None and high is not None:
-            allowed = f"in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
-        elif low is not None:
-            allowed = f"{'>' if low_open else '>='} {show(low)}"
-        elif high is not None:
-            allowed = f"{'<' if high_open else '<='} {show(high)}"
-        else:
-            allowed = "a finite number"
-        shown = str(value)
-        raise PakarError(f"{flag} {shown if len(shown) <= 40 else shown[:37] + '...'}: must be {allowed}")
-
-
-def check_out_folder(flag: str, path) -> None:
-    """PakarError if `path` names an existing file where a folder is meant (mkdir would fail later)."""
-    if path is not None and Path(path).exists() and not Path(path).is_dir():
-        raise PakarError(f"{flag} {path}: is a file, not a folder; give a folder name")
 
 
 def usage() -> str:
@@ -100,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from pakar import __version__
-
         print(f"pakar {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
@@ -123,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except OSError as e:  # a full disk or a folder we may not write: one line naming the path, not a traceback
-        from pakar.checkpoint import DISK_ERRORS
+        from pakar.checkpoint import DISK_ERRORS  # lazy: it imports torch; the launcher stays light
 
         if e.errno not in DISK_ERRORS:
             raise

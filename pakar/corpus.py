@@ -22,7 +22,7 @@ Design choices:
   (os.walk's default), so a link back up the tree cannot loop.
 - Formats, by file name: `*.jsonl` / `*.jsonl.gz` hold one JSON object per line, either
   {"text": str} (a document), {"messages": [{"role", "content"}, ...]} (a chat conversation)
-  or {"context", "question", "answer"} (reading comprehension, rendered by pakar.rag.rc_messages as a
+  or {"context", "question", "answer"} (reading comprehension, rendered by pakar.prompts.rc_messages as a
   conversation in the retrieval prompt template); everything else is plain text with one document
   per line; `*.gz` is decompressed on the fly.
 - Streaming. Files are read line by line in binary mode, so memory is one line whatever the corpus
@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 from pakar import PakarError, what_is_there
+from pakar.prompts import rc_messages
 
 MAX_LINE_BYTES = 64 << 20
 SNIFF_BYTES = 4096
@@ -277,8 +278,6 @@ def _parse_json(line: str, stats: CorpusStats) -> Record | None:
     if isinstance(obj.get("messages"), list) and obj["messages"]:
         return obj["messages"]
     if "question" in obj and "context" in obj:  # reading comprehension: the RAG template (pakar.rag)
-        from pakar.rag import rc_messages
-
         try:
             return rc_messages(obj)
         except PakarError:

@@ -41,12 +41,10 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -58,9 +56,10 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from pakar import PakarError
+from pakar.args import check_number
 from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_path, is_val, iter_documents,
                           resolve_sources)
-from pakar.tokenizer import DEFAULT_VOCAB, MAX_VOCAB, MIN_VOCAB, Tokenizer, iter_pieces, train_on_corpus
+from pakar.tokenizer import DEFAULT_VOCAB, Tokenizer, iter_pieces, train_on_corpus
 
 if TYPE_CHECKING:
     import torch  # imported where batches are made: `pakar prepare` starts fast and stays small
@@ -118,13 +117,6 @@ class TokenData:
             arrays.append(np.memmap(path, dtype=dtype, mode="r") if n else np.zeros(0, dtype))
         return cls(arrays[0], arrays[1], manifest, directory)
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def document_chunks(documents: Iterator[str]) -> Iterator[tuple[list[str], list[int], list[bool]]]:
@@ -268,7 +260,7 @@ def prepare(specs: list[str] | None, out_dir: str | os.PathLike = ".", vocab_siz
 
     specs None uses the embedded sample corpus. The tokenizer is, in order: the one passed in (nothing
     is written), out_dir/tokenizer.json, or a new one trained with `vocab_size` and saved there."""
-    from pakar.cli import check_number
+    from pakar.checkpoint import file_sha256  # lazy: it imports torch, which `pakar prepare` never needs
 
     check_number("--val-fraction", val_fraction, 0, 0.5, low_open=True)
     if specs is None:
@@ -372,7 +364,7 @@ class BatchLoader:
 
     def get(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: int64 (batch_size, seq_len), y = x shifted left by one token."""
-        import torch
+        import torch  # lazy: only batches need torch; `pakar prepare` stays torch-free
 
         if not 0 <= step < self.steps_per_epoch or epoch < 0:
             raise IndexError(f"step {step} of epoch {epoch} outside [0, {self.steps_per_epoch}) steps")
@@ -389,7 +381,7 @@ def iter_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_tok
     windows r, r+world_size, ...; the last batch may be smaller. max_tokens caps the targets (rounded
     up to whole windows). The tail after the last full window is not evaluated, except that a stream
     shorter than one window is evaluated as one shorter window."""
-    import torch
+    import torch  # lazy: only batches need torch; `pakar prepare` stays torch-free
 
     n_windows = max(len(tokens) - 1, 0) // seq_len
     if max_tokens is not None:
@@ -404,30 +396,3 @@ def iter_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_tok
         idx_BT1 = mine[i:i + batch_size, None] * seq_len + np.arange(seq_len + 1)
         seq_BT1 = torch.from_numpy(tokens[idx_BT1].astype(np.int64))
         yield seq_BT1[:, :-1], seq_BT1[:, 1:]
-
-
-# --- pakar prepare ----------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Tokenize a corpus into cached token shards "
-                                     "(DIR/data/<key>/train.bin, val.bin, manifest.json).")
-    parser.add_argument("--data", nargs="+", metavar="SPEC",
-                        help="text/JSONL files (.gz ok), folders or globs (default: the embedded sample corpus)")
-    parser.add_argument("--out", default=".", help="run folder (default: current folder)")
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB,
-                        help=f"tokens, if DIR/tokenizer.json must be trained (default {DEFAULT_VOCAB})")
-    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
-                        help=f"share of documents held out for validation (default {VAL_FRACTION})")
-    args = parser.parse_args(argv)
-    from pakar.cli import check_number, check_out_folder
-
-    check_number("--val-fraction", args.val_fraction, 0, 0.5, low_open=True)
-    check_number("--vocab-size", args.vocab_size, MIN_VOCAB, MAX_VOCAB)
-    check_out_folder("--out", args.out)
-    _, data = prepare(args.data, Path(args.out), args.vocab_size, args.val_fraction)
-    print(f"shards: {data.dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

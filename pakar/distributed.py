@@ -51,8 +51,10 @@ import contextlib
 import copy
 import datetime
 import gc
+import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -60,8 +62,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pakar import PakarError
+from pakar.moe import MoE
+from pakar.runtime import autocast_dtype, resolve_device
 
 # ZeRO-2 by default: optimizer state and gradients sharded, parameters replicated, so forward and
 # backward run without parameter gathers. DeepSpeed's own defaults otherwise; note that with bf16 it
@@ -104,8 +113,6 @@ class Context:
         already been moved to the device, set up for activation checkpointing and compiled per block
         (in that order: the torchtitan order, so FSDP's hooks stay outside the compiled blocks)."""
         if self.mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             # every expert gets a gradient every step (see pakar.moe), so no unused-parameter search;
             # buffers (rotary tables, expert biases) are identical on every rank: no per-forward broadcast
             # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
@@ -119,9 +126,6 @@ class Context:
         return model, optimizer
 
     def _wrap_fsdp(self, model, optimizer):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         group_names = _param_group_names(model, optimizer)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         mp = (MixedPrecisionPolicy(param_dtype=self.amp, reduce_dtype=torch.float32) if self.amp is not None
@@ -141,8 +145,6 @@ class Context:
 
     def _wrap_deepspeed(self, model, optimizer):
         deepspeed = import_deepspeed(self.device)
-        from pakar.moe import MoE
-
         config = deepspeed_config(self.args, self.world_size, self.amp, optimizer)
         self.zero_stage = config["zero_optimization"]["stage"]
         if self.zero_stage == 3:
@@ -236,8 +238,6 @@ class Context:
         corpus with a different tokenizer): they would otherwise train on different token ids."""
         if not self.distributed:
             return
-        import hashlib
-
         h = int.from_bytes(hashlib.sha256(value.encode()).digest()[:7], "little")  # fits an int64
         lo, hi = torch.tensor([h], device=self.device), torch.tensor([-h], device=self.device)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
@@ -250,9 +250,6 @@ class Context:
     def full_state(self, model, optimizer) -> dict:
         """{"model": full float32 state dict, "optimizer": full state keyed by parameter name, or None
         when optimizer is None}. Every rank must call it; only rank 0's result is complete."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-
         if self.mode == "deepspeed":
             return self._deepspeed_full_state(model, optimizer is not None)
         if self.mode == "fsdp":
@@ -268,9 +265,6 @@ class Context:
     def load_state(self, model, optimizer, state: dict):
         """Load a `full_state` (as saved in state.pt; every rank has read the file) into the wrapped
         model and its optimizer."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
         try:
             if self.mode == "deepspeed":
                 self._deepspeed_load_state(model, state)
@@ -292,6 +286,7 @@ class Context:
         """Gather float32 master weights and AdamW moments from ZeRO's partitions, one parameter at a
         time (each is an all-reduce or all-gather over the data-parallel group, so every rank takes
         part; rank 0 keeps the result on the CPU)."""
+        # lazy: the optional DeepSpeed package
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         module = engine.module
@@ -332,6 +327,7 @@ class Context:
         return {"model": model_sd if self.is_main else {}, "optimizer": optim}
 
     def _deepspeed_load_state(self, engine, state: dict):
+        # lazy: the optional DeepSpeed package
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         module, model_sd = engine.module, state["model"]
@@ -366,7 +362,7 @@ class Context:
     def _gathered(self, param, modify: bool = False):
         """The full parameter inside the block under ZeRO-3 (written back from rank 0 when modify)."""
         if self.mode == "deepspeed" and self.zero_stage == 3:
-            import deepspeed
+            import deepspeed  # lazy: the optional DeepSpeed package
 
             return deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None)
         return contextlib.nullcontext()
@@ -427,8 +423,6 @@ def setup(args) -> Context:
     device = _pick_device(args.device, local_rank, world_size)
     if use_ds:
         import_deepspeed(device)  # fail early, before any data work, if it is missing
-    from pakar.train import autocast_dtype
-
     backend = pick_backend(device)
     if not dist.is_initialized():
         kw = {"device_id": device} if backend == "nccl" else {}
@@ -460,8 +454,6 @@ def _pick_device(name: str, local_rank: int, world_size: int) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda:") and world_size == 1:
-        from pakar.train import resolve_device
-
         device = resolve_device(name)
         torch.cuda.set_device(device)
         return device
@@ -496,12 +488,10 @@ def import_deepspeed(device: torch.device):
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported
     try:
-        import deepspeed
+        import deepspeed  # lazy: the optional DeepSpeed package
     except ImportError:
         raise PakarError("--deepspeed needs DeepSpeed: pip install 'pakar[deepspeed]' "
                          "(or pip install deepspeed)") from None
-    import logging
-
     if device.type == "cpu":
         # the CPU accelerator would compile a shared-memory all-reduce kernel (C++/OpenMP) at its first
         # start, about two minutes on two cores; gloo's collectives are all CPU training needs

@@ -28,7 +28,7 @@ validation. Design choices:
 - Expert utilisation: tokens routed to each expert in each layer, summed over every evaluated
   input position (the model reports them per forward in `expert_counts`).
 
-`pakar eval` (main) reads any corpus. Text is tokenized as a stream in the token shards' layout (each
+`pakar eval` (pakar.commands.evaluate) reads any corpus. Text is tokenized as a stream in the token shards' layout (each
 document followed by <|endoftext|>) and evaluated chunk by chunk (`evaluate_corpus`), giving exactly
 what evaluate_tokens gives on the whole stream while memory stays one chunk and `--max-tokens` stops
 the reading early. Chat JSONL (first record {"messages": ...}) goes to pakar.finetune.evaluate_chat:
@@ -39,26 +39,24 @@ at longer contexts than it was trained on is measured out of distribution.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from pakar import PakarError
+from pakar.corpus import iter_documents
+from pakar.quant import quantize_int8
 
 LN2 = math.log(2.0)
 
 
 def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    import torch.distributed as dist
-
     initialised = dist.is_available() and dist.is_initialized()
     if rank is None:
         rank = dist.get_rank() if initialised else 0
@@ -146,8 +144,6 @@ class EvalSums:
         win_t = torch.tensor([self.windows], dtype=torch.int64, device=self.device)
         sums = self.t.clone()
         if distributed:
-            import torch.distributed as dist
-
             for t in (sums, counts_LE, win_t):
                 dist.all_reduce(t)
         nats, n_tok, nats_b, n_bytes = sums.tolist()
@@ -244,8 +240,6 @@ CHUNK_WINDOWS = 64  # windows per streamed chunk: memory is CHUNK_WINDOWS x seq_
 def iter_corpus_tokens(specs, tokenizer, stats=None, docs_per_batch: int = 256):
     """Token ids (int64 numpy) per batch of documents, in the token shards' layout: every document
     followed by <|endoftext|>. Chat records in a text corpus are skipped and counted, as in the shards."""
-    from pakar.corpus import iter_documents
-
     eot = tokenizer.eot_id
     pending: list[str] = []
 
@@ -312,7 +306,7 @@ def expert_table(res: dict) -> str:
 
 def plot_experts(res: dict, path: Path, title: str) -> None:
     try:
-        import matplotlib
+        import matplotlib  # lazy: the optional plot extra, only with --plot
 
         matplotlib.use("Agg")  # files only; never needs a display
         import matplotlib.pyplot as plt
@@ -338,13 +332,11 @@ def plot_experts(res: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _quantized(run, model, quantize: str, stats) -> dict:
+def quantized(run, model, quantize: str, stats) -> dict:
     """run(stats) -> results, as they are, or with --quantize int8: float32 first (its corpus stats
     discarded, the text is read twice), then the int8 model, with the bits-per-byte change."""
     if quantize != "int8":
         return run(stats)
-    from pakar.quant import quantize_int8
-
     ref = run(type(stats)())
     quantize_int8(model)
     res = run(stats)
@@ -355,103 +347,3 @@ def _quantized(run, model, quantize: str, stats) -> dict:
     return res
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from pakar.chat import pick_dtype
-    from pakar.checkpoint import latest_epoch_checkpoint, load_model
-    from pakar.corpus import CorpusStats, detect_kind
-    from pakar.train import resolve_device
-
-    p = argparse.ArgumentParser(prog=prog, description="Validation loss, perplexity and bits per byte of a "
-                                "checkpoint on a corpus, and how evenly its experts are used.")
-    p.add_argument("--checkpoint", help="model checkpoint (default: the newest checkpoints/model_epoch*.pt "
-                   "in the current folder)")
-    p.add_argument("--data", nargs="+", required=True, metavar="SPEC",
-                   help="text files (one document per line), .gz, JSONL ({\"text\": ...} documents, or chat "
-                   "{\"messages\": [...]}: then the assistant tokens of whole conversations are scored), "
-                   "folders or globs")
-    p.add_argument("--seq-len", type=int, default=None, help="text: tokens of context per window (default: the "
-                   "training --seq-len recorded in the checkpoint, else 256; at most the context window)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows (text) or conversations (chat) per "
-                   "forward pass (default 8)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens "
-                   "(default: all)")
-    p.add_argument("--split", default="all", choices=["all", "val"], help="chat data: every conversation, or "
-                   "only the held-out slice that pakar finetune validates on (default all)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype (default auto: bfloat16 autocast on cuda, float32 on cpu); weights "
-                   "stay float32")
-    p.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="int8: evaluate with 8-bit weights (pakar.quant, CPU) and report the change in bits per "
-                        "byte against float32 on the same text (evaluates twice) (default: none)")
-    p.add_argument("--plot", metavar="PNG", help="also draw the expert load per layer to this PNG file")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object, last")
-    args = p.parse_args(argv)
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise PakarError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.batch_size < 1:
-        raise PakarError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.plot and not args.plot.lower().endswith(".png"):
-        raise PakarError(f"--plot {args.plot}: give a file name ending in .png")
-
-    path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
-    device = resolve_device(args.device)
-    # weights stay float32; bfloat16 runs as autocast, so the logits and the sums keep their precision
-    amp = torch.bfloat16 if pick_dtype(args.dtype, device) == torch.bfloat16 else None
-    if args.quantize == "int8":
-        from pakar.quant import check_int8
-
-        check_int8(device, amp)
-    model, tokenizer, ckpt = load_model(path, device)
-    W = model.config.max_position_embeddings
-    kind = detect_kind(args.data)
-    stats = CorpusStats()
-    tty = sys.stderr.isatty()
-    if kind == "chat":
-        from pakar.finetune import evaluate_chat
-
-        def run(stats):
-            return evaluate_chat(model, tokenizer, args.data, args.batch_size, split=args.split,
-                                 max_tokens=args.max_tokens, device=device, autocast_dtype=amp, stats=stats)
-        res = _quantized(run, model, args.quantize, stats)
-        scope = f"assistant tokens of {res['conversations']:,} conversations ({args.split})"
-    else:
-        trained = ckpt.get("meta", {}).get("seq_len") or ckpt.get("train_args", {}).get("seq_len") or 256
-        seq_len = args.seq_len if args.seq_len is not None else min(int(trained), W)
-        if not 1 <= seq_len <= W:
-            raise PakarError(f"--seq-len {seq_len}: must be between 1 and the model's context window ({W})")
-
-        def progress(done: int, sums) -> None:
-            if tty:
-                dt = time.perf_counter() - sums.t0
-                print(f"\r  {done:,} tokens evaluated ({done / max(dt, 1e-9):,.0f} tokens/s)", end="",
-                      file=sys.stderr, flush=True)
-
-        def run(stats):
-            return evaluate_corpus(model, tokenizer, args.data, args.batch_size, seq_len, args.max_tokens, device,
-                                   amp, stats=stats, progress=progress)
-        res = _quantized(run, model, args.quantize, stats)
-        if tty:
-            print(file=sys.stderr)
-        res["seq_len"] = seq_len
-        scope = f"every token, windows of {seq_len}"
-    res |= {"checkpoint": str(path), "data": list(args.data), "corpus": stats.summary()}
-    print(f"pakar eval | {path} on {' '.join(args.data)}")
-    print(f"corpus: {stats.summary()}")
-    for w in stats.warnings() + list(res.get("warnings", [])):
-        print(f"warning: {w}")
-    print(f"{res['tokens']:,} tokens ({scope}), {res['bytes']:,} bytes, {res['seconds']:.1f} s")
-    bpb = res["bits_per_byte"]
-    print(f"bits per byte {bpb:.4f} | loss {res['loss']:.4f} nats/token | perplexity {res['perplexity']:.2f}"
-          if bpb is not None else f"loss {res['loss']:.4f} nats/token | perplexity {res['perplexity']:.2f}")
-    if "float32_bits_per_byte" in res and bpb is not None:
-        print(f"int8 vs float32: bits per byte {bpb:.4f} vs {res['float32_bits_per_byte']:.4f} "
-              f"({100 * res['bits_per_byte_change']:+.2f}% relative)")
-    print(expert_table(res))
-    if args.plot:
-        plot_experts(res, Path(args.plot), f"{path.name} on {', '.join(Path(d).name for d in args.data)}"[:80])
-        print(f"plot: {args.plot}")
-        res["plot"] = args.plot
-    if args.json:
-        print(json.dumps(res, ensure_ascii=False))
-    return 0

@@ -35,6 +35,7 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -43,6 +44,8 @@ import torch
 
 from pakar import PakarError
 from pakar.config import ModelConfig
+from pakar.hf import check_expert_bias, special_tokens
+from pakar.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
 
 OUTTYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # q8_0 quantises blocks of 32 values along a row
@@ -52,7 +55,7 @@ DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repeat_pena
 
 def _gguf():
     try:
-        import gguf
+        import gguf  # lazy: the optional gguf extra, only for --format gguf
     except ImportError:
         raise PakarError("--format gguf needs the gguf package: pip install 'pakar[gguf]' (or pip install gguf)") from None
     return gguf
@@ -102,10 +105,6 @@ def _encode(gguf, name: str, t: torch.Tensor, outtype: str):
 
 def _vocab(tokenizer) -> tuple[list[str], list[int], list[str]]:
     """Tokens by id, their llama.cpp token types, and the BPE merges as "a b" strings."""
-    import json
-
-    from pakar.tokenizer import SPECIAL_TOKENS
-
     model = json.loads(tokenizer.to_json())["model"]
     V = tokenizer.vocab_size
     tokens = [tokenizer.hf.id_to_token(i) for i in range(V)]
@@ -133,9 +132,6 @@ def ollama_modelfile(gguf_name: str) -> str:
 def export_gguf(ckpt: dict, out_file: str | Path, *, outtype: str = "f32", allow_bias_drop: bool = False,
                 log=print) -> Path:
     """Write a loaded pakar checkpoint as one GGUF file (and a Modelfile beside it). Returns the file."""
-    from pakar.hf import check_expert_bias, special_tokens
-    from pakar.tokenizer import CHAT_TEMPLATE, Tokenizer
-
     gguf = _gguf()
     if outtype not in OUTTYPES:
         raise PakarError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")

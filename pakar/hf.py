@@ -39,21 +39,24 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from pakar import PakarError, what_is_there
+from pakar.args import DEFAULT_MAX_SHARD, EXPORT_DTYPES
+from pakar.checkpoint import check_fits, check_model_checkpoint, check_weights, model_checkpoint
 from pakar.config import ModelConfig
+from pakar.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MAX_SHARD = "5GB"  # transformers 4.x's default shard size
+DTYPES = {name: getattr(torch, name) for name in EXPORT_DTYPES}
 
 # pakar name (without "model.") <-> Hugging Face name, for everything but the experts
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -202,8 +205,6 @@ def generation_config(tokenizer, chat: bool) -> dict:
 
 
 def tokenizer_config(tokenizer, chat: bool, max_len: int) -> dict:
-    from pakar.tokenizer import CHAT_TEMPLATE
-
     sp = special_tokens(tokenizer, chat)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -334,11 +335,6 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]
 def export_checkpoint(ckpt: dict, out_dir: str | Path, *, dtype: str = "float32", allow_bias_drop: bool = False,
                       max_shard_size: str = DEFAULT_MAX_SHARD, log=print) -> Path:
     """Write a loaded pakar model checkpoint dict as a Hugging Face Qwen3-MoE folder. Returns the folder."""
-    from safetensors.torch import save_file
-
-    from pakar.checkpoint import check_model_checkpoint
-    from pakar.tokenizer import Tokenizer
-
     if dtype not in DTYPES:
         raise PakarError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
@@ -407,9 +403,6 @@ def _read_json(path: Path) -> dict:
 
 def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder (single file or sharded via the index), on the CPU."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if (folder / INDEX_NAME).is_file():
         weight_map = _read_json(folder / INDEX_NAME).get("weight_map", {})
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f and "\\" not in f
@@ -436,9 +429,6 @@ def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def import_folder(folder: str | Path) -> dict:
     """A pakar model checkpoint dict (float32 weights) from a Hugging Face Qwen3-MoE folder."""
-    from pakar.checkpoint import check_fits, check_weights, model_checkpoint
-    from pakar.tokenizer import Tokenizer
-
     folder = Path(folder)
     if not folder.is_dir():
         raise PakarError(f"{folder} is not a folder (expected a Hugging Face model folder) {what_is_there(folder)}")
@@ -470,55 +460,4 @@ def import_folder(folder: str | Path) -> dict:
 # command line
 
 
-def main_export(argv: list[str], prog: str = "pakar export") -> int:
-    from pakar.checkpoint import latest_epoch_checkpoint, safe_load
 
-    p = argparse.ArgumentParser(prog=prog, description="Write a Hugging Face Qwen3-MoE model folder "
-                                "(config.json, safetensors weights, tokenizer) from a pakar checkpoint.")
-    p.add_argument("--checkpoint", help="pakar model checkpoint (.pt) (default: the newest "
-                   "checkpoints/model_epoch*.pt in the current folder)")
-    p.add_argument("--out", help="output folder, created; files of an earlier export there are replaced "
-                   "(default: export/<checkpoint name>, e.g. export/model_epoch2)")
-    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
-                   help="hf: Hugging Face Qwen3-MoE folder; gguf: one file for llama.cpp, Ollama and LM Studio, "
-                        "written to --out (default export/<checkpoint name>.gguf) with an Ollama Modelfile beside "
-                        "it (needs pip install 'pakar[gguf]') (default: hf)")
-    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f32",
-                   help="GGUF weight type: f32 (exact), f16, or q8_0 (8-bit, about a quarter of f32's size) "
-                        "(default: f32; only with --format gguf)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="weight dtype in the folder (default: float32, exact; bfloat16 halves the size)")
-    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
-                   help=f"largest weight file, e.g. 5GB or 500MB; bigger models are split into shards with an "
-                        f"index (default: {DEFAULT_MAX_SHARD})")
-    p.add_argument("--allow-bias-drop", action="store_true",
-                   help="export a checkpoint trained with aux-loss-free balancing (non-zero expert selection "
-                        "bias) without that bias; its routing, and so its outputs, will differ (default: refuse)")
-    args = p.parse_args(argv)
-    path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")
-    ckpt = safe_load(path)
-    if args.format == "gguf":
-        from pakar.gguf import export_gguf
-
-        export_gguf(ckpt, args.out or Path("export") / f"{path.stem}.gguf", outtype=args.outtype,
-                    allow_bias_drop=args.allow_bias_drop)
-        return 0
-    export_checkpoint(ckpt, args.out or Path("export") / path.stem, dtype=args.dtype, allow_bias_drop=args.allow_bias_drop,
-                      max_shard_size=args.max_shard_size)
-    return 0
-
-
-def main_import(argv: list[str], prog: str = "pakar import") -> int:
-    from pakar.checkpoint import atomic_save
-    from pakar.info import param_counts
-
-    p = argparse.ArgumentParser(prog=prog, description="Read a local Hugging Face Qwen3-MoE folder (safetensors, "
-                                "tokenizer.json) into a self-contained pakar checkpoint (float32 weights).")
-    p.add_argument("--from", dest="src", required=True, help="Hugging Face model folder (local; nothing is downloaded)")
-    p.add_argument("--out", required=True, help="pakar checkpoint to write, e.g. checkpoints/imported.pt")
-    args = p.parse_args(argv)
-    ckpt = import_folder(args.src)
-    atomic_save(ckpt, args.out)
-    n = param_counts(ModelConfig.from_dict(ckpt["config"]))["total_params"]
-    print(f"imported {n / 1e6:.2f}M parameters from {args.src} to {args.out}")
-    return 0

@@ -52,11 +52,8 @@ Shape legend: E experts, O out features, I in features, R rank.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -64,62 +61,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from pakar import PakarError
-from pakar.checkpoint import check_finite, safe_load
-from pakar.data import file_sha256
+from pakar import PakarError, __version__
+from pakar.args import ATTENTION_TARGETS, EXPERT_TARGETS, TARGET_GROUPS, LoraSpec, parse_targets  # noqa: F401
+from pakar.checkpoint import (atomic_save, check_finite, file_sha256, model_checkpoint, safe_load,  # noqa: F401
+                              split_state)
+from pakar.config import ModelConfig
+from pakar.moe import Experts
 
 ADAPTER_FORMAT = "pakar-lora-v1"
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
-TARGET_GROUPS = {"attention": ATTENTION_TARGETS, "experts": EXPERT_TARGETS,
-                 "all": ATTENTION_TARGETS + EXPERT_TARGETS}
-
-
-def parse_targets(names) -> tuple[str, ...]:
-    """--lora-targets words (tensor names or the groups attention / experts / all) -> tensor names,
-    in a canonical order."""
-    chosen: set[str] = set()
-    for name in ([names] if isinstance(names, str) else names):
-        for word in str(name).replace(",", " ").split():
-            if word in TARGET_GROUPS:
-                chosen.update(TARGET_GROUPS[word])
-            elif word in TARGET_GROUPS["all"]:
-                chosen.add(word)
-            else:
-                raise PakarError(f"--lora-targets: unknown target {word!r}; choose from "
-                                 f"{', '.join(TARGET_GROUPS['all'])} or the groups {', '.join(TARGET_GROUPS)}")
-    if not chosen:
-        raise PakarError("--lora-targets: no target given")
-    return tuple(t for t in TARGET_GROUPS["all"] if t in chosen)
-
-
-@dataclass
-class LoraSpec:
-    rank: int
-    alpha: float
-    targets: tuple[str, ...] = ATTENTION_TARGETS
-    token_ids: tuple[int, ...] = ()  # vocabulary rows of embed_tokens and lm_head trained alongside
-
-    def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise PakarError(f"--lora-rank must be a positive integer, got {self.rank!r}")
-        if not 0 < self.alpha < math.inf:
-            raise PakarError(f"--lora-alpha must be a finite number > 0, got {self.alpha}")
-        self.targets = parse_targets(self.targets)
-        self.token_ids = tuple(sorted(set(int(i) for i in self.token_ids)))
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "targets": list(self.targets), "token_ids": list(self.token_ids)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LoraSpec:
-        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), targets=tuple(d["targets"]),
-                   token_ids=tuple(d.get("token_ids", ())))
-
 
 def _init_A(A: torch.Tensor) -> None:
     """nn.Linear's default weight rule, applied per (R, I) slice: uniform in +-1/sqrt(I)."""
@@ -183,8 +132,6 @@ class TokenRows(nn.Module):
 def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Freeze every parameter of `model` and add adapters on spec.targets (and the token rows of
     spec.token_ids), in place. Returns the model."""
-    from pakar.moe import Experts
-
     if any(isinstance(m, LoRALinear) or parametrize.is_parametrized(m) for m in model.modules()):
         raise PakarError("the model already has LoRA adapters")
     for p in model.parameters():
@@ -214,28 +161,6 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     return model
 
 
-def split_state(state: dict) -> tuple[dict, dict]:
-    """A LoRA model's state dict -> (the plain base state dict with the model's own key names,
-    {base key: {"lora_A": A, "lora_B": B} or, for token rows, {"rows": ids, "delta": (n, D)}})."""
-    base, adapters = {}, {}
-    for key, value in state.items():
-        if ".parametrizations." in key:  # <module>.parametrizations.<name>.original | .0.<factor>
-            module, rest = key.split(".parametrizations.", 1)
-            name, tail = rest.split(".", 1)
-            if tail == "original":
-                base[f"{module}.{name}"] = value
-            elif tail in ("0.lora_A", "0.lora_B", "0.rows", "0.delta"):
-                adapters.setdefault(f"{module}.{name}", {})[tail[2:]] = value
-            else:
-                raise PakarError(f"unexpected parametrized state key {key!r}")
-        elif key.endswith((".lora_A", ".lora_B")):
-            owner, which = key.rsplit(".", 1)
-            adapters.setdefault(f"{owner}.weight", {})[which] = value
-        else:
-            base[key] = value
-    return base, adapters
-
-
 def merge_state(base: dict, adapters: dict, scale: float) -> dict:
     """New state dict: base[key] + scale * B @ A for every low-rank adapter, base[key][rows] + delta for
     token rows (float64 arithmetic)."""
@@ -259,8 +184,6 @@ def merge_state(base: dict, adapters: dict, scale: float) -> dict:
 
 def adapter_checkpoint(adapters: dict, buffers: dict, spec: LoraSpec, base_path: str | os.PathLike,
                        base_sha256: str, config: dict, **meta) -> dict:
-    from pakar import __version__
-
     return {"format": ADAPTER_FORMAT, "lora": spec.to_dict(),
             "adapters": {k: {n: t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu()
                              for n, t in ab.items()} for k, ab in adapters.items()},
@@ -297,8 +220,6 @@ def load_adapter(path: str | os.PathLike) -> dict:
 
 def merge_adapter_file(adapter_path, base_path=None, out_path=None, log=print) -> Path:
     """Fold an adapter file into its base checkpoint and write a self-contained model checkpoint."""
-    from pakar.checkpoint import atomic_save, model_checkpoint
-
     adapter = load_adapter(adapter_path)
     base_path = Path(base_path if base_path is not None else adapter["base"]["path"])
     if not base_path.is_file():
@@ -316,8 +237,6 @@ def merge_adapter_file(adapter_path, base_path=None, out_path=None, log=print) -
         if key not in state or state[key].shape != value.shape:
             raise PakarError(f"adapter buffer {key!r} does not fit the base model")
         state[key] = value.to(state[key].dtype)
-    from pakar.config import ModelConfig
-
     meta = {**base.get("meta", {}), **adapter.get("meta", {}),
             "merged_lora": {"adapter": str(Path(adapter_path).resolve()), "base": str(base_path.resolve()),
                             "base_sha256": sha, **spec.to_dict()}}
@@ -328,17 +247,3 @@ def merge_adapter_file(adapter_path, base_path=None, out_path=None, log=print) -
     return out_path
 
 
-def main_merge(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Fold a LoRA adapter into its base model and write a "
-                                "self-contained checkpoint (for chat, eval, export and serve).")
-    p.add_argument("--adapter", required=True, help="adapter file written by `pakar finetune --lora-rank R` "
-                   "(checkpoints/lora_epoch{N}.pt)")
-    p.add_argument("--base", default=None, help="base checkpoint (default: the path recorded in the adapter; "
-                   "its sha256 must match)")
-    p.add_argument("--out", required=True, help="path of the merged model checkpoint (.pt)")
-    p.add_argument("--json", action="store_true", help="print a summary as one JSON object, last")
-    args = p.parse_args(argv)
-    out = merge_adapter_file(args.adapter, args.base, args.out)
-    if args.json:
-        print(json.dumps({"merged": str(out), "bytes": out.stat().st_size}))
-    return 0

@@ -6,7 +6,7 @@ API:
     render_rag_prompt(question, passages) -> str         the user message (template below)
     fit_rag_prompt(question, passages, budget, count) -> (str, n_passages_used)
     rc_messages(record) -> list[dict]         {"context","question","answer"} -> a chat conversation
-    Retriever(index_dir, k).prompt(gen, question, history, reserve) -> (messages or text, hits)
+    Retriever(index_dir, k).prompt(textgen, question, history, reserve) -> (messages or text, hits)
     answer_scores(prediction, gold) -> (em, f1); main_eval (`pakar eval-rag`)
 
 The template (one user message; numbered sources, then the question last):
@@ -34,7 +34,6 @@ mask (assistant content and its <|im_end|> only).
 
 from __future__ import annotations
 
-import argparse
 import json
 import string
 import sys
@@ -43,21 +42,16 @@ from pathlib import Path
 from typing import Callable
 
 from pakar import PakarError
+from pakar.prompts import INSTRUCTION, NO_ANSWER, rc_messages, render_rag_prompt  # noqa: F401  (their users' home)
+from pakar.retrieval import Index, format_source
 
-NO_ANSWER = "Maaf, jawabannya tidak ada di sumber."
-INSTRUCTION = f'Jawab pertanyaan berdasarkan sumber berikut. Jika jawabannya tidak ada di sumber, jawab: "{NO_ANSWER}"'
 TEXT_MODE_SUFFIX = "\nJawaban:"
-
-
-def render_rag_prompt(question: str, passages: list[str]) -> str:
-    sources = "".join(f"[{i}] {p.strip()}\n\n" for i, p in enumerate(passages, 1))
-    return f"{INSTRUCTION}\n\n{sources}Pertanyaan: {question.strip()}"
 
 
 def fit_rag_prompt(question: str, passages: list[str], budget: int, count: Callable[[str], int]) -> tuple[str, int]:
     """The largest template (best passages first, the last one possibly cut) with count(text) <= budget.
     Returns (text, passages used). The question is whole, or ContextLengthError."""
-    from pakar.engine import ContextLengthError
+    from pakar.engine import ContextLengthError  # lazy: torch; retrieval alone (search, eval-rag) stays torch-free
 
     if count(render_rag_prompt(question, [])) > budget:
         raise ContextLengthError(f"the question alone is {count(render_rag_prompt(question, []))} prompt "
@@ -81,47 +75,29 @@ def fit_rag_prompt(question: str, passages: list[str], budget: int, count: Calla
     return render_rag_prompt(question, kept), len(kept)
 
 
-def rc_messages(record: dict) -> list[dict]:
-    """A reading-comprehension record as the conversation fine-tuning learns from (template above)."""
-    context, question, answer = record.get("context"), record.get("question"), record.get("answer")
-    if isinstance(context, str):
-        context = [context]
-    if not (isinstance(context, list) and context and all(isinstance(c, str) and c.strip() for c in context)):
-        raise PakarError("reading-comprehension record: 'context' must be a non-empty string or list of strings")
-    if not isinstance(question, str) or not question.strip():
-        raise PakarError("reading-comprehension record: 'question' must be a non-empty string")
-    if answer is not None and not isinstance(answer, str):
-        raise PakarError("reading-comprehension record: 'answer' must be a string (\"\" = not answerable)")
-    reply = answer.strip() if answer and answer.strip() else NO_ANSWER
-    return [{"role": "user", "content": render_rag_prompt(question, context)},
-            {"role": "assistant", "content": reply}]
-
-
 class Retriever:
     """An opened index and the number of passages to put in each prompt."""
 
     def __init__(self, index_dir, k: int = 3):
-        from pakar.retrieval import Index
-
         if k < 1:
             raise PakarError(f"--rag-k {k}: must be at least 1")
         self.index, self.k = Index(index_dir), k
 
-    def prompt(self, gen, question: str, history: list[dict] | None = None, reserve: int = 128,
+    def prompt(self, textgen, question: str, history: list[dict] | None = None, reserve: int = 128,
                system: str | None = None):
-        """(prompt for gen, hits actually in it). Chat models get messages (system, history, the
+        """(prompt for textgen, hits actually in it). Chat models get messages (system, history, the
         templated question); text models get the template text."""
         hits = self.index.search(question, self.k)
-        budget = gen.context_window - max(1, reserve)
+        budget = textgen.context_window - max(1, reserve)
         head = ([{"role": "system", "content": system}] if system else []) + list(history or [])
-        if gen.chat:
+        if textgen.chat:
             def count(text: str) -> int:
-                return len(gen.encode(head + [{"role": "user", "content": text}]))
+                return len(textgen.encode(head + [{"role": "user", "content": text}]))
         else:
             def count(text: str) -> int:
-                return len(gen.encode(text + TEXT_MODE_SUFFIX))
+                return len(textgen.encode(text + TEXT_MODE_SUFFIX))
         text, used = fit_rag_prompt(question, [h.text for h in hits], budget, count)
-        prompt = head + [{"role": "user", "content": text}] if gen.chat else text + TEXT_MODE_SUFFIX
+        prompt = head + [{"role": "user", "content": text}] if textgen.chat else text + TEXT_MODE_SUFFIX
         return prompt, hits[:used]
 
 
@@ -132,8 +108,6 @@ def sources_payload(hits) -> list[dict]:
 
 
 def format_sources(hits) -> str:
-    from pakar.retrieval import format_source
-
     return "\n".join(f"  [{i}] {format_source(h)}" for i, h in enumerate(hits, 1))
 
 
@@ -207,27 +181,28 @@ def retrieval_metrics(index, rows: list[dict]) -> dict:
     return {f"recall@{k}": round(100 * v / n, 2) for k, v in found.items()} | {"mrr": round(mrr / n, 4)}
 
 
-def answer_metrics(gen, retriever, rows: list[dict], mode: str, max_new: int, batch_size: int) -> dict:
+def answer_metrics(textgen, retriever, rows: list[dict], mode: str, max_new: int, batch_size: int) -> dict:
     """EM/F1 (answerable) and abstention accuracy (unanswerable) with `mode` passages: gold | retrieved | none."""
+    # lazy: torch; retrieval alone (search, eval-rag without --checkpoint) stays torch-free
     from pakar.engine import SamplingParams
     from pakar.generate import Request
 
     prompts = []
     for r in rows:
         if mode == "retrieved":
-            prompt, _ = retriever.prompt(gen, r["question"], reserve=max_new)
+            prompt, _ = retriever.prompt(textgen, r["question"], reserve=max_new)
         else:
             context = [] if mode == "none" else [r["context"]] if isinstance(r["context"], str) else r["context"]
-            budget = gen.context_window - max_new
-            count = (lambda t: len(gen.encode([{"role": "user", "content": t}]))) if gen.chat else \
-                (lambda t: len(gen.encode(t + TEXT_MODE_SUFFIX)))
+            budget = textgen.context_window - max_new
+            count = (lambda t: len(textgen.encode([{"role": "user", "content": t}]))) if textgen.chat else \
+                (lambda t: len(textgen.encode(t + TEXT_MODE_SUFFIX)))
             text, _ = fit_rag_prompt(r["question"], context, budget, count)
-            prompt = [{"role": "user", "content": text}] if gen.chat else text + TEXT_MODE_SUFFIX
+            prompt = [{"role": "user", "content": text}] if textgen.chat else text + TEXT_MODE_SUFFIX
         prompts.append(prompt)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new)
     answers: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        answers += [c.text for c in gen.generate([Request(p, params) for p in prompts[i:i + batch_size]])]
+        answers += [c.text for c in textgen.generate([Request(p, params) for p in prompts[i:i + batch_size]])]
     sums = {"answerable": [0, 0.0, 0.0], "unanswerable": [0, 0.0, 0.0]}
     for r, a in zip(rows, answers):
         a = a.strip().split("\n")[0]
@@ -246,42 +221,3 @@ def answer_metrics(gen, retriever, rows: list[dict], mode: str, max_new: int, ba
     return out
 
 
-def main_eval(argv: list[str] | None = None, prog: str = "pakar eval-rag") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Retrieval recall and answer quality on reading-"
-                                "comprehension QA ({\"context\", \"question\", \"answer\"} JSONL).")
-    p.add_argument("--index", required=True, help="index folder built by `pakar index` over the contexts")
-    p.add_argument("--data", required=True, help='JSONL of {"context", "question", "answer"} ("" = unanswerable)')
-    p.add_argument("--checkpoint", help="also generate answers: exact match and token F1 with the gold passage, "
-                   "retrieved passages and none")
-    p.add_argument("--rag-k", type=int, default=3, help="retrieved passages per question in the prompt (default 3)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit in tokens (default 32)")
-    p.add_argument("--batch-size", type=int, default=16, help="questions generated together (default 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    a = p.parse_args(argv)
-    rows = read_qa(Path(a.data))[:a.limit]
-    retriever = Retriever(a.index, a.rag_k)
-    result: dict = {"questions": len(rows), "retrieval": retrieval_metrics(retriever.index, rows)}
-    if a.checkpoint:
-        from pakar.generate import TextGenerator
-        from pakar.train import resolve_device
-
-        gen = TextGenerator.from_checkpoint(a.checkpoint, device=resolve_device(a.device))
-        result["checkpoint"] = a.checkpoint
-        result["chat_model"] = gen.chat
-        for mode in ("gold", "retrieved", "none"):
-            result[f"answers_{mode}"] = answer_metrics(gen, retriever, rows, mode, a.max_new_tokens, a.batch_size)
-    if a.json:
-        print(json.dumps(result, ensure_ascii=False))
-        return 0
-    r = result["retrieval"]
-    print(f"{len(rows)} questions | retrieval: recall@1 {r['recall@1']}  recall@5 {r['recall@5']}  "
-          f"recall@20 {r['recall@20']}  MRR {r['mrr']}")
-    for mode in ("gold", "retrieved", "none"):
-        if f"answers_{mode}" in result:
-            m = result[f"answers_{mode}"]
-            print(f"answers with {mode:9s} passages: answerable EM {m['answerable']['exact_match']} "
-                  f"F1 {m['answerable']['f1']} (n={m['answerable']['n']}); unanswerable abstained "
-                  f"{m['unanswerable']['exact_match']}% (n={m['unanswerable']['n']})")
-    return 0

@@ -36,13 +36,11 @@ Design choices (numbers: README "Retrieval", benchmarks/bench_retrieval.py):
 
 from __future__ import annotations
 
-import argparse
 import json
 import mmap
 import os
 import re
 import shutil
-import sys
 import time
 import unicodedata
 from array import array
@@ -67,7 +65,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 @lru_cache(maxsize=1)
 def _stemmer():
     try:
-        from Sastrawi.Stemmer.StemmerFactory import StemmerFactory
+        from Sastrawi.Stemmer.StemmerFactory import StemmerFactory  # lazy: loads a dictionary; only when stemming
     except ImportError:
         raise PakarError("stemming needs PySastrawi: pip install PySastrawi (or index with --no-stem)") from None
     return StemmerFactory().create_stemmer()
@@ -76,7 +74,7 @@ def _stemmer():
 @lru_cache(maxsize=1)
 def _stopwords() -> frozenset[str]:
     try:
-        from Sastrawi.StopWordRemover.StopWordRemoverFactory import StopWordRemoverFactory
+        from Sastrawi.StopWordRemover.StopWordRemoverFactory import StopWordRemoverFactory  # lazy: only with --stopwords
     except ImportError:
         raise PakarError("--stopwords needs PySastrawi: pip install PySastrawi") from None
     return frozenset(StopWordRemoverFactory().get_stop_words())
@@ -199,7 +197,7 @@ class _FlatDocs:
 
 
 def _source_manifest(specs) -> list[dict]:
-    from pakar.data import file_sha256
+    from pakar.checkpoint import file_sha256  # lazy: it imports torch, which indexing never needs
 
     return [{"path": str(p), "size": p.stat().st_size, "sha256": file_sha256(p)} for p in resolve_sources(specs)]
 
@@ -266,7 +264,7 @@ def build_index(specs, out_dir: str | os.PathLike, settings: IndexSettings | Non
 
 
 def _bm25_build(ids: np.ndarray, offsets: np.ndarray, vocab: dict[str, int], out: Path) -> None:
-    import bm25s
+    import bm25s  # lazy: only an index build or search needs it (chat and serve load this module unused)
 
     retriever = bm25s.BM25()  # Lucene variant, k1=1.5, b=0.75: bm25s's defaults
     retriever.scores = retriever.build_index_from_ids(list(range(len(vocab))), _FlatDocs(ids, offsets),
@@ -302,7 +300,7 @@ class Index:
     """An index opened for search. Score arrays are memory-mapped; passage texts are read on demand."""
 
     def __init__(self, path: str | os.PathLike):
-        import bm25s
+        import bm25s  # lazy: only an index build or search needs it (chat and serve load this module unused)
 
         self.path = Path(path)
         if not (self.path / "index.json").is_file():
@@ -356,63 +354,6 @@ class Index:
 
 
 # ----------------------------------------------------------------------------- commands
-
-def main_index(argv: list[str] | None = None, prog: str = "pakar index") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Build a passage search index over a corpus.")
-    p.add_argument("--data", nargs="+", required=True, help="text files, .gz, .jsonl, folders or globs (as `train`)")
-    p.add_argument("--out", required=True, help="index folder to write (reused when the corpus is unchanged)")
-    p.add_argument("--max-words", type=int, default=200, help="most words in a passage (default 200)")
-    p.add_argument("--min-words", type=int, default=100, help="sentences are packed up to at least this many words (default 100)")
-    p.add_argument("--overlap", type=int, default=40, help="repeat the previous passage's last sentence when at most this many words (default 40)")
-    p.add_argument("--no-stem", action="store_true", help="do not stem Indonesian words (PySastrawi; stemming is on by default)")
-    p.add_argument("--stopwords", action="store_true", help="drop Sastrawi's Indonesian stopwords (off by default: it did not help recall)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    a = p.parse_args(argv)
-    settings = IndexSettings(stem=not a.no_stem, stopwords=a.stopwords, max_words=a.max_words,
-                             min_words=a.min_words, overlap=a.overlap)
-    report = build_index(a.data, a.out, settings, log=(lambda s: print(s, file=sys.stderr)) if a.json else print)
-    if a.json:
-        print(json.dumps(report, ensure_ascii=False))
-    else:
-        for w in report["warnings"]:
-            print(f"warning: {w}")
-        if not report["reused"]:
-            print(f"indexed {report['corpus']} -> {report['passages']:,} passages, {report['terms']:,} terms "
-                  f"in {report['build_seconds']:.1f} s -> {a.out}")
-    return 0
-
-
-def main_search(argv: list[str] | None = None, prog: str = "pakar search") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Search a passage index built by `pakar index`.")
-    p.add_argument("query", nargs="?", help="the query (or use --queries)")
-    p.add_argument("--index", required=True, help="index folder written by `pakar index`")
-    p.add_argument("--k", type=int, default=5, help="passages to return (default 5)")
-    p.add_argument("--queries", help="file with one query per line; prints one JSON object per line")
-    p.add_argument("--json", action="store_true", help='print {"results": [{"text", "source", "score", ...}]}')
-    a = p.parse_args(argv)
-    if a.k < 1:
-        raise PakarError(f"--k {a.k}: must be at least 1")
-    if (a.query is None) == (a.queries is None):
-        raise PakarError("give a query or --queries FILE (one of them)")
-    index = Index(a.index)
-    if a.queries:
-        try:
-            queries = Path(a.queries).read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError as e:
-            raise PakarError(f"--queries {a.queries}: cannot read ({e.strerror})") from None
-        for q in queries:
-            if q.strip():
-                print(json.dumps({"query": q, "results": [h.to_dict() for h in index.search(q, a.k)]}, ensure_ascii=False))
-        return 0
-    hits = index.search(a.query, a.k)
-    if a.json:
-        print(json.dumps({"query": a.query, "results": [h.to_dict() for h in hits]}, ensure_ascii=False))
-        return 0
-    if not hits:
-        print("no passage contains a word of the query")
-    for rank, h in enumerate(hits, 1):
-        print(f"[{rank}] {h.score:.2f}  {format_source(h)}\n    {h.text[:300]}{'…' * (len(h.text) > 300)}")
-    return 0
 
 
 def format_source(h: Hit | dict) -> str:

@@ -1,9 +1,15 @@
 """How a pakar process uses the machine: CPU threads and the OpenMP wait policy, set before torch loads.
 
-This module is the home of process-level runtime choices; a later change will move device and dtype
-resolution here too. Today it holds only the thread logic, which `pakar.cli.main` runs before it
-imports a command's module (so before `import torch` in `pakar <command>`, `python -m pakar` and the
-seed's `python train.py`).
+This module is the home of process-level runtime choices: the thread logic, which `pakar.cli.main` runs
+before it imports a command's module (so before `import torch` in `pakar <command>`, `python -m pakar`
+and the seed's `python train.py`), and the device and dtype resolution every command shares
+(resolve_device, autocast_dtype, inference_dtype, peak_flops). torch is imported inside the device
+functions only, so the thread part runs before torch loads.
+
+One bf16 rule (bf16_auto): `--dtype auto` means bfloat16 on a CUDA GPU that supports it
+(torch.cuda.is_bf16_supported()), float32 everywhere else (CPU, MPS). Training's autocast, evaluation's
+autocast and inference's weight dtype all follow it, so training and evaluation choose alike on an older
+GPU. (Training used to take bf16 on any CUDA GPU, inference only where supported.)
 
 Why: PyTorch's CPU kernels run on OpenMP (libgomp) threads, one per core by default, that spin-wait
 for each other at the end of every parallel region. When another process holds one of those cores,
@@ -101,8 +107,76 @@ def configure_threads(argv: list[str]) -> list[str]:
 
 def thread_summary() -> str:
     """For the first log line: e.g. "2 CPU threads, OpenMP wait policy PASSIVE"."""
-    import torch
+    import torch  # lazy: this module runs before torch loads (configure_threads)
 
     policy = os.environ.get("OMP_WAIT_POLICY", "").upper() or (
         f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in os.environ else "default")
     return f"{torch.get_num_threads()} CPU thread(s), OpenMP wait policy {policy}"
+
+
+# --- devices and dtypes ---------------------------------------------------------------------------
+
+# Peak dense bf16 tensor throughput (FLOP/s) of common accelerators, for MFU in the log.
+# First match wins, so "H100 PCIe" (756 TFLOP/s) must come before the SXM "H100".
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                  "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
+
+
+def resolve_device(name: str):
+    """--device NAME -> torch.device; auto = this rank's CUDA GPU (LOCAL_RANK) when there is one, else cpu.
+    PakarError naming the flag for a name torch does not know or a device this machine lacks."""
+    import torch  # lazy: this module runs before torch loads (configure_threads)
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PakarError(f"--device {name!r} is not a device name (try cpu, cuda, cuda:0)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PakarError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PakarError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PakarError(f"--device {name}: Apple's MPS backend is not available on this machine (try cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise PakarError(f"--device {name}: pakar runs on cpu, cuda, cuda:N or mps")
+    return device
+
+
+def bf16_auto(device) -> bool:
+    """The one rule behind every `--dtype auto`: bfloat16 on a CUDA GPU that supports it, else float32."""
+    import torch  # lazy: this module runs before torch loads (configure_threads)
+
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast_dtype(dtype: str, device):
+    """Training and evaluation: the autocast dtype, None = plain float32 (weights stay float32 either way)."""
+    import torch  # lazy: this module runs before torch loads (configure_threads)
+
+    if dtype == "bfloat16" or (dtype == "auto" and bf16_auto(device)):
+        return torch.bfloat16
+    return None
+
+
+def inference_dtype(name: str, device):
+    """Generation: the weights and cache dtype; auto follows bf16_auto, else the named torch dtype."""
+    import torch  # lazy: this module runs before torch loads (configure_threads)
+
+    if name == "auto":
+        return torch.bfloat16 if bf16_auto(device) else torch.float32
+    return getattr(torch, name)
+
+
+def peak_flops(device) -> float | None:
+    """The GPU's peak dense bf16 FLOP/s from GPU_PEAK_FLOPS (for MFU), None on a CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    import torch  # lazy: this module runs before torch loads (configure_threads)
+
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)

@@ -74,7 +74,6 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import hmac
@@ -92,19 +91,22 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h11
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pakar import PakarError
+from pakar.generate import ContextLengthError, SamplingParams, TextBatch
+from pakar.generate import Request as GenerationRequest  # fastapi's Request is the HTTP one
+from pakar.args import (API_KEY_ENV, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BATCH, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE,
+                        DEFAULT_MAX_REQUEST_BYTES)
 from pakar.rag import sources_payload
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-DEFAULT_MAX_BATCH = 16
-DEFAULT_MAX_QUEUE = 256
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string: each token scans the held-back tail against every stop string
@@ -113,13 +115,9 @@ MIN_TEMPERATURE = 0.01  # (0, 0.01) is raised to 0.01: below it float32 logits /
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 MAX_JSON_DEPTH = 32  # a chat request nests 5 deep; deeper bodies are hostile, not clients
 MAX_INT_DIGITS = 32  # longer integer literals are refused by the field that holds them, never parsed
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
-DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a connection gets to send a request's headers (and its body)
-DEFAULT_MAX_CONNECTIONS = 512
 KEEP_ALIVE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's default)
 MAX_HEADER_BYTES = 16 * 1024  # h11's bound on a request line plus headers; more is answered 400
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
-API_KEY_ENV = "PAKAR_API_KEY"
 WEB_DIR = Path(__file__).with_name("web")
 WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
              "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -317,10 +315,8 @@ class Parsed:
     sources: list | None = None  # --index: the numbered passages in the prompt (the "sources" field)
 
 
-def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Parsed:
+def parse_request(body, kind: str, textgen, model_name: str, max_batch: int) -> Parsed:
     """Validate an OpenAI request body against the served model; raise APIError naming the culprit."""
-    from pakar.generate import ContextLengthError, Request, SamplingParams
-
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -330,7 +326,7 @@ def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Pars
         raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
                        "model", "model_not_found")
     _refuse_unsupported(body)
-    W = gen.context_window
+    W = textgen.context_window
     if kind == "chat":
         prompts: list = [_messages(body)]
         max_tokens = _get_int(body, "max_completion_tokens", None, 1)
@@ -367,14 +363,14 @@ def parse_request(body, kind: str, gen, model_name: str, max_batch: int) -> Pars
 
     requests, prompt_tokens = [], 0
     for prompt in prompts:
-        _refuse_surely_too_long(prompt, gen, param)
+        _refuse_surely_too_long(prompt, textgen, param)
         for i in range(n):
             params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                     top_k=max(top_k, 0), repetition_penalty=repetition_penalty,
                                     seed=None if seed is None else (seed + i) % 2**63)
-            requests.append(Request(prompt, params, stop))
+            requests.append(GenerationRequest(prompt, params, stop))
         try:
-            prompt_tokens += gen.check(requests[-1])
+            prompt_tokens += textgen.check(requests[-1])
         except ContextLengthError as e:
             raise APIError(400, str(e), param, "context_length_exceeded") from None
         except PakarError as e:
@@ -392,13 +388,13 @@ def _max_token_bytes(tokenizer) -> int:
     return cached
 
 
-def _refuse_surely_too_long(prompt, gen, param: str) -> None:
+def _refuse_surely_too_long(prompt, textgen, param: str) -> None:
     """A context_length_exceeded answer without tokenizing, for prompts that cannot fit whatever
     their tokens: megabytes of text would otherwise cost seconds of tokenizer time for nothing."""
     texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    per_token = _max_token_bytes(gen.tokenizer)
-    W = gen.context_window
+    per_token = _max_token_bytes(textgen.tokenizer)
+    W = textgen.context_window
     if nbytes // per_token >= W:
         raise APIError(400, f"the prompt is {nbytes} bytes, so at least {nbytes // per_token} tokens (no token "
                             f"covers more than {per_token} bytes), but the model's context window is {W} tokens",
@@ -430,8 +426,8 @@ class Worker:
     """Owns the TextGenerator. Admits queued jobs into one running TextBatch between decode steps;
     sends ("delta", choice, text, finish_reason, completion|None) and ("error", APIError) to jobs."""
 
-    def __init__(self, gen, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE):
-        self.gen, self.max_batch, self.max_queue = gen, max_batch, max_queue
+    def __init__(self, textgen, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE):
+        self.textgen, self.max_batch, self.max_queue = textgen, max_batch, max_queue
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque[Job] = deque()
         self.owner: dict[int, tuple[Job, int]] = {}  # batch index -> (job, choice)
@@ -463,9 +459,7 @@ class Worker:
         self.inbox.put(None)  # wake the worker if it is idle
 
     def _run(self) -> None:
-        from pakar.generate import TextBatch
-
-        batch = TextBatch(self.gen)
+        batch = TextBatch(self.textgen)
         while True:
             idle = batch.active == 0 and not self.waiting
             try:
@@ -497,7 +491,7 @@ class Worker:
                     job.send(("error", err))
                 self.running.clear()
                 self.owner.clear()
-                batch = TextBatch(self.gen)
+                batch = TextBatch(self.textgen)
 
     def _admit(self, batch) -> None:
         """Move waiting jobs into the batch, first come first served, while rows are free."""
@@ -690,12 +684,12 @@ async def read_body(request: Request, limits: Limits) -> bytes:
                        "request_timeout") from None
 
 
-def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+def create_app(textgen, model_name: str, api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
                max_queue: int = DEFAULT_MAX_QUEUE, limits: Limits = Limits(), retriever=None):
-    """The FastAPI app serving `gen` (a pakar.generate.TextGenerator) as `model_name`. Serve it with
+    """The FastAPI app serving `textgen` (a pakar.generate.TextGenerator) as `model_name`. Serve it with
     uvicorn_config(app, limits) so that the connection limits apply too. With a pakar.rag.Retriever,
     chat requests are answered from retrieved sources."""
-    worker = Worker(gen, max_batch, max_queue)
+    worker = Worker(textgen, max_batch, max_queue)
     # JSON parsing and tokenization run here, off the event loop: a huge prompt must not stall other
     # clients or /health. Two threads: more would only compete with the worker for the GIL.
     parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pakar-serve-parse")
@@ -770,13 +764,13 @@ def create_app(gen, model_name: str, api_key: str | None = None, max_batch: int 
         check_key(request)
         # "chat": whether the model was chat fine-tuned (its checkpoint's meta); the web page says when not
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "pakar", "max_model_len": gen.context_window,
-                                            "chat": gen.chat}]}
+                                            "owned_by": "pakar", "max_model_len": textgen.context_window,
+                                            "chat": textgen.chat}]}
 
     def parse(raw: bytes, kind: str) -> Parsed:
         body = parse_json(raw)
-        hits = _augment(body, gen, retriever) if retriever is not None and kind == "chat" else None
-        parsed = parse_request(body, kind, gen, model_name, max_batch)
+        hits = _augment(body, textgen, retriever) if retriever is not None and kind == "chat" else None
+        parsed = parse_request(body, kind, textgen, model_name, max_batch)
         if hits is not None:
             parsed.sources = sources_payload(hits)
         return parsed
@@ -813,11 +807,9 @@ async def _watch_disconnect(request: Request, job: Job, worker: Worker) -> None:
     job.events.put_nowait(("gone",))
 
 
-def _augment(body, gen, retriever) -> list | None:
+def _augment(body, textgen, retriever) -> list | None:
     """Replace the last user message of a chat body by the RAG template; the hits used, or None when
     the body is not a valid chat request (parse_request then names the problem)."""
-    from pakar.generate import ContextLengthError
-
     try:
         msgs = _messages(body)
         max_tokens = _get_int(body, "max_tokens", _get_int(body, "max_completion_tokens", None, 1), 1)
@@ -825,14 +817,14 @@ def _augment(body, gen, retriever) -> list | None:
         return None
     if msgs[-1]["role"] != "user":
         return None
-    W = gen.context_window
+    W = textgen.context_window
     reserve = min(max_tokens or W, W // 4)
     system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
     try:
-        prompt, hits = retriever.prompt(gen, msgs[-1]["content"], msgs[1 if system else 0:-1], reserve, system)
+        prompt, hits = retriever.prompt(textgen, msgs[-1]["content"], msgs[1 if system else 0:-1], reserve, system)
     except ContextLengthError as e:
         raise APIError(400, str(e), "messages", "context_length_exceeded") from None
-    body["messages"] = prompt if gen.chat else msgs[:-1] + [{"role": "user", "content": prompt}]
+    body["messages"] = prompt if textgen.chat else msgs[:-1] + [{"role": "user", "content": prompt}]
     return hits
 
 
@@ -927,9 +919,6 @@ def guarded_protocol(header_timeout: float, max_connections: int):
     connections beyond `max_connections` are closed as soon as they are accepted, so a flood of
     sockets cannot use up the process's file descriptors. (uvicorn's limit_concurrency does not
     bound sockets: it answers 503 to requests, and only once a request arrives.)"""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     class GuardedH11Protocol(H11Protocol):
         _header_timer = None
 
@@ -971,11 +960,11 @@ def guarded_protocol(header_timeout: float, max_connections: int):
     return GuardedH11Protocol
 
 
-def _fd_room(max_connections: int) -> int:
+def fd_room(max_connections: int) -> int:
     """Raise the soft open-file limit (POSIX) so that max_connections sockets fit beside the model's
     files; returns the connections that fit."""
     try:
-        import resource
+        import resource  # lazy: POSIX only (Windows has no resource module)
     except ImportError:  # Windows: the proactor loop has no select() limit; nothing to raise
         return max_connections
     spare = 64  # the checkpoint, the listening socket, logs, torch's own files
@@ -992,9 +981,7 @@ def _fd_room(max_connections: int) -> int:
 
 
 def uvicorn_config(app, limits: Limits = Limits(), **kw):
-    """uvicorn.Config for `app` with pakar's connection guards (used by main() and the tests)."""
-    import uvicorn
-
+    """uvicorn.Config for `app` with pakar's connection guards (used by pakar.commands.serve and the tests)."""
     return uvicorn.Config(app, http=guarded_protocol(limits.header_timeout, limits.max_connections),
                           timeout_keep_alive=KEEP_ALIVE_TIMEOUT, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                           **kw)
@@ -1003,27 +990,6 @@ def uvicorn_config(app, limits: Limits = Limits(), **kw):
 # ----------------------------------------------------------------------------------------------
 # command line
 
-
-def load_generator(checkpoint: str | None = None, model_dir: str | None = None, device: str = "auto",
-                   dtype: str = "auto", quantize: str | None = None):
-    """(TextGenerator, default model name) from a pakar checkpoint or a Hugging Face Qwen3-MoE folder."""
-    from pakar.chat import pick_dtype
-    from pakar.checkpoint import latest_epoch_checkpoint, safe_load
-    from pakar.generate import TextGenerator
-    from pakar.train import resolve_device
-
-    if checkpoint is not None and model_dir is not None:
-        raise PakarError("give only one of --checkpoint PATH or --model DIR")
-    if checkpoint is None and model_dir is None:  # like chat and eval: the newest epoch checkpoint here
-        checkpoint = latest_epoch_checkpoint(".")
-    device = resolve_device(device)
-    if checkpoint is not None:
-        ckpt, name = safe_load(checkpoint), Path(checkpoint).stem
-    else:
-        from pakar.hf import import_folder
-
-        ckpt, name = import_folder(model_dir), Path(model_dir).resolve().name
-    return TextGenerator.from_ckpt(ckpt, device, pick_dtype(dtype, device), quantize=quantize), name
 
 
 def read_api_key(api_key: str | None, api_key_file: str | None, env=os.environ) -> str | None:
@@ -1055,80 +1021,3 @@ def default_allowed_hosts(host: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(LOOPBACK_NAMES + extra))
 
 
-def main(argv: list[str], prog: str = "pakar serve") -> int:
-    from pakar.chat import add_quantize_arg
-
-    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible HTTP server (/v1/chat/completions, "
-                                "/v1/completions, /v1/models, /health) with a web chat page at /.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="pakar model checkpoint (.pt) (default, without --model: the newest "
-                     "checkpoints/model_epoch*.pt in the current folder)")
-    src.add_argument("--model", dest="model_dir", help="Hugging Face Qwen3-MoE folder (e.g. from pakar export)")
-    p.add_argument("--host", default=DEFAULT_HOST,
-                   help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 opens it "
-                        f"to the network: set an API key and --allowed-hosts then)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})")
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set, else no "
-                        f"key; prefer --api-key-file or the variable: a command line is visible to other users)")
-    p.add_argument("--api-key-file", default=None, help="read the API key from the first line of this file")
-    p.add_argument("--allowed-hosts", default=None,
-                   help="comma-separated names clients may use in the Host header, '*' for any (default: "
-                        "localhost,127.0.0.1,[::1] and the --host address); other names get 400, which stops "
-                        "DNS-rebinding pages")
-    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                   help=f"largest request body in bytes; larger ones get 413 (default: {DEFAULT_MAX_REQUEST_BYTES})")
-    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
-                   help=f"seconds a connection gets to send a request's headers, and then its body; slower "
-                        f"ones are closed (default: {DEFAULT_HEADER_TIMEOUT:g})")
-    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                   help=f"open connections at most; more are closed on arrival (default: {DEFAULT_MAX_CONNECTIONS})")
-    p.add_argument("--model-name", default=None,
-                   help="model id reported by /v1/models and expected in requests (default: the checkpoint's "
-                        "file name or the folder's name)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: auto, cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight and cache dtype (default: auto, bfloat16 on a GPU that supports it, else float32)")
-    add_quantize_arg(p)
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"completions generated together; more wait in a queue (default: {DEFAULT_MAX_BATCH})")
-    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                   help=f"waiting completions before new requests get 429 (default: {DEFAULT_MAX_QUEUE})")
-    from pakar.chat import add_rag_args, open_retriever
-
-    add_rag_args(p)
-    args = p.parse_args(argv)
-    if not 1 <= args.port <= 65535:
-        raise PakarError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.max_batch < 1 or args.max_queue < 1:
-        raise PakarError("--max-batch and --max-queue must be at least 1")
-    if args.max_request_bytes < 1024:
-        raise PakarError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
-    if not args.header_timeout > 0 or args.header_timeout == float("inf"):
-        raise PakarError(f"--header-timeout must be a number of seconds > 0, got {args.header_timeout}")
-    if args.max_connections < 1:
-        raise PakarError(f"--max-connections must be at least 1, got {args.max_connections}")
-    api_key = read_api_key(args.api_key, args.api_key_file)
-    hosts = (default_allowed_hosts(args.host) if args.allowed_hosts is None else
-             tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()))
-    if not hosts:
-        raise PakarError("--allowed-hosts is empty (use '*' to allow any Host header)")
-    max_connections = _fd_room(args.max_connections)
-    if max_connections < args.max_connections:
-        print(f"WARNING: the open-file limit leaves room for {max_connections} connections, not "
-              f"--max-connections {args.max_connections}", file=sys.stderr)
-    limits = Limits(args.max_request_bytes, args.header_timeout, max_connections, hosts)
-
-    import uvicorn
-
-    retriever = open_retriever(args)
-    gen, name = load_generator(args.checkpoint, args.model_dir, args.device, args.dtype, args.quantize)
-    name = args.model_name or name
-    app = create_app(gen, name, api_key, args.max_batch, args.max_queue, limits, retriever)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        print(f"WARNING: listening on {args.host} without an API key: anyone who can reach this machine can "
-              f"use the model", file=sys.stderr)
-    print(f"serving {name!r} ({'chat' if gen.chat else 'text'} model, context {gen.context_window} tokens) on "
-          f"http://{args.host}:{args.port}/  (OpenAI base URL: http://{args.host}:{args.port}/v1)", flush=True)
-    uvicorn.Server(uvicorn_config(app, limits, host=args.host, port=args.port, log_level="info")).run()
-    return 0

@@ -44,12 +44,10 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -59,13 +57,12 @@ import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from pakar import PakarError
-from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_path, human_bytes, is_val,
+from pakar.args import DEFAULT_VOCAB, MAX_VOCAB, MIN_VOCAB
+from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, human_bytes, is_val,
                           iter_documents, resolve_sources)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
-MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
-MAX_VOCAB = 1 << 20  # far above any BPE in use (Qwen's has 151,646); larger sizes crash `tokenizers`' trainer
-DEFAULT_VOCAB = 8192
+assert MIN_VOCAB == 256 + len(SPECIAL_TOKENS)  # pakar.args holds the bounds for the command-line help
 # Qwen2's pre-tokenizer split: contractions, letter runs with one leading non-letter, single digits,
 # punctuation runs, newlines, other whitespace
 SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -359,61 +356,3 @@ def compression_report(tokenizer: Tokenizer, heldout: list[str], word_counts: Co
                         "tokens_per_word": len(pieces) / max(n_words, 1),
                         "unknown_rate": unknown / max(len(pieces), 1)}
     return report
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Train a byte-level BPE tokenizer on a corpus "
-                                     "and report its compression on held-out documents.")
-    parser.add_argument("--data", nargs="+", metavar="SPEC",
-                        help="text/JSONL files (.gz ok), folders or globs (default: the embedded sample corpus)")
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB,
-                        help=f"tokens, including 256 bytes and 3 special tokens (default {DEFAULT_VOCAB})")
-    parser.add_argument("--out", default=".", help="folder for tokenizer.json (default: current folder)")
-    parser.add_argument("--json", action="store_true", help="also print the report as one JSON object, last")
-    args = parser.parse_args(argv)
-    from pakar.cli import check_number, check_out_folder
-
-    check_number("--vocab-size", args.vocab_size, MIN_VOCAB, MAX_VOCAB)
-    check_out_folder("--out", args.out)
-    if args.data is None:
-        print(f"no --data given: using the embedded sample corpus {embedded_sample_path()}")
-    specs = args.data or [embedded_sample_path()]
-
-    # count the words of the training text as it streams by (first 64 MB), for the word-level comparison
-    word_counts: Counter = Counter()
-    counted = 0
-
-    def count_words(doc: str) -> None:
-        nonlocal counted
-        if counted < 64_000_000:
-            word_counts.update(_WORD_RE.findall(doc))
-            counted += len(doc)
-
-    tokenizer, stats, heldout = train_on_corpus(specs, args.vocab_size, on_train_doc=count_words)
-    out = Path(args.out) / "tokenizer.json"
-    tokenizer.save(out)
-    for w in stats.warnings():
-        print(f"warning: {w}")
-    print(f"wrote {out}")
-
-    report = {"tokenizer": str(out), "vocab_size": tokenizer.vocab_size, "corpus": stats.summary()}
-    if heldout:
-        report |= compression_report(tokenizer, heldout, word_counts)
-        print(f"held-out text (never trained on): {report['heldout_documents']:,} documents, "
-              f"{human_bytes(report['heldout_bytes'])}, {report['heldout_words']:,} words")
-        for name, label in (("bpe", "byte-level BPE"), ("word_level", "word-level"),
-                            ("word_level_seed", "word-level (seed)")):
-            r = report[name]
-            print(f"  {label:<18} {r['vocab_size']:>7,} tokens  {r['bytes_per_token']:5.2f} bytes/token  "
-                  f"{r['tokens_per_word']:5.2f} tokens/word  {100 * r['unknown_rate']:5.2f}% unknown")
-        print("  (word-level counts words and punctuation marks as tokens; unknown words become <unk>, "
-              "so its text cannot be recovered)")
-    else:
-        print("held-out text: none (corpus too small for a held-out document); no compression report")
-    if args.json:
-        print(json.dumps(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,10 @@ step -> log. Choices:
   The MoE auxiliary losses are averaged over micro-batches; expert loads for bias balancing are summed.
 - AdamW (fused where the device supports it), linear warmup then cosine or warmup-stable-decay (WSD)
   to `--min-lr-ratio` of the peak; weight decay only on matrices (not norms, embeddings, router bias).
-- Precision: bf16 autocast on CUDA, float32 on CPU unless `--dtype bfloat16`.
+- Precision: bf16 autocast on a CUDA GPU that supports it, float32 elsewhere unless `--dtype bfloat16`
+  (pakar.runtime.autocast_dtype: the one rule evaluation and generation follow too).
+- Arguments: TrainArgs (pakar.args); the command line is pakar.commands.train, which also sends chat
+  JSONL data with --init-from to pakar.finetune.train_chat (the seed's form of chat fine-tuning).
 - Only rank 0 writes logs and checkpoints; the distributed wrapping lives in pakar.distributed.
 
 Never losing work (the choices of issue 17):
@@ -46,7 +49,6 @@ Never losing work (the choices of issue 17):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -58,7 +60,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -66,87 +67,19 @@ import numpy as np
 import torch
 
 from pakar import PakarError
+from pakar.args import DEFAULT_LR, TrainArgs
 from pakar.checkpoint import (DISK_ERRORS, atomic_save, check_resume_state, check_run_dir, model_checkpoint,
                               remove_run_files, remove_stale_temps, safe_load, write_error)
-from pakar.config import PRESETS, ModelConfig, get_config
+from pakar.config import ModelConfig, get_config
 from pakar.corpus import VAL_FRACTION
 from pakar.model import Transformer
 from pakar.moe import expert_load_stats, update_expert_bias
+from pakar.runtime import autocast_dtype, peak_flops, resolve_device
 
-# Peak dense bf16 tensor throughput (FLOP/s) of common accelerators, for MFU in the log.
-# First match wins, so "H100 PCIe" (756 TFLOP/s) must come before the SXM "H100".
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                  "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
-DEFAULT_LR = {"tiny": 3e-3, "small": 1.5e-3, "default": 3e-4, "3b": 2e-4}
-SAMPLE_PROMPT = "Indonesia adalah"
 # Non-finite steps in a row that stop the run. One bad batch (an overflow spike) is skipped and
 # training goes on; when the weights or the learning rate are broken every step is non-finite, and
 # after 3 the run stops rather than skipping through the rest of the data.
 MAX_BAD_STEPS = 3
-
-
-@dataclass
-class TrainArgs:
-    epochs: int = 1
-    batch: int = 8  # sequences per device per micro-step
-    config: str = "small"
-    seq_len: int = 256
-    data: list[str] | None = None  # None: the embedded sample corpus
-    out: str = "."
-    grad_accum: int = 1
-    lr: float | None = None  # None: the preset's default
-    min_lr_ratio: float = 0.1
-    warmup: int | None = None  # optimizer steps; None: 5% of the run, at most 200
-    schedule: str = "cosine"  # cosine | wsd
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    max_steps: int | None = None  # stop after this many optimizer steps (the schedule is fitted to it)
-    time_limit: float | None = None  # minutes; save the state and stop when reached
-    eval_every: int = 0  # optimizer steps; 0 = only at epoch ends
-    eval_tokens: int = 2**20  # at most this many validation tokens per evaluation
-    save_every: int = 200  # optimizer steps between resumable states (and at every epoch end)
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False  # replace the run already in --out (deletes its checkpoints)
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16
-    vocab_size: int = 8192  # when a tokenizer has to be trained
-    val_fraction: float | None = None  # share of documents held out; None: pakar.corpus.VAL_FRACTION,
-    # or 5% for the small embedded sample corpus so that its validation loss means something
-    activation_checkpointing: bool = False
-    compile: bool = False
-    init_from: str | None = None  # start from this checkpoint's weights and tokenizer (fine-tuning)
-    sample_prompt: str = SAMPLE_PROMPT
-    deepspeed: bool = False
-    deepspeed_config: str | None = None
-    fsdp: bool = False
-
-    def __post_init__(self):
-        from pakar.cli import check_number, check_out_folder
-
-        for flag, low in (("epochs", 1), ("batch", 1), ("seq-len", 8), ("grad-accum", 1), ("log-every", 1),
-                          ("save-every", 0), ("eval-every", 0), ("eval-tokens", 1), ("warmup", 0), ("max-steps", 1)):
-            check_number(f"--{flag}", getattr(self, flag.replace("-", "_")), low)
-        check_number("--seed", self.seed, 0, 2**64 - 1)  # torch and numpy seeds are unsigned 64-bit
-        check_number("--lr", self.lr, 0, low_open=True)
-        check_number("--min-lr-ratio", self.min_lr_ratio, 0, 1)
-        check_number("--weight-decay", self.weight_decay, 0)
-        check_number("--grad-clip", self.grad_clip, 0)  # 0 = off
-        check_number("--time-limit", self.time_limit, 0, low_open=True)
-        check_number("--val-fraction", self.val_fraction, 0, 0.5, low_open=True)
-        check_number("--vocab-size", self.vocab_size, 256 + 3, 1 << 20)  # bytes + specials; pakar.tokenizer.MAX_VOCAB
-        check_out_folder("--out", self.out)
-        if self.config not in PRESETS:
-            raise PakarError(f"unknown --config {self.config!r}; choose one of: {', '.join(PRESETS)}")
-        if self.schedule not in ("cosine", "wsd"):
-            raise PakarError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise PakarError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-
-    # Fields that change what the next step computes: a resumed run must keep them.
-    RESUME_KEYS = ("config", "batch", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup", "schedule",
-                   "weight_decay", "grad_clip", "seed", "dtype", "init_from")
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float, schedule: str) -> float:
@@ -162,26 +95,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float, sch
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PakarError(f"--device {name!r} is not a device name (try cpu, cuda, cuda:0)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PakarError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise PakarError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
-                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise PakarError(f"--device {name}: Apple's MPS backend is not available on this machine (try cpu)")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise PakarError(f"--device {name}: pakar runs on cpu, cuda, cuda:N or mps")
-    return device
 
 
 def cxx_compiler() -> tuple[str, str | None]:
@@ -200,19 +113,6 @@ def check_compiler() -> None:
                          f"install one (Windows: Visual Studio Build Tools, then run from the Developer PowerShell; "
                          f"Linux: g++; macOS: xcode-select --install) or train without --compile")
 
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """None = plain float32. bf16 autocast is the default on CUDA, float32 the default on a CPU."""
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
@@ -790,74 +690,4 @@ def sample_text(model: Transformer, tokenizer, prompt: str, device, max_new_toke
     return prompt + tokenizer.decode(out)
 
 
-def add_train_args(p: argparse.ArgumentParser, defaults: TrainArgs = TrainArgs()) -> None:
-    d = defaults
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training tokens (default {d.epochs})")
-    p.add_argument("--batch", type=int, default=d.batch, help=f"sequences per device per micro-step (default {d.batch})")
-    p.add_argument("--config", default=d.config, help=f"model preset: {', '.join(PRESETS)} (default {d.config})")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default {d.seq_len})")
-    p.add_argument("--data", nargs="+", default=d.data, help="text files, .gz, .jsonl, directories or globs "
-                   "(default: the embedded Indonesian sample corpus)")
-    p.add_argument("--out", default=d.out, help="run directory for tokenizer, token cache, training.log and "
-                   "checkpoints/ (default: current directory)")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: per preset, "
-                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "; a tenth of that when fine-tuning)")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a fraction of the peak (default 0.1)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="warmup optimizer steps (default 5%% of the run, at most 200)")
-    p.add_argument("--schedule", default=d.schedule, choices=["cosine", "wsd"], help="lr decay after warmup (default cosine)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices (default 0.1)")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm, 0 = off (default 1.0)")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many optimizer steps "
-                   "(a short run; the lr schedule is fitted to it)")
-    p.add_argument("--time-limit", type=float, default=d.time_limit, help="minutes; save the state and stop when reached")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N optimizer steps (default 0: epoch ends only)")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help=f"max validation tokens per evaluation (default {d.eval_tokens})")
-    p.add_argument("--save-every", type=int, default=d.save_every, help=f"save the resumable state every N steps, 0 = epoch ends only (default {d.save_every})")
-    p.add_argument("--log-every", type=int, default=d.log_every, help=f"log every N optimizer steps (default {d.log_every})")
-    p.add_argument("--resume", action="store_true", help="continue exactly from checkpoints/state.pt in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (deletes its "
-                   "checkpoints; without it a folder holding a run is refused)")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed for initialisation and batch order (default {d.seed})")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
-                   help="auto = bf16 autocast on CUDA, float32 on CPU (default auto)")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of documents held out for "
-                   "validation (default 0.01, or 0.05 for the embedded sample corpus)")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"BPE vocabulary when a tokenizer is trained (default {d.vocab_size})")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--init-from", default=d.init_from, help="start from this checkpoint's weights and tokenizer (fine-tuning)")
-    p.add_argument("--sample-prompt", default=d.sample_prompt, help=f"prompt for the greedy sample at each epoch end (default {d.sample_prompt!r})")
-    p.add_argument("--deepspeed", action="store_true", help="train with a DeepSpeed ZeRO engine (pip install "
-                   "'pakar[deepspeed]'; launch with torchrun or `deepspeed train.py ...`)")
-    p.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON config (default: built-in ZeRO-2; batch "
-                   "sizes, accumulation, clipping and bf16 come from pakar's flags, use \"auto\" for them)")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state with "
-                   "FSDP2 (launch with torchrun; bf16 compute, float32 reductions on GPUs)")
-    # the deepspeed launcher passes --local_rank=N; torchrun's LOCAL_RANK variable says the same
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
-
-def args_from_namespace(ns: argparse.Namespace, cls=TrainArgs):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(ns).items() if k in names})
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Train a pakar MoE model.")
-    add_train_args(p)
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object at the end")
-    ns = p.parse_args(argv)
-    args = args_from_namespace(ns)
-    from pakar.corpus import detect_kind
-
-    if args.data and detect_kind(args.data) == "chat":  # the seed's form of chat fine-tuning
-        from pakar.finetune import train_chat
-
-        summary = train_chat(args)
-    else:
-        summary = train(args)
-    if ns.json and int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(summary))
-    return 128 + summary["signal"] if summary.get("signal") else 0  # a shell's status for a signal

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pakar import finetune, train  # noqa: E402
+from pakar import chat_data, train  # noqa: E402
 from pakar.cli import main  # noqa: E402
 
 
@@ -33,5 +33,5 @@ def flip_rows(cls) -> None:
 
 if __name__ == "__main__":
     flip_rows(train.TokenStreamData)  # pretraining
-    flip_rows(finetune.ChatData)  # chat fine-tuning
+    flip_rows(chat_data.ChatData)  # chat fine-tuning
     sys.exit(main(sys.argv[1:]))

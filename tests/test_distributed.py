@@ -467,7 +467,8 @@ def test_launcher_flags_and_mode_errors(tmp_path, monkeypatch):
     import argparse
 
     from pakar import distributed
-    from pakar.train import TrainArgs, add_train_args, args_from_namespace
+    from pakar.args import TrainArgs
+    from pakar.commands.train import add_train_args, args_from_namespace
 
     p = argparse.ArgumentParser()
     add_train_args(p)

@@ -18,12 +18,13 @@ from pakar import PakarError
 from pakar.checkpoint import load_model, safe_load, save_model
 from pakar.config import get_config
 from pakar.corpus import embedded_sample_path
-from pakar.finetune import (ChatData, FinetuneArgs, collate, evaluate_chat, evaluate_conversations, finetune,
-                            load_chat, train_chat)
+from pakar.args import FinetuneArgs
+from pakar.chat_data import ChatData, collate, evaluate_chat, evaluate_conversations, load_chat
+from pakar.finetune import finetune, train_chat
 from pakar.lora import LoraSpec, apply_lora, load_adapter, split_state
 from pakar.model import Transformer
 from pakar.tokenizer import encode_chat
-from pakar.train import TrainArgs
+from pakar.args import TrainArgs
 
 
 def sample_lines() -> list[str]:

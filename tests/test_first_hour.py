@@ -87,7 +87,7 @@ def test_export_and_serve_default_to_the_newest_checkpoint(run_dir, monkeypatch,
     from safetensors.torch import load_file
 
     from pakar.checkpoint import safe_load
-    from pakar.serve import load_generator
+    from pakar.chat import default_model_name, load_generator
 
     monkeypatch.chdir(run_dir)
     assert cli(["export"]) == 0
@@ -101,8 +101,8 @@ def test_export_and_serve_default_to_the_newest_checkpoint(run_dir, monkeypatch,
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
         assert modes["model.safetensors"] == 0o666 & ~mask, modes
         assert len(set(modes.values())) == 1, modes
-    gen, name = load_generator(device="cpu")
-    assert name == "model_epoch2"
+    gen, path = load_generator(device="cpu")
+    assert default_model_name(path) == "model_epoch2"
     assert torch.equal(gen.engine.model.embed_tokens.weight, newest["embed_tokens.weight"])
     capsys.readouterr()
 

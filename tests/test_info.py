@@ -11,8 +11,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pakar import PakarError, cli
+from pakar.commands.info import main
 from pakar.config import PRESETS, get_config
-from pakar.info import activation_bytes, main, param_counts, train_flops_per_token
+from pakar.info import activation_bytes, param_counts, train_flops_per_token
 from pakar.model import Transformer
 from pakar.moe import Experts
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pakar import PakarError
-from pakar.checkpoint import load_model, save_model
+from pakar.checkpoint import file_sha256, load_model, save_model
 from pakar.config import get_config
-from pakar.lora import (LoraSpec, adapter_checkpoint, apply_lora, file_sha256, load_adapter, merge_adapter_file,
+from pakar.lora import (LoraSpec, adapter_checkpoint, apply_lora, load_adapter, merge_adapter_file,
                         merge_state, parse_targets, router_buffers, split_state)
 from pakar.model import Transformer
 

@@ -206,7 +206,7 @@ def test_prompt_fits_the_window_and_keeps_the_whole_question(tiny_gen, index_dir
 
 
 def test_rc_record_renders_the_template_and_masks_only_the_answer(sample_tokenizer, tmp_path):
-    from pakar.finetune import load_chat
+    from pakar.chat_data import load_chat
     from pakar.tokenizer import encode_chat
 
     tok = sample_tokenizer

@@ -107,7 +107,8 @@ class LiveServer:
                  device: str = "cpu", model_name: str = MODEL_NAME, **limits):
         import uvicorn
 
-        from pakar.serve import Limits, create_app, load_generator, uvicorn_config
+        from pakar.chat import load_generator
+        from pakar.serve import Limits, create_app, uvicorn_config
 
         self.gen, _ = load_generator(str(checkpoint), device=device)
         self.model_name = model_name

@@ -6,8 +6,9 @@ import unicodedata
 import pytest
 
 from pakar import PakarError
-from pakar.tokenizer import (CHAT_TEMPLATE, MIN_VOCAB, SPECIAL_TOKENS, Tokenizer, encode_chat, main,
-                             render_chat, train_tokenizer)
+from pakar.commands.data import main_tokenizer as main
+from pakar.tokenizer import (CHAT_TEMPLATE, MIN_VOCAB, SPECIAL_TOKENS, Tokenizer, encode_chat, render_chat,
+                             train_tokenizer)
 
 TEXT = "Kopi tubruk khas Jawa — rasanya 'mantap' 😊, é ñ\tRp 15.000,-\n“kutipan” café 日本"
 CHAT = [

@@ -155,7 +155,7 @@ def test_device_and_out_mistakes_are_one_line(tmp_path):
     a_file.write_text("x")
     with pytest.raises(PakarError, match="is a file, not a folder"):
         small_args(a_file)
-    from pakar.train import resolve_device
+    from pakar.runtime import resolve_device
 
     if not torch.backends.mps.is_available():
         with pytest.raises(PakarError, match="MPS"):

@@ -310,7 +310,8 @@ def test_finetune_max_steps_leaves_a_model_and_validates(tmp_path, sample_tokeni
     the "after" validation next to the "before" one, and the summary naming that file."""
     from pakar.checkpoint import save_model
     from pakar.corpus import embedded_sample_path
-    from pakar.finetune import FinetuneArgs, finetune
+    from pakar.args import FinetuneArgs
+    from pakar.finetune import finetune
 
     cfg = get_config("tiny", vocab_size=sample_tokenizer.vocab_size)
     base = tmp_path / "base.pt"
