@@ -44,8 +44,8 @@ import torch
 
 from pakar import PakarError
 from pakar.config import ModelConfig
-from pakar.hf import check_expert_bias, special_tokens
-from pakar.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
+from pakar.hf import export_inputs, special_tokens
+from pakar.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 OUTTYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # q8_0 quantises blocks of 32 values along a row
@@ -140,18 +140,7 @@ def export_gguf(ckpt: dict, out_file: str | Path, *, outtype: str = "f32", allow
         raise PakarError(f"--out {out}: a GGUF export is one file; give a name ending in .gguf")
     if out.is_dir():
         raise PakarError(f"--out {out} is a folder; give a file name ending in .gguf")
-    config = ModelConfig.from_dict(ckpt["config"])
-    tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
-    chat = bool(ckpt.get("meta", {}).get("chat", False))
-    state = ckpt["model"]
-    bias = check_expert_bias(state)
-    if bias > 0:
-        msg = (f"this checkpoint was trained with auxiliary-loss-free balancing: its expert selection bias "
-               f"is non-zero (max |bias| = {bias:.3g}), and llama.cpp's graph has no such bias, so the exported "
-               f"model would send some tokens to different experts than pakar does")
-        if not allow_bias_drop:
-            raise PakarError(msg + "; pass --allow-bias-drop to export without the bias anyway")
-        log(f"WARNING: {msg}. Exporting without it (--allow-bias-drop).")
+    config, tokenizer, chat, state = export_inputs(ckpt, "llama.cpp's graph", allow_bias_drop, log)
 
     arch = architecture(config)
     out.parent.mkdir(parents=True, exist_ok=True)

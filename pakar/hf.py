@@ -332,29 +332,34 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]
     return shards
 
 
+def export_inputs(ckpt: dict, target: str, allow_bias_drop: bool, log=print):
+    """(config, tokenizer, chat flag, state dict) of a checkpoint about to be exported to `target`.
+    Shapes against the config, finite weights and a tokenizer that parses are checked before anything
+    is written, so a damaged checkpoint never becomes a file another program refuses. A non-zero expert
+    selection bias (auxiliary-loss-free balancing) is refused unless allowed: `target` has no such bias."""
+    config = check_model_checkpoint(ckpt, "--checkpoint")
+    tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
+    chat = bool(ckpt.get("meta", {}).get("chat", False))
+    state = ckpt["model"]
+    bias = check_expert_bias(state)
+    if bias > 0:
+        msg = (f"this checkpoint was trained with auxiliary-loss-free balancing: its expert selection bias "
+               f"is non-zero (max |bias| = {bias:.3g}), and {target} has no such bias, so the exported model "
+               f"would send some tokens to different experts than pakar does")
+        if not allow_bias_drop:
+            raise PakarError(msg + "; pass --allow-bias-drop to export without the bias anyway")
+        log(f"WARNING: {msg}. Exporting without it (--allow-bias-drop): check the exported model's quality "
+            f"(e.g. pakar import it back and run pakar eval) before you deploy it.")
+    return config, tokenizer, chat, state
+
+
 def export_checkpoint(ckpt: dict, out_dir: str | Path, *, dtype: str = "float32", allow_bias_drop: bool = False,
                       max_shard_size: str = DEFAULT_MAX_SHARD, log=print) -> Path:
     """Write a loaded pakar model checkpoint dict as a Hugging Face Qwen3-MoE folder. Returns the folder."""
     if dtype not in DTYPES:
         raise PakarError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
-    # shapes against the config, finite weights, a tokenizer that parses: before anything is written,
-    # so a damaged checkpoint never becomes a folder that transformers refuses
-    config = check_model_checkpoint(ckpt, "--checkpoint")
-    tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
-    chat = bool(ckpt.get("meta", {}).get("chat", False))
-    state = ckpt["model"]
-
-    bias = check_expert_bias(state)
-    if bias > 0:
-        msg = (f"this checkpoint was trained with auxiliary-loss-free balancing: its expert selection bias "
-               f"is non-zero (max |bias| = {bias:.3g}), and Qwen3-MoE has no such bias, so the exported model "
-               f"would send some tokens to different experts than pakar does")
-        if not allow_bias_drop:
-            raise PakarError(msg + "; pass --allow-bias-drop to export without the bias anyway")
-        log(f"WARNING: {msg}. Exporting without it (--allow-bias-drop): check the exported model's quality "
-            f"(e.g. pakar import it back and run pakar eval) before you deploy it.")
-
+    config, tokenizer, chat, state = export_inputs(ckpt, "Qwen3-MoE", allow_bias_drop, log)
     torch_dtype = DTYPES[dtype]
     tensors = {k: v.to(torch_dtype) for k, v in to_hf_state_dict(state, config).items()}
     out = Path(out_dir)
