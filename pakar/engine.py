@@ -315,9 +315,6 @@ class Batch:
     def active(self) -> int:
         return len(self.rows)
 
-    def row_ids(self) -> list[int]:
-        return [r.id for r in self.rows]
-
     def cancel(self, row_id: int) -> None:
         """The row ends at the next step() with reason "cancelled"; unknown or finished ids are ignored."""
         for r in self.rows:

@@ -10,6 +10,13 @@ embed_tokens -> num_hidden_layers x [x + attn(RMSNorm(x)); x + moe(RMSNorm(x))] 
 - Single-device code: no torch.distributed, no tokenizer. Parallelism wraps this module from outside.
 - Generation-ready: forward() takes an optional KVCache, per-row position ids and a key-padding mask
   (left-padded batches), and can compute logits for the last position only.
+- CPU decode steps, beside the forward they shortcut (pakar.engine picks one per step and says why):
+  `decode_step` is forward for one new token per row minus the losses and counts, with
+  MoE.forward_chosen's per-chosen-expert products (modules called as modules, so LoRA wrappers and
+  int8 modules run as they are); `decode_row` is the one-row float32 step as 1-D vectors and BLAS
+  matrix-vector products, written by each module next to its forward (Attention.decode_row,
+  MoE.decode_row, Block.decode_row) over the buffers of a RowScratch. tests/test_engine.py holds
+  both to forward's logits and cache.
 - Training-ready: with targets and return_logits=False the head and the cross-entropy run fused,
   chunk by chunk (pakar.kernels.linear_cross_entropy), so the (tokens x vocabulary) logits are never
   stored.
