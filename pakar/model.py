@@ -113,26 +113,33 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def decode_row(self, x_D, h_D, r: float, s: "RowScratch", l: int):
+    def row_views(self):
+        """The weights decode_row reads, taken once per decoder (RowScratch): a step looks them up in a
+        tuple, not through nn.Module attributes, whose lookups cost as much as a small torch call."""
+        return (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.q_norm.weight,
+                self.k_norm.weight, self.o_proj.weight)
+
+    def decode_row(self, x_D, h_D, r: float, s: "RowScratch", l: int, views):
         """x + forward(RMSNorm(x)) for the one row of a float32 CPU decode step, as 1-D vectors (see
         Transformer.decode_row). `h_D` is x times the input norm's weight and `r` that norm's 1/rms,
         which the projections take as their `alpha`; q and k are projected into one buffer, their
         per-head norms computed together and rotated by one (K x K) product (the norm's per-head scale
-        commutes with the rotation); the new key and value go to this step's cache column, and
-        attention runs over the row's own columns as two small batched products, no mask."""
-        K = self.head_dim
-        torch.addmv(s.q, self.q_proj.weight, h_D, beta=0, alpha=r, out=s.q)
-        torch.addmv(s.k, self.k_proj.weight, h_D, beta=0, alpha=r, out=s.k)
-        torch.addmv(s.v, self.v_proj.weight, h_D, beta=0, alpha=r, out=s.v)
-        r_X1 = torch.add(s.eps_X1, (s.qk_XK * s.qk_XK).sum(-1, keepdim=True), alpha=1.0 / K).rsqrt_()
-        s.q_HK.mul_(self.q_norm.weight)
-        s.k_GK.mul_(self.k_norm.weight)
+        commutes with the rotation); the new key and value go to this step's cache column of layer
+        `l`, and attention runs over the row's own columns as two small batched products, no mask.
+        `views`: row_views()."""
+        wq, wk, wv, qn, kn, wo = views
+        torch.addmv(s.q, wq, h_D, beta=0, alpha=r, out=s.q)
+        torch.addmv(s.k, wk, h_D, beta=0, alpha=r, out=s.k)
+        torch.addmv(s.v, wv, h_D, beta=0, alpha=r, out=s.v)
+        r_X1 = torch.add(s.eps_X1, (s.qk_XK * s.qk_XK).sum(-1, keepdim=True), alpha=s.inv_K).rsqrt_()
+        s.q_HK.mul_(qn)
+        s.k_GK.mul_(kn)
         torch.mm(s.qk_XK, s.rope_KK, out=s.rot_XK).mul_(r_X1)
         s.new_keys[l].copy_(s.k_rot_GK)
         s.new_values[l].copy_(s.v_GK)
         scores = torch.baddbmm(s.zero, s.q_GJK, s.keys_T[l], beta=0, alpha=s.scale)
         torch.bmm(scores.softmax(-1), s.values[l], out=s.att_GJK)
-        return torch.addmv(x_D, self.o_proj.weight, s.att)
+        return torch.addmv(x_D, wo, s.att)
 
 
 class Block(nn.Module):
@@ -156,26 +163,33 @@ class Block(nn.Module):
         y_BD = self.mlp.forward_chosen(self.post_attention_layernorm(x_B1D).view(B, D))
         return x_B1D + y_BD.view(B, 1, D).to(x_B1D.dtype)
 
+    def row_views(self):
+        """What decode_row reads, taken once per decoder (RowScratch): the norms' weights and the
+        attention's and MoE's own row_views."""
+        return (self.input_layernorm.weight, self.self_attn, self.self_attn.row_views(),
+                self.post_attention_layernorm.weight, self.mlp, self.mlp.row_views())
+
     def decode_row(self, x_D, s: "RowScratch", l: int):
         """forward() for the one row of a float32 CPU decode step (see Transformer.decode_row): each
         RMSNorm as the product of x with its weight and a scalar 1/rms that the next products take."""
-        x_D = self.self_attn.decode_row(x_D, x_D * self.input_layernorm.weight, s.inv_rms(x_D), s, l)
-        return self.mlp.decode_row(x_D, x_D * self.post_attention_layernorm.weight, s.inv_rms(x_D),
-                                   s.experts[l], s.probs_E, s.gate_I)
+        ln1, attn, attn_views, ln2, moe, moe_views = s.layers[l]
+        x_D = attn.decode_row(x_D, x_D * ln1, s.inv_rms(x_D), s, l, attn_views)
+        return moe.decode_row(x_D, x_D * ln2, s.inv_rms(x_D), moe_views, s.probs_E, s.gate_I)
 
 
 class RowScratch:
     """What Transformer.decode_row reuses from step to step: work buffers and views of them, views of
-    the weights (each expert's matrices unbound once; whether a layer has a non-zero selection bias,
-    read once: `MoE.row_views`), the rotary embedding as (K x K) matrices, and per step the cache's
-    per-layer views. Views, not copies, so in-place weight updates (an optimizer step, a LoRA merge)
+    the weights (each module's `row_views`, e.g. each expert's matrices unbound once and whether a
+    layer has a non-zero selection bias, read once), the rotary embedding as (K x K) matrices, and per
+    step the cache's per-layer views. Views, not copies, so in-place weight updates (an optimizer step, a LoRA merge)
     are seen. One per model, used from one thread (pakar.engine.RowDecoder holds it)."""
 
     def __init__(self, model: "Transformer"):
         cfg = model.config
         H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         HK, GK, half = H * K, G * K, K // 2
-        self.D, self.eps, self.scale = cfg.hidden_size, cfg.rms_norm_eps, 1.0 / math.sqrt(K)
+        self.D, self.eps, self.scale, self.inv_K = cfg.hidden_size, cfg.rms_norm_eps, 1.0 / math.sqrt(K), 1.0 / K
+        self.embed, self.final_norm, self.head = model.embed_tokens.weight, model.norm.weight, model.lm_head.weight
         self.cos, self.sin = model.rope_cos, model.rope_sin
         # y @ (diag(cos) + swap * sin) = y * cos + rotate_half(y) * sin
         i = torch.arange(half)
@@ -193,7 +207,7 @@ class RowScratch:
         self.eps_X1 = torch.full((H + G, 1), cfg.rms_norm_eps)
         self.zero = torch.zeros(1, 1, 1)  # baddbmm's ignored input
         self.probs_E, self.gate_I = torch.empty(cfg.num_experts), torch.empty(cfg.moe_intermediate_size)
-        self.experts = [layer.mlp.row_views() for layer in model.layers]
+        self.layers = [layer.row_views() for layer in model.layers]
         self.rope_KK = self.new_keys = self.new_values = self.keys_T = self.values = None  # set per step
 
     def begin(self, cache: KVCache, n: int) -> None:
@@ -368,8 +382,8 @@ class Transformer(nn.Module):
         the next-token logits (1, V). The same computation as forward() (tests/test_engine.py holds it
         to forward's logits and cache), with 1-D vectors and BLAS matrix-vector products."""
         s.begin(kv_cache, n)
-        x_D = self.embed_tokens.weight[token]
+        x_D = s.embed[token]
         for l, layer in enumerate(self.layers):
             x_D = layer.decode_row(x_D, s, l)
         kv_cache.pos += 1
-        return torch.mv(self.lm_head.weight, x_D * self.norm.weight).mul_(s.inv_rms(x_D)).view(1, -1)
+        return torch.mv(s.head, x_D * s.final_norm).mul_(s.inv_rms(x_D)).view(1, -1)

@@ -226,12 +226,13 @@ class MoE(nn.Module):
         return combine(y_NKD, weight_NK)
 
     def row_views(self):
-        """What decode_row reads, taken once per decoder (pakar.model.RowScratch): each expert's three
-        matrices as separate views (no per-step indexing), and the selection bias, or None when it is
-        all zero (adding zeros leaves the choice unchanged)."""
+        """What decode_row reads, taken once per decoder (pakar.model.RowScratch), so that a step looks
+        weights up in a tuple rather than through nn.Module attributes: the router's weight, its
+        selection bias (None when all zero: adding zeros leaves the choice unchanged), and each
+        expert's three matrices as separate views (no per-step indexing)."""
         ex, bias = self.experts, self.gate.expert_bias
-        return (ex.gate_proj.unbind(0), ex.up_proj.unbind(0), ex.down_proj.unbind(0),
-                bias if bool(bias.any()) else None)
+        return (self.gate.weight, bias if bool(bias.any()) else None, self.gate.norm_topk_prob,
+                ex.gate_proj.unbind(0), ex.up_proj.unbind(0), ex.down_proj.unbind(0))
 
     def decode_row(self, x_D, h_D, r: float, views, probs_E, gate_I):
         """x + forward(RMSNorm(x)) for the one row of a float32 CPU decode step (pakar.model's
@@ -240,15 +241,15 @@ class MoE(nn.Module):
         (free on a CPU) and each chosen expert is three matrix-vector products, the down-projection
         accumulated into x with the gate weight folded into its alpha. `views`: row_views();
         probs_E, gate_I: work buffers."""
-        gate, up, down, bias = views
-        probs = torch.addmv(probs_E, self.gate.weight, h_D, beta=0, alpha=r, out=probs_E).softmax(-1)
+        wr, bias, norm_topk_prob, gate, up, down = views
+        probs = torch.addmv(probs_E, wr, h_D, beta=0, alpha=r, out=probs_E).softmax(-1)
         if bias is None:
             weights, chosen = torch.topk(probs, self.top_k)
         else:  # the bias only picks the experts; gate values stay the probabilities
             chosen = torch.topk(probs + bias, self.top_k).indices
             weights = probs[chosen]
         weights = weights.tolist()
-        if self.gate.norm_topk_prob:
+        if norm_topk_prob:
             weights = [w / sum(weights) for w in weights]
         for e, w in zip(chosen.tolist(), weights):
             a = torch.addmv(gate_I, gate[e], h_D, beta=0, alpha=r, out=gate_I)
