@@ -4,7 +4,6 @@ API:
     prepare(specs, out_dir, vocab_size, val_fraction, tokenizer, log) -> (Tokenizer, TokenData)
     TokenData(train, val, manifest, dir); TokenData.load(dir)
     BatchLoader(tokens, batch_size, seq_len, seed, rank, world_size, shuffle).get(epoch, step) -> (x, y)
-    iter_eval_batches(tokens, batch_size, seq_len, max_tokens, rank, world_size) -> (x, y), ...
 
 Run directory layout (`--out DIR`):
     DIR/tokenizer.json                  trained on first use, reused afterwards
@@ -43,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections import deque
@@ -373,26 +371,3 @@ class BatchLoader:
         idx_BT1 = windows_B[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         seq_BT1 = torch.from_numpy(self.tokens[idx_BT1].astype(np.int64))
         return seq_BT1[:, :-1], seq_BT1[:, 1:]
-
-
-def iter_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_tokens: int | None = None,
-                      rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Sequential (x, y) int64 batches over a token stream, windows as in BatchLoader, rank r taking
-    windows r, r+world_size, ...; the last batch may be smaller. max_tokens caps the targets (rounded
-    up to whole windows). The tail after the last full window is not evaluated, except that a stream
-    shorter than one window is evaluated as one shorter window."""
-    import torch  # lazy: only batches need torch; `pakar prepare` stays torch-free
-
-    n_windows = max(len(tokens) - 1, 0) // seq_len
-    if max_tokens is not None:
-        n_windows = min(n_windows, math.ceil(max_tokens / seq_len))
-    if n_windows == 0 and len(tokens) >= 2:
-        if rank == 0:
-            seq_1T = torch.from_numpy(np.asarray(tokens[:seq_len + 1]).astype(np.int64))[None]
-            yield seq_1T[:, :-1], seq_1T[:, 1:]
-        return
-    mine = np.arange(rank, n_windows, world_size)
-    for i in range(0, len(mine), batch_size):
-        idx_BT1 = mine[i:i + batch_size, None] * seq_len + np.arange(seq_len + 1)
-        seq_BT1 = torch.from_numpy(tokens[idx_BT1].astype(np.int64))
-        yield seq_BT1[:, :-1], seq_BT1[:, 1:]

@@ -22,16 +22,26 @@ live in pakar/generate.py). Design choices:
   mask and position ids are omitted so the model takes its plain fast path.
 - The decode step is lean: last-position logits only, one host sync per step (the sampled ids, which
   the caller needs anyway), sorting only for rows that ask for top-k/top-p, `torch.inference_mode`.
-- On a CPU the decode step skips the model's training-oriented forward. A batch of one row (a chat,
-  one client) steps through a `RowDecoder`: the same weights and arithmetic as float32 vectors and
-  matrix-vector products, in ~41 torch calls per layer of `small` where the model's forward makes
-  ~158 (at batch 1 each call's fixed cost, not its arithmetic, is most of what a step spends beyond
-  reading the weights). Larger batches go through `lean_decode_step`: the model's modules, but no
-  load-balancing/z-loss/expert-count bookkeeping and, instead of the sort-by-expert grouped matmul
-  that suits thousands of tokens, three small matmuls per expert that was actually chosen (reading
-  the choice back is free on a CPU; on a GPU it would be a sync, so GPUs keep the model's forward).
-  benchmarks/bench_generate.py measures both against transformers; prefill always uses the model's
-  forward. The tests hold both shortcuts to the model's own logits.
+- Decode paths, chosen once per Engine: the engine only picks one and orchestrates; the arithmetic
+  of each lives in the model files beside the modules' forward and uses their weights, so there is
+  one forward per module plus its inference step, not a copy in the engine. Prefill always runs the
+  model's forward. Then, per step:
+  - on a GPU (or a model that is not a plain pakar Transformer, or in training mode): the model's
+    forward with the KV cache (`last_only`);
+  - on a CPU, batch > 1, or a bfloat16, LoRA-wrapped or int8 model: `Transformer.decode_step`, the
+    model's modules called as modules (so wrappers and int8 modules run as they are), minus the
+    losses and expert-count bookkeeping, and with `MoE.forward_chosen` (three small matmuls per
+    expert actually chosen, read back to the host: free on a CPU, a sync on a GPU) in place of the
+    sort-by-expert grouped matmul that suits thousands of tokens;
+  - on a CPU, one row, a stock float32 model: `RowDecoder`, i.e. `Transformer.decode_row`, the same
+    weights and arithmetic as float32 vectors and matrix-vector products (Attention.decode_row,
+    MoE.decode_row), in ~41 torch calls per layer of `small` where the model's forward makes ~158
+    (at batch 1 each call's fixed cost, not its arithmetic, is most of what a step spends beyond
+    reading the weights).
+  Why two CPU paths and not one: the row path is ~2x faster per token at batch 1 than decode_step
+  but reads the stock modules' weights directly, so it cannot run LoRA wrappers, int8 modules or
+  several rows. benchmarks/bench_generate.py measures the paths against transformers; the tests
+  hold both to the model's own logits and cache.
 
 Context-window policy (W = config.max_position_embeddings): a row's prompt plus its generated tokens
 never exceed W tokens. A prompt of W tokens or more raises `ContextLengthError` (a `PakarError`, so the
@@ -59,7 +69,7 @@ from typing import Iterator, Sequence
 import torch
 
 from pakar import PakarError
-from pakar.model import Attention, Block, KVCache, RMSNorm, Transformer
+from pakar.model import Attention, Block, KVCache, RMSNorm, RowScratch, Transformer
 from pakar.moe import Experts, MoE, Router
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
@@ -179,9 +189,10 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def lean_decode_ok(model: torch.nn.Module) -> bool:
-    """Whether `lean_decode_step` may stand in for the model's forward: a plain pakar Transformer (any
-    attention or norm submodules, e.g. LoRA-wrapped, are called as modules; the MoE block and its
-    stacked experts must be the stock ones), in eval mode, on the CPU."""
+    """Whether Transformer.decode_step may stand in for the model's forward: a plain pakar Transformer
+    (any attention or norm submodules, e.g. LoRA-wrapped, are called as modules; the MoE block must be
+    the stock one, its experts stock or int8, which bring their own per-expert product), in eval
+    mode, on the CPU."""
     from pakar.quant import Int8Experts
 
     return (model.embed_tokens.weight.device.type == "cpu" and not model.training
@@ -189,93 +200,35 @@ def lean_decode_ok(model: torch.nn.Module) -> bool:
                     for layer in model.layers))
 
 
-def lean_decode_step(model, tok_B1: torch.Tensor, cache: KVCache, position_ids_B1: torch.Tensor | None,
-                     mask_BS: torch.Tensor | None) -> torch.Tensor:
-    """One new token per row through `model`: next-token logits (B, V). The same computation as
-    model.forward(tok_B1, kv_cache=cache, position_ids=..., attention_mask=mask_BS, last_only=True),
-    minus what decoding does not need: the load-balancing and z-losses, the expert-count bookkeeping,
-    the general mask construction (one query at the newest column sees exactly the valid columns),
-    and the sort-based expert dispatch, replaced by MoE.forward_chosen (a loop over the experts
-    actually chosen). Attention, norms, router and experts are the model's own modules."""
-    S = cache.pos
-    if S + 1 > model.config.max_position_embeddings:
-        raise ContextLengthError(f"a sequence of {S + 1} tokens exceeds the model's context "
-                                 f"({model.config.max_position_embeddings})")
-    if position_ids_B1 is None:
-        cos, sin = model.rope_cos[S:S + 1][None, None], model.rope_sin[S:S + 1][None, None]
-    else:
-        cos, sin = model.rope_cos[position_ids_B1][:, None], model.rope_sin[position_ids_B1][:, None]
-    mask = None if mask_BS is None else mask_BS[:, None, None, :]
-    x_B1D = model.embed_tokens(tok_B1)
-    B, _, D = x_B1D.shape
-    for layer in model.layers:
-        x_B1D = x_B1D + layer.self_attn(layer.input_layernorm(x_B1D), cos, sin, cache, mask, False)
-        h_BD = layer.post_attention_layernorm(x_B1D).view(B, D)
-        y_BD = layer.mlp.forward_chosen(h_BD)
-        x_B1D = x_B1D + y_BD.view(B, 1, D).to(x_B1D.dtype)
-    cache.pos = S + 1
-    return model.lm_head(model.norm(x_B1D)).view(B, -1)
+def _check_window(model, n: int) -> None:
+    W = model.config.max_position_embeddings
+    if n > W:
+        raise ContextLengthError(f"a sequence of {n} tokens exceeds the model's context ({W})")
 
 
 class RowDecoder:
     """The decode step of a batch with one row (the interactive case: a chat, one client) on the CPU
-    in float32, written for the fewest PyTorch operators the arithmetic allows.
+    in float32: Transformer.decode_row, with its RowScratch built once.
 
-    At batch 1 a step is a chain of matrix-vector products over the active weights (which the model's
-    forward and transformers pay alike: on this project's 2-core CPU ~1.8 ms per token of `small`,
-    ~0.2 ms of `tiny`; benchmarks/bench_generate.py measures it) plus several hundred small operators,
-    each costing microseconds of dispatch whatever its size. The operators are what this class cuts,
-    to ~41 torch calls per layer (the model's forward: ~158, lean_decode_step: ~109; counted with a
-    TorchFunctionMode on `small`):
-    - 1-D vectors and `addmv`/`mv` (a BLAS gemv, faster than the gemm behind F.linear for one row),
-      with a norm's scalar 1/rms passed as the product's `alpha` and the o_proj and down-projection
-      products accumulated straight into the residual stream (`addmv`'s add);
-    - each RMSNorm of the residual stream as one dot product, its root taken in Python;
-    - q and k projected into one buffer, their per-head norms computed together, the rotary
-      embedding as one (K x K) matrix product for both;
-    - attention over the row's own cache columns as two small batched products, no mask, with the
-      cache's per-layer views for this step taken once for all layers;
-    - the router's top-k read back (free on a CPU) and three products per chosen expert, the gate
-      weight folded into the down-projection's alpha.
+    Why a separate path: at batch 1 a step is a chain of matrix-vector products over the active
+    weights (which the model's forward and transformers pay alike: on this project's 2-core CPU
+    ~1.8 ms per token of `small`, ~0.2 ms of `tiny`; benchmarks/bench_generate.py measures it) plus
+    several hundred small operators, each costing microseconds of dispatch whatever its size. The
+    row path cuts the operators to ~41 torch calls per layer (the model's forward: ~158,
+    Transformer.decode_step: ~109; counted with a TorchFunctionMode on `small`): 1-D vectors and
+    `addmv`/`mv` (a BLAS gemv, faster than the gemm behind F.linear for one row), each RMSNorm of the
+    residual stream as one dot product whose scalar the next products take as `alpha`, the o_proj and
+    down-projection products accumulated straight into the residual stream; the arithmetic lives
+    beside each module's forward (Attention.decode_row, MoE.decode_row, Block.decode_row).
     Float32 only: at these sizes a bfloat16 matrix-vector product on a CPU (oneDNN) costs more than the
-    float32 one (BLAS), so bfloat16 models take lean_decode_step.
-    It holds views of the model's parameters, no copies, so in-place updates (an optimizer step, a
-    LoRA merge) are seen; whether a layer has a non-zero expert-selection bias is read once, here.
+    float32 one (BLAS), so bfloat16 models take Transformer.decode_step. Stock modules only: it reads
+    the weights of the model's modules directly, which a LoRA wrapper or an int8 module would bypass.
     The tests hold it to the model's own forward; `Engine` uses it when `applies(model)`.
     """
 
     def __init__(self, model):
-        cfg = self.config = model.config
-        H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        HK, GK, half = H * K, G * K, K // 2
-        self.embed, self.final_norm, self.head = model.embed_tokens.weight, model.norm.weight, model.lm_head.weight
-        self.cos, self.sin = model.rope_cos, model.rope_sin
-        # y @ (diag(cos) + swap * sin) = y * cos + rotate_half(y) * sin
-        i = torch.arange(half)
-        self.swap = torch.zeros(K, K)
-        self.swap[i + half, i], self.swap[i, i + half] = -1.0, 1.0
-        self.eye = torch.eye(K)
-        # work buffers and views of them, reused by every step (an Engine is driven from one thread)
-        qkv = torch.empty(HK + 2 * GK)
-        self.q, self.k, self.v = qkv[:HK], qkv[HK:HK + GK], qkv[HK + GK:]
-        self.qk_XK = qkv[:HK + GK].view(H + G, K)  # X = H + G heads
-        self.q_HK, self.k_GK, self.v_GK = self.qk_XK[:H], self.qk_XK[H:], self.v.view(G, K)
-        self.rot_XK = torch.empty(H + G, K)  # q and k after the rotary embedding
-        self.q_GJK, self.k_rot_GK = self.rot_XK[:H].view(G, H // G, K), self.rot_XK[H:]  # J = H / G
-        self.att_GJK = torch.empty(G, H // G, K)
-        self.att = self.att_GJK.view(HK)
-        self.eps_X1 = torch.full((H + G, 1), cfg.rms_norm_eps)
-        self.zero = torch.zeros(1, 1, 1)  # baddbmm's ignored input
-        self.probs_E, self.gate_I = torch.empty(cfg.num_experts), torch.empty(cfg.moe_intermediate_size)
-        self.layers = []
-        for layer in model.layers:
-            a, moe = layer.self_attn, layer.mlp
-            ex, bias = moe.experts, moe.gate.expert_bias
-            self.layers.append((layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                                a.q_norm.weight, a.k_norm.weight, a.o_proj.weight,
-                                layer.post_attention_layernorm.weight, moe.gate.weight,
-                                bias if bool(bias.any()) else None,
-                                ex.gate_proj.unbind(0), ex.up_proj.unbind(0), ex.down_proj.unbind(0)))
+        self.model = model
+        self.scratch = RowScratch(model)
 
     @staticmethod
     def applies(model) -> bool:
@@ -288,58 +241,8 @@ class RowDecoder:
     def __call__(self, token: int, cache: KVCache, n: int) -> torch.Tensor:
         """Feed `token` as the n-th token of the only row in `cache` (its earlier n - 1 tokens fill the
         last n - 1 columns; any columns before are left padding); returns the next-token logits (1, V)."""
-        cfg = self.config
-        D, K, top_k, eps = cfg.hidden_size, cfg.head_dim, cfg.num_experts_per_tok, cfg.rms_norm_eps
-        if n > cfg.max_position_embeddings:
-            raise ContextLengthError(f"a sequence of {n} tokens exceeds the model's context "
-                                     f"({cfg.max_position_embeddings})")
-        S = cache.pos  # the column this token goes to
-        start, scale = S + 1 - n, 1.0 / math.sqrt(K)
-        q, k, v, qk_XK, q_HK, k_GK, v_GK = self.q, self.k, self.v, self.qk_XK, self.q_HK, self.k_GK, self.v_GK
-        rot_XK, q_GJK, k_rot_GK, probs_E, gate_I = self.rot_XK, self.q_GJK, self.k_rot_GK, self.probs_E, self.gate_I
-        rope_KK = torch.addcmul(self.eye * self.cos[n - 1], self.swap, self.sin[n - 1])
-        # per layer: the column this token's key and value go to, and the row's columns after that
-        new_keys, new_values = cache.k[:, 0, :, S].unbind(0), cache.v[:, 0, :, S].unbind(0)  # (G, K) each
-        keys_T = cache.k[:, 0, :, start:S + 1].transpose(-1, -2).unbind(0)  # (G, K, n) each
-        values = cache.v[:, 0, :, start:S + 1].unbind(0)  # (G, n, K) each
-
-        def inv_rms(x_D):  # 1 / rms(x), as the norm's scalar
-            return (torch.dot(x_D, x_D).item() / D + eps) ** -0.5
-
-        x = self.embed[token]
-        for l, (ln1, wq, wk, wv, qn, kn, wo, ln2, wr, bias, gate, up, down) in enumerate(self.layers):
-            r = inv_rms(x)
-            h = x * ln1
-            torch.addmv(q, wq, h, beta=0, alpha=r, out=q)
-            torch.addmv(k, wk, h, beta=0, alpha=r, out=k)
-            torch.addmv(v, wv, h, beta=0, alpha=r, out=v)
-            r_X1 = torch.add(self.eps_X1, (qk_XK * qk_XK).sum(-1, keepdim=True), alpha=1.0 / K).rsqrt_()
-            q_HK.mul_(qn)
-            k_GK.mul_(kn)
-            torch.mm(qk_XK, rope_KK, out=rot_XK).mul_(r_X1)  # the per-head norm scale commutes with rope
-            new_keys[l].copy_(k_rot_GK)
-            new_values[l].copy_(v_GK)
-            scores = torch.baddbmm(self.zero, q_GJK, keys_T[l], beta=0, alpha=scale)
-            torch.bmm(scores.softmax(-1), values[l], out=self.att_GJK)
-            x = torch.addmv(x, wo, self.att)
-
-            r = inv_rms(x)
-            h = x * ln2
-            probs = torch.addmv(probs_E, wr, h, beta=0, alpha=r, out=probs_E).softmax(-1)
-            if bias is None:
-                weights, chosen = torch.topk(probs, top_k)
-            else:  # the bias only picks the experts; gate values stay the probabilities
-                chosen = torch.topk(probs + bias, top_k).indices
-                weights = probs[chosen]
-            weights = weights.tolist()
-            if cfg.norm_topk_prob:
-                weights = [w / sum(weights) for w in weights]
-            for e, w in zip(chosen.tolist(), weights):
-                a = torch.addmv(gate_I, gate[e], h, beta=0, alpha=r, out=gate_I)
-                a = torch.nn.functional.silu(a, inplace=True).mul_(torch.mv(up[e], h))
-                x = torch.addmv(x, down[e], a, alpha=w * r)  # (the up product still lacks its r)
-        cache.pos = S + 1
-        return torch.mv(self.head, x * self.final_norm).mul_(inv_rms(x)).view(1, -1)
+        _check_window(self.model, n)
+        return self.model.decode_row(token, cache, n, self.scratch)
 
 
 class Engine:
@@ -352,7 +255,7 @@ class Engine:
         self.context_window = model.config.max_position_embeddings
         p = model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
-        # decode steps through lean_decode_step where it applies (None = decide from the model), and
+        # decode steps through Transformer.decode_step where it applies (None = decide from the model), and
         # single-row steps through a RowDecoder where that applies too
         self.lean = lean_decode_ok(model) if lean is None else lean
         self.row_decoder = RowDecoder(model) if self.lean and RowDecoder.applies(model) else None
@@ -411,9 +314,6 @@ class Batch:
     @property
     def active(self) -> int:
         return len(self.rows)
-
-    def row_ids(self) -> list[int]:
-        return [r.id for r in self.rows]
 
     def cancel(self, row_id: int) -> None:
         """The row ends at the next step() with reason "cancelled"; unknown or finished ids are ignored."""
@@ -555,7 +455,8 @@ class Batch:
                 mask_BS = self.mask_BC[:, :S + 1]
                 pos_B1 = torch.tensor(lengths, device=self.last_B1.device)[:, None] - 1
             if self.engine.lean:
-                self.logits_BV = lean_decode_step(self.model, self.last_B1, cache, pos_B1, mask_BS).float()
+                _check_window(self.model, S + 1)
+                self.logits_BV = self.model.decode_step(self.last_B1, cache, pos_B1, mask_BS).float()
             else:
                 out = self.model(self.last_B1, kv_cache=cache, last_only=True, position_ids=pos_B1,
                                  attention_mask=mask_BS)

@@ -84,12 +84,16 @@ def _eval_plan(n_targets: int, batch_size: int, seq_len: int, rank: int, world_s
 class EvalSums:
     """Running float64 sums of one evaluation; several token arrays may add to the same sums."""
 
+    # The slots of `sums`: one tensor rather than four, so distributed evaluation reduces them in one
+    # all-reduce. NATS: summed negative log-likelihood; TARGETS: counted targets; NATS_BYTES: the
+    # nats of the targets that carry bytes (not special tokens); BYTES: their UTF-8 bytes.
+    NATS, TARGETS, NATS_BYTES, BYTES = range(4)
+
     def __init__(self, device: torch.device, token_bytes):
         self.device = device
         self.bytes_V = (None if token_bytes is None else
                         torch.as_tensor(np.asarray(token_bytes), dtype=torch.int64, device=device))
-        # [nats, targets, nats over byte-bearing targets, bytes]
-        self.t = torch.zeros(4, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
         self.windows = 0
         self.counts_LE: torch.Tensor | None = None
         self.t0 = time.perf_counter()
@@ -124,12 +128,12 @@ class EvalSums:
     def add_targets(self, nll_BT: torch.Tensor, y_BT: torch.Tensor, keep_BT: torch.Tensor | None) -> None:
         """Add a batch's per-target losses (float64, zero where not kept); keep_BT None: every target
         counts. Targets of special tokens (0 bytes) are left out of the bits-per-byte sums."""
-        self.t[0] += nll_BT.sum()
-        self.t[1] += y_BT.numel() if keep_BT is None else keep_BT.sum()
+        self.sums[self.NATS] += nll_BT.sum()
+        self.sums[self.TARGETS] += y_BT.numel() if keep_BT is None else keep_BT.sum()
         if self.bytes_V is not None:
             b_BT = self.bytes_V[y_BT] if keep_BT is None else self.bytes_V[y_BT.clamp(min=0)] * keep_BT
-            self.t[2] += (nll_BT * (b_BT > 0)).sum()
-            self.t[3] += b_BT.sum()
+            self.sums[self.NATS_BYTES] += (nll_BT * (b_BT > 0)).sum()
+            self.sums[self.BYTES] += b_BT.sum()
 
     def add_counts(self, counts_LE: torch.Tensor) -> None:
         counts_LE = counts_LE.to(torch.int64)
@@ -142,11 +146,12 @@ class EvalSums:
             counts_LE = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64, device=self.device)
         counts_LE = counts_LE.to(self.device)
         win_t = torch.tensor([self.windows], dtype=torch.int64, device=self.device)
-        sums = self.t.clone()
+        sums = self.sums.clone()
         if distributed:
             for t in (sums, counts_LE, win_t):
                 dist.all_reduce(t)
-        nats, n_tok, nats_b, n_bytes = sums.tolist()
+        s = sums.tolist()
+        nats, n_tok, nats_b, n_bytes = s[self.NATS], s[self.TARGETS], s[self.NATS_BYTES], s[self.BYTES]
         loss = nats / n_tok if n_tok else float("nan")
         counts = counts_LE.cpu()
         per_layer = counts.sum(dim=1, keepdim=True).clamp_min(1)

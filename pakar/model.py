@@ -10,6 +10,13 @@ embed_tokens -> num_hidden_layers x [x + attn(RMSNorm(x)); x + moe(RMSNorm(x))] 
 - Single-device code: no torch.distributed, no tokenizer. Parallelism wraps this module from outside.
 - Generation-ready: forward() takes an optional KVCache, per-row position ids and a key-padding mask
   (left-padded batches), and can compute logits for the last position only.
+- CPU decode steps, beside the forward they shortcut (pakar.engine picks one per step and says why):
+  `decode_step` is forward for one new token per row minus the losses and counts, with
+  MoE.forward_chosen's per-chosen-expert products (modules called as modules, so LoRA wrappers and
+  int8 modules run as they are); `decode_row` is the one-row float32 step as 1-D vectors and BLAS
+  matrix-vector products, written by each module next to its forward (Attention.decode_row,
+  MoE.decode_row, Block.decode_row) over the buffers of a RowScratch. tests/test_engine.py holds
+  both to forward's logits and cache.
 - Training-ready: with targets and return_logits=False the head and the cross-entropy run fused,
   chunk by chunk (pakar.kernels.linear_cross_entropy), so the (tokens x vocabulary) logits are never
   stored.
@@ -106,6 +113,34 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
+    def row_views(self):
+        """The weights decode_row reads, taken once per decoder (RowScratch): a step looks them up in a
+        tuple, not through nn.Module attributes, whose lookups cost as much as a small torch call."""
+        return (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.q_norm.weight,
+                self.k_norm.weight, self.o_proj.weight)
+
+    def decode_row(self, x_D, h_D, r: float, s: "RowScratch", l: int, views):
+        """x + forward(RMSNorm(x)) for the one row of a float32 CPU decode step, as 1-D vectors (see
+        Transformer.decode_row). `h_D` is x times the input norm's weight and `r` that norm's 1/rms,
+        which the projections take as their `alpha`; q and k are projected into one buffer, their
+        per-head norms computed together and rotated by one (K x K) product (the norm's per-head scale
+        commutes with the rotation); the new key and value go to this step's cache column of layer
+        `l`, and attention runs over the row's own columns as two small batched products, no mask.
+        `views`: row_views()."""
+        wq, wk, wv, qn, kn, wo = views
+        torch.addmv(s.q, wq, h_D, beta=0, alpha=r, out=s.q)
+        torch.addmv(s.k, wk, h_D, beta=0, alpha=r, out=s.k)
+        torch.addmv(s.v, wv, h_D, beta=0, alpha=r, out=s.v)
+        r_X1 = torch.add(s.eps_X1, (s.qk_XK * s.qk_XK).sum(-1, keepdim=True), alpha=s.inv_K).rsqrt_()
+        s.q_HK.mul_(qn)
+        s.k_GK.mul_(kn)
+        torch.mm(s.qk_XK, s.rope_KK, out=s.rot_XK).mul_(r_X1)
+        s.new_keys[l].copy_(s.k_rot_GK)
+        s.new_values[l].copy_(s.v_GK)
+        scores = torch.baddbmm(s.zero, s.q_GJK, s.keys_T[l], beta=0, alpha=s.scale)
+        torch.bmm(scores.softmax(-1), s.values[l], out=s.att_GJK)
+        return torch.addmv(x_D, wo, s.att)
+
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -119,6 +154,73 @@ class Block(nn.Module):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, kv_cache, mask, is_causal)
         h_BTD, balance_loss, z_loss = self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD + h_BTD, balance_loss, z_loss
+
+    def decode(self, x_B1D, cos, sin, kv_cache: KVCache, mask):
+        """forward() for one new token per row at inference: the same attention, MoE.forward_chosen in
+        place of the sort-based dispatch, no losses or counts (see Transformer.decode_step)."""
+        B, _, D = x_B1D.shape
+        x_B1D = x_B1D + self.self_attn(self.input_layernorm(x_B1D), cos, sin, kv_cache, mask, False)
+        y_BD = self.mlp.forward_chosen(self.post_attention_layernorm(x_B1D).view(B, D))
+        return x_B1D + y_BD.view(B, 1, D).to(x_B1D.dtype)
+
+    def row_views(self):
+        """What decode_row reads, taken once per decoder (RowScratch): the norms' weights and the
+        attention's and MoE's own row_views."""
+        return (self.input_layernorm.weight, self.self_attn, self.self_attn.row_views(),
+                self.post_attention_layernorm.weight, self.mlp, self.mlp.row_views())
+
+    def decode_row(self, x_D, s: "RowScratch", l: int):
+        """forward() for the one row of a float32 CPU decode step (see Transformer.decode_row): each
+        RMSNorm as the product of x with its weight and a scalar 1/rms that the next products take."""
+        ln1, attn, attn_views, ln2, moe, moe_views = s.layers[l]
+        x_D = attn.decode_row(x_D, x_D * ln1, s.inv_rms(x_D), s, l, attn_views)
+        return moe.decode_row(x_D, x_D * ln2, s.inv_rms(x_D), moe_views, s.probs_E, s.gate_I)
+
+
+class RowScratch:
+    """What Transformer.decode_row reuses from step to step: work buffers and views of them, views of
+    the weights (each module's `row_views`, e.g. each expert's matrices unbound once and whether a
+    layer has a non-zero selection bias, read once), the rotary embedding as (K x K) matrices, and per
+    step the cache's per-layer views. Views, not copies, so in-place weight updates (an optimizer step, a LoRA merge)
+    are seen. One per model, used from one thread (pakar.engine.RowDecoder holds it)."""
+
+    def __init__(self, model: "Transformer"):
+        cfg = model.config
+        H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        HK, GK, half = H * K, G * K, K // 2
+        self.D, self.eps, self.scale, self.inv_K = cfg.hidden_size, cfg.rms_norm_eps, 1.0 / math.sqrt(K), 1.0 / K
+        self.embed, self.final_norm, self.head = model.embed_tokens.weight, model.norm.weight, model.lm_head.weight
+        self.cos, self.sin = model.rope_cos, model.rope_sin
+        # y @ (diag(cos) + swap * sin) = y * cos + rotate_half(y) * sin
+        i = torch.arange(half)
+        self.swap = torch.zeros(K, K)
+        self.swap[i + half, i], self.swap[i, i + half] = -1.0, 1.0
+        self.eye = torch.eye(K)
+        qkv = torch.empty(HK + 2 * GK)
+        self.q, self.k, self.v = qkv[:HK], qkv[HK:HK + GK], qkv[HK + GK:]
+        self.qk_XK = qkv[:HK + GK].view(H + G, K)  # X = H + G heads
+        self.q_HK, self.k_GK, self.v_GK = self.qk_XK[:H], self.qk_XK[H:], self.v.view(G, K)
+        self.rot_XK = torch.empty(H + G, K)  # q and k after the rotary embedding
+        self.q_GJK, self.k_rot_GK = self.rot_XK[:H].view(G, H // G, K), self.rot_XK[H:]  # J = H / G
+        self.att_GJK = torch.empty(G, H // G, K)
+        self.att = self.att_GJK.view(HK)
+        self.eps_X1 = torch.full((H + G, 1), cfg.rms_norm_eps)
+        self.zero = torch.zeros(1, 1, 1)  # baddbmm's ignored input
+        self.probs_E, self.gate_I = torch.empty(cfg.num_experts), torch.empty(cfg.moe_intermediate_size)
+        self.layers = [layer.row_views() for layer in model.layers]
+        self.rope_KK = self.new_keys = self.new_values = self.keys_T = self.values = None  # set per step
+
+    def begin(self, cache: KVCache, n: int) -> None:
+        """Views for a step that feeds the n-th token of the cache's only row into column cache.pos."""
+        S = cache.pos
+        self.rope_KK = torch.addcmul(self.eye * self.cos[n - 1], self.swap, self.sin[n - 1])
+        self.new_keys, self.new_values = cache.k[:, 0, :, S].unbind(0), cache.v[:, 0, :, S].unbind(0)  # (G, K)
+        self.keys_T = cache.k[:, 0, :, S + 1 - n:S + 1].transpose(-1, -2).unbind(0)  # (G, K, n) each
+        self.values = cache.v[:, 0, :, S + 1 - n:S + 1].unbind(0)  # (G, n, K) each
+
+    def inv_rms(self, x_D) -> float:
+        """1 / rms(x) of the residual stream, as an RMSNorm's scalar: one dot product, the root in Python."""
+        return (torch.dot(x_D, x_D).item() / self.D + self.eps) ** -0.5
 
 
 @dataclass
@@ -253,3 +355,35 @@ class Transformer(nn.Module):
         aux_loss = self.config.router_aux_loss_coef * balance_loss + self.config.router_z_loss_coef * z_loss
         counts = torch.stack([layer.mlp.last_counts for layer in self.layers])
         return ModelOutput(logits, loss, aux_loss, balance_loss, z_loss, counts)
+
+    def decode_step(self, tok_B1: torch.Tensor, kv_cache: KVCache, position_ids_B1: torch.Tensor | None,
+                    attention_mask_BS: torch.Tensor | None) -> torch.Tensor:
+        """One new token per row at inference on the CPU: next-token logits (B, V). The same computation
+        as forward(tok_B1, kv_cache=..., position_ids=..., attention_mask=..., last_only=True), minus what
+        decoding does not need: the losses, the expert counts, the general mask construction (one
+        query at the newest column sees exactly the valid columns) and the sort-based expert dispatch,
+        replaced by MoE.forward_chosen (it reads the choice back to the host: a sync on a GPU)."""
+        S = kv_cache.pos
+        if position_ids_B1 is None:
+            cos, sin = self.rope_cos[S:S + 1][None, None], self.rope_sin[S:S + 1][None, None]
+        else:
+            cos, sin = self.rope_cos[position_ids_B1][:, None], self.rope_sin[position_ids_B1][:, None]
+        mask = None if attention_mask_BS is None else attention_mask_BS[:, None, None, :]
+        x_B1D = self.embed_tokens(tok_B1)
+        for layer in self.layers:
+            x_B1D = layer.decode(x_B1D, cos, sin, kv_cache, mask)
+        kv_cache.pos = S + 1
+        return self.lm_head(self.norm(x_B1D)).view(x_B1D.shape[0], -1)
+
+    def decode_row(self, token: int, kv_cache: KVCache, n: int, s: RowScratch) -> torch.Tensor:
+        """The decode step of a cache with one row, float32 on the CPU, written for the fewest PyTorch
+        operators the arithmetic allows (why: pakar.engine.RowDecoder): feed `token` as the row's n-th
+        token (its earlier n - 1 fill the last n - 1 columns; any before are left padding); returns
+        the next-token logits (1, V). The same computation as forward() (tests/test_engine.py holds it
+        to forward's logits and cache), with 1-D vectors and BLAS matrix-vector products."""
+        s.begin(kv_cache, n)
+        x_D = s.embed[token]
+        for l, layer in enumerate(self.layers):
+            x_D = layer.decode_row(x_D, s, l)
+        kv_cache.pos += 1
+        return torch.mv(s.head, x_D * s.final_norm).mul_(s.inv_rms(x_D)).view(1, -1)

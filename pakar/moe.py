@@ -225,6 +225,38 @@ class MoE(nn.Module):
                 0, order_M, torch.cat(outs)).view(N, K, D)
         return combine(y_NKD, weight_NK)
 
+    def row_views(self):
+        """What decode_row reads, taken once per decoder (pakar.model.RowScratch), so that a step looks
+        weights up in a tuple rather than through nn.Module attributes: the router's weight, its
+        selection bias (None when all zero: adding zeros leaves the choice unchanged), and each
+        expert's three matrices as separate views (no per-step indexing)."""
+        ex, bias = self.experts, self.gate.expert_bias
+        return (self.gate.weight, bias if bool(bias.any()) else None, self.gate.norm_topk_prob,
+                ex.gate_proj.unbind(0), ex.up_proj.unbind(0), ex.down_proj.unbind(0))
+
+    def decode_row(self, x_D, h_D, r: float, views, probs_E, gate_I):
+        """x + forward(RMSNorm(x)) for the one row of a float32 CPU decode step (pakar.model's
+        Transformer.decode_row), as 1-D vectors: `h_D` is x times the norm's weight and `r` its 1/rms,
+        which the router's and the experts' input products take as `alpha`; the top-k is read back
+        (free on a CPU) and each chosen expert is three matrix-vector products, the down-projection
+        accumulated into x with the gate weight folded into its alpha. `views`: row_views();
+        probs_E, gate_I: work buffers."""
+        wr, bias, norm_topk_prob, gate, up, down = views
+        probs = torch.addmv(probs_E, wr, h_D, beta=0, alpha=r, out=probs_E).softmax(-1)
+        if bias is None:
+            weights, chosen = torch.topk(probs, self.top_k)
+        else:  # the bias only picks the experts; gate values stay the probabilities
+            chosen = torch.topk(probs + bias, self.top_k).indices
+            weights = probs[chosen]
+        weights = weights.tolist()
+        if norm_topk_prob:
+            weights = [w / sum(weights) for w in weights]
+        for e, w in zip(chosen.tolist(), weights):
+            a = torch.addmv(gate_I, gate[e], h_D, beta=0, alpha=r, out=gate_I)
+            a = F.silu(a, inplace=True).mul_(torch.mv(up[e], h_D))
+            x_D = torch.addmv(x_D, down[e], a, alpha=w * r)  # (the up product still lacks its r)
+        return x_D
+
 
 @torch.no_grad()
 def update_expert_bias(moes: list[MoE], loads_LE: torch.Tensor, rate: float) -> None:

@@ -16,9 +16,10 @@ Design choices:
   `pakar eval --quantize int8` (bits per byte against float32) and bounded in tests/test_quant.py.
 - CPU and float32 only: fbgemm is a CPU library. On a GPU `--quantize int8` stops with one line
   (use --dtype bfloat16 there; a GPU is not bound by reading weights at these sizes the same way).
-- Decoding: the engine's lean steps call the model's modules, so they run the int8 modules as they
-  are (Int8Experts.swiglu is MoE.forward_chosen's per-expert product); prefill runs the model's
-  forward, where Int8Experts loops over the experts that received rows.
+- Decoding: the engine's CPU step for int8 models (Transformer.decode_step, at any batch size) calls
+  the model's modules, so it runs the int8 modules as they are (Int8Experts.swiglu is
+  MoE.forward_chosen's per-expert product); prefill runs the model's forward, where Int8Experts loops
+  over the experts that received rows.
 - Training on a quantised model is refused (no gradients through packed weights).
 """
 

@@ -12,7 +12,7 @@ import torch
 from pakar import PakarError
 from pakar.cli import main as cli_main
 from pakar.corpus import doc_hash, is_val
-from pakar.data import BatchLoader, TokenData, iter_eval_batches, prepare, token_dtype
+from pakar.data import BatchLoader, TokenData, prepare, token_dtype
 from pakar.tokenizer import Tokenizer, train_tokenizer
 
 DOCS = [f"Dokumen ke-{i}: kalimat tentang kopi, hujan, dan kereta nomor {i * 7}." for i in range(300)]
@@ -224,18 +224,6 @@ def test_too_small_corpus_names_the_flags():
         BatchLoader(TOKENS[:50], 8, 8, seed=0)
     with pytest.raises(IndexError):
         BatchLoader(TOKENS, 4, 8, seed=0).get(0, 31)
-
-
-def test_eval_batches_cover_the_stream_across_ranks():
-    per_rank = [list(iter_eval_batches(TOKENS, 16, 8, rank=r, world_size=3)) for r in range(3)]
-    starts = sorted(int(v) for batches in per_rank for x, y in batches for v in x[:, 0])
-    assert starts == list(range(0, 1000, 8))
-    assert [x.shape[0] for x, _ in per_rank[0]] == [16, 16, 10]  # 42 windows, last batch kept partial
-    assert all(torch.equal(y, x + 1) for b in per_rank for x, y in b)
-    capped = list(iter_eval_batches(TOKENS, 16, 8, max_tokens=20))
-    assert sum(x.numel() for x, _ in capped) == 24  # 20 targets -> 3 whole windows
-    (short,) = list(iter_eval_batches(TOKENS[:5], 4, 8))
-    assert short[0].shape == (1, 4)
 
 
 @pytest.mark.slow

@@ -88,9 +88,8 @@ def test_cached_greedy_equals_full_forwards(k, lean):
         assert_same_greedy(got, ref, gaps, f"k={k} lean={lean} prompt of {len(p)}")
 
 
-def test_lean_decode_step_matches_model_forward(model):
-    """The engine's decode shortcut computes the model's own logits, with and without padding."""
-    from pakar.engine import lean_decode_step
+def test_decode_step_matches_model_forward(model):
+    """The engine's batched CPU decode step computes the model's own logits, with and without padding."""
     from pakar.model import KVCache
 
     ids = torch.tensor(prompts_of([12, 12]))
@@ -103,7 +102,7 @@ def test_lean_decode_step_matches_model_forward(model):
             model(ids, kv_cache=c, attention_mask=valid[:, :12], position_ids=pos[:, :12])
         nxt = torch.tensor([[5], [9]])
         ref = model(nxt, kv_cache=caches[0], attention_mask=valid, position_ids=pos[:, 12:]).logits[:, -1]
-        got = lean_decode_step(model, nxt, caches[1], pos[:, 12:], valid)
+        got = model.decode_step(nxt, caches[1], pos[:, 12:], valid)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert caches[0].pos == caches[1].pos == 13
 
@@ -341,7 +340,7 @@ def test_row_decoder_applies_only_to_stock_float32_models(model):
             if prm.requires_grad:
                 prm.normal_(0, 0.5)
     assert not RowDecoder.applies(wrapped)
-    # a LoRA-wrapped model decodes through the general lean step, still equal to full forwards
+    # a LoRA-wrapped model decodes through Transformer.decode_step, still equal to full forwards
     p = prompts_of([7])[0]
     ref, gaps = full_forward_greedy(wrapped, p, 8)
     assert_same_greedy(Engine(wrapped).generate([p], SamplingParams(max_new_tokens=8, temperature=0.0))[0],

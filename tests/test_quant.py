@@ -87,7 +87,7 @@ def test_int8_model_logits_and_greedy_tokens_match_float32(chat_ckpt):
         req = Request(prompt, SamplingParams(temperature=0, max_new_tokens=40))
         a, b = gen.generate([req])[0], gen8.generate([req])[0]
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
-    # batched decode (lean_decode_step with int8 modules) agrees with one-row decode
+    # batched decode (Transformer.decode_step with int8 modules) agrees with one-row decode
     reqs = [Request(p, SamplingParams(temperature=0, max_new_tokens=20)) for p in prompts]
     together = [c.token_ids for c in gen8.generate(reqs)]
     assert together == [gen8.generate([r])[0].token_ids for r in reqs]
