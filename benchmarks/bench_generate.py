@@ -134,9 +134,10 @@ def bench_tokenizer():
 
 def llama_cpp_files(model: Transformer, tokenizer, folder: Path) -> dict[str, Path]:
     """{"f32": path, "q8_0": path}: the model as GGUF, written by pakar's own exporter."""
+    from pakar.checkpoint import model_checkpoint
     from pakar.gguf import export_gguf
 
-    ckpt = {"model": model.state_dict(), "config": model.config.to_dict(), "tokenizer": tokenizer.to_json()}
+    ckpt = model_checkpoint(model.state_dict(), model.config, tokenizer.to_json())
     return {t: export_gguf(ckpt, folder / f"{t}.gguf", outtype=t, log=lambda *a: None) for t in ("f32", "q8_0")}
 
 
