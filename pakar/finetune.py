@@ -84,7 +84,7 @@ import torch.nn.functional as F
 
 from pakar import PakarError
 from pakar.corpus import VAL_FRACTION, CorpusStats, detect_kind, doc_hash, is_val, iter_records
-from pakar.train import DEFAULT_LR, PRESETS, TrainArgs, add_train_args, args_from_namespace
+from pakar.train import DEFAULT_LR, PRESETS, TrainArgs, add_train_args, args_from_namespace, default_lr
 
 BUCKET = 32  # global batches per length-sorted run
 PAD_MULTIPLE = 8
@@ -380,6 +380,7 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
     from pakar.data import file_sha256
     from pakar.lora import adapter_checkpoint, apply_lora, merge_state, router_buffers, split_state
     from pakar.tokenizer import Tokenizer
+    from pakar.distributed import setup
     from pakar.train import RunLog, autocast_dtype, claim_run_dir, resolve_device, train
 
     base = base if base is not None else safe_load(args.init_from)
@@ -389,15 +390,16 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
     if args.seq_len > cfg.max_position_embeddings:
         raise PakarError(f"--seq-len {args.seq_len} exceeds the checkpoint's context of "
                          f"{cfg.max_position_embeddings} tokens")
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    claim_run_dir(args, log, is_main=rank == 0)  # the loop's rule: no second run over a first one
+    ctx = setup(args)  # the process group (under torchrun): this process's rank, the loop's context
+    rank, world_size = ctx.rank, ctx.world_size
+    claim_run_dir(args, log, is_main=ctx.is_main)  # the loop's rule: no second run over a first one
     kind = detect_kind(args.data)
     spec = args.lora_spec()
     if spec is not None and kind == "chat" and not cfg.tie_word_embeddings:
         # the ChatML markers are new to a model pretrained on text: train their embedding/output rows too
         spec = dataclasses.replace(spec, token_ids=(tokenizer.im_start_id, tokenizer.im_end_id))
     if spec is not None and args.lr is None:
-        args = dataclasses.replace(args, lr=DEFAULT_LR.get(args.config, 3e-4))
+        args = dataclasses.replace(args, lr=default_lr(args.config, finetune=True, lora=True))
     if args.val_fraction is None:  # explicit, so that the loop's split and the baseline evaluation agree
         args = dataclasses.replace(args, val_fraction=CHAT_VAL_FRACTION if kind == "chat" else VAL_FRACTION)
     run_dir = Path(args.out)
@@ -479,7 +481,7 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
                 log(f"merged the adapters into {merged}")
             return path
 
-    summary = train(args, data=data, tokenizer=tokenizer, customize_model=customize_model,
+    summary = train(args, ctx=ctx, data=data, tokenizer=tokenizer, customize_model=customize_model,
                     save_epoch=save_epoch, meta=meta, init_ckpt=base)
     summary |= {"kind": kind, "lora": spec.to_dict() if spec else None,
                 "val_loss_before": before["loss"] if before and before["tokens"] else None,
