@@ -378,9 +378,9 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
     from pakar.checkpoint import atomic_save, build_model, model_checkpoint, safe_load
     from pakar.config import ModelConfig
     from pakar.data import file_sha256
+    from pakar.distributed import setup
     from pakar.lora import adapter_checkpoint, apply_lora, merge_state, router_buffers, split_state
     from pakar.tokenizer import Tokenizer
-    from pakar.distributed import setup
     from pakar.train import RunLog, autocast_dtype, claim_run_dir, resolve_device, train
 
     base = base if base is not None else safe_load(args.init_from)

@@ -1,7 +1,11 @@
 """Training: the seed's `python train.py --epochs 5 --batch 2 --config default --seq-len 256`.
 
-One loop function, read top to bottom: per optimizer step, evaluate (when due) -> save (when due) ->
-step -> log. Choices:
+train() reads top to bottom as a sequence of named parts: open_run (device, log, run folder) ->
+load_data -> make_model -> plan_run (step plan, AdamW, wrapping for the mode: the read-only `Run`) ->
+resume (state.pt into a `Loop` of counters) -> run_epoch (per optimizer step: evaluate and save when due,
+train_step, log_step) and end_epoch after each epoch -> end_early (a stop inside the run) -> end_run
+(summary). The distributed context comes from the caller (pakar.distributed.setup, or train() sets it
+up when none is given); state.pt is built and checked in pakar.checkpoint. Choices:
 - The run directory (`--out`, default ".") holds tokenizer.json, the token cache (data/), training.log,
   metrics.jsonl and checkpoints/ (model_epoch{N}.pt at each epoch end, state.pt to resume).
 - Batches are a pure function of (seed, epoch, step, rank) (pakar.data.BatchLoader), so resuming needs
@@ -13,7 +17,9 @@ step -> log. Choices:
 - AdamW (fused where the device supports it), linear warmup then cosine or warmup-stable-decay (WSD)
   to `--min-lr-ratio` of the peak; weight decay only on matrices (not norms, embeddings, router bias).
 - Precision: bf16 autocast on CUDA, float32 on CPU unless `--dtype bfloat16`.
-- Only rank 0 writes logs and checkpoints; the distributed wrapping lives in pakar.distributed.
+- Only rank 0 writes logs and checkpoints; the distributed wrapping lives in pakar.distributed
+  (DeepSpeed in pakar.zero).
+- Learning-rate defaults: one rule, `default_lr` (the preset's rate; a tenth for full fine-tuning).
 
 Never losing work (the choices of issue 17):
 - A run folder holding a run (checkpoints/state.pt, model_epoch*.pt, ...) is refused unless the run is

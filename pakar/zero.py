@@ -208,7 +208,10 @@ def _relink_zero_views(zero_optimizer) -> None:
 
 def _zero_flat_partitions(zero_optimizer) -> list:
     """(flat float32 partition, its torch param group) for each group this rank steps: the tensors the
-    wrapped torch optimizer keeps its state for (ZeRO-3 swaps them into the groups only while stepping)."""
+    wrapped torch optimizer keeps its state for (ZeRO-3 swaps them into the groups only while stepping).
+    Internal (attribute names of DeepSpeed 0.19's optimizers), touched only to resume: DeepSpeed's public
+    safe_set_full_optimizer_state writes into that state, which a fresh engine has not created yet, and
+    DeepSpeed's own way to create it (its checkpoint files) needs unrestricted unpickling."""
     inner = zero_optimizer.optimizer
     if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3 (sub-groups of the param groups)
         return [(flat, inner.param_groups[zero_optimizer.sub_group_to_group_id[i]])
