@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from pakar import PakarError
 import pakar.distributed as dist_ctx
@@ -76,8 +77,14 @@ from pakar.checkpoint import (DISK_ERRORS, atomic_save, check_run_dir, load_trai
                               write_error)
 from pakar.config import PRESETS, ModelConfig, get_config
 from pakar.corpus import VAL_FRACTION
+from pakar.data import BatchLoader, prepare
+from pakar.engine import Engine, SamplingParams
+from pakar.evaluate import evaluate_tokens
+from pakar.info import train_flops_per_token
 from pakar.model import Transformer
 from pakar.moe import expert_load_stats, update_expert_bias
+from pakar.runtime import thread_summary
+from pakar.tokenizer import Tokenizer
 
 # Peak dense bf16 tensor throughput (FLOP/s) of common accelerators, for MFU in the log.
 # First match wins, so "H100 PCIe" (756 TFLOP/s) must come before the SXM "H100".
@@ -261,8 +268,6 @@ class RunLog:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._write(self.text, f"{stamp} | {msg}\n")
         if console:
-            from tqdm import tqdm
-
             tqdm.write(msg, file=sys.stdout)
 
     def record(self, **fields) -> None:
@@ -570,9 +575,6 @@ def load_data(args: TrainArgs, ctx: dist_ctx.Context, log: RunLog, data, tokeniz
     """The caller's data, or the prepared token stream of --data (rank 0 prepares it first); checks that
     every rank holds the same data."""
     if data is None:
-        from pakar.data import BatchLoader, prepare
-        from pakar.tokenizer import Tokenizer
-
         if init_ckpt is not None and tokenizer is None:
             tokenizer = Tokenizer.from_json(init_ckpt["tokenizer"])
         val_fraction = args.val_fraction or (VAL_FRACTION if args.data else 0.05)
@@ -617,8 +619,6 @@ def plan_run(args: TrainArgs, ctx: dist_ctx.Context, device, amp, log: RunLog, d
                     customize_model: Callable | None, save_epoch: Callable | None) -> Run:
     """The step plan (steps per epoch, total, warmup, peak lr), AdamW, and the model and optimizer
     wrapped for the mode: the finished `Run`."""
-    from pakar.info import train_flops_per_token
-
     n_params = sum(p.numel() for p in model.parameters())  # counted before FSDP/ZeRO-3 partition them
     steps_per_epoch = data.steps_per_epoch // args.grad_accum
     if steps_per_epoch < 1:
@@ -664,8 +664,6 @@ def resume(run: Run) -> Loop:
 
 def start_loop(run: Run, loop: Loop) -> None:
     """The run's first log line, the progress bar, the clocks."""
-    from pakar.runtime import thread_summary
-
     args, ctx = run.args, run.ctx
     tokens_per_step = args.batch * args.seq_len * args.grad_accum * ctx.world_size
     run.log.say(f"training {args.config} ({run.n_params:,} parameters) on "
@@ -674,8 +672,6 @@ def start_loop(run: Run, loop: Loop) -> None:
                 f"{tokens_per_step:,} tokens | lr {run.peak_lr:g}, warmup {run.warmup}, {args.schedule} | "
                 f"{thread_summary()}")
     if ctx.is_main:
-        from tqdm import tqdm
-
         loop.pbar = tqdm(total=run.total_steps, initial=loop.step, unit="step", dynamic_ncols=True,
                          file=sys.stderr, disable=None)
     loop.t_start = time.perf_counter() - loop.elapsed
@@ -906,8 +902,6 @@ class TokenStreamData:
         return self.loader.get(epoch, step)
 
     def evaluate(self, model, **kw) -> dict:
-        from pakar.evaluate import evaluate_tokens
-
         return evaluate_tokens(model, self.tokens.val, self.args.batch, self.args.seq_len, **kw)
 
 
@@ -925,8 +919,6 @@ def _plain_model(config: ModelConfig, state: dict, customize_model: Callable | N
 @torch.no_grad()
 def sample_text(model: Transformer, tokenizer, prompt: str, device, max_new_tokens: int = 32) -> str:
     """A short greedy continuation, so the user can watch the model learn."""
-    from pakar.engine import Engine, SamplingParams
-
     was_training = model.training
     model.eval()
     ids = tokenizer.encode(prompt)
