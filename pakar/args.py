@@ -24,6 +24,17 @@ from pakar.config import PRESETS
 # --- defaults shown in help (the library modules import theirs from here) ---------------------------
 
 DEFAULT_LR = {"tiny": 3e-3, "small": 1.5e-3, "default": 3e-4, "3b": 2e-4}
+
+
+def default_lr(preset: str, finetune: bool = False, lora: bool = False) -> float:
+    """The peak learning rate when --lr is not given, the one rule for pretraining and fine-tuning:
+    the preset's pretraining rate (DEFAULT_LR, 3e-4 for an unknown preset); a tenth of it to fine-tune
+    all weights (continuing from trained weights takes smaller steps); LoRA adapters start at zero and
+    train from scratch, so they keep the pretraining rate."""
+    lr = DEFAULT_LR.get(preset, 3e-4)
+    return lr / 10 if finetune and not lora else lr
+
+
 SAMPLE_PROMPT = "Indonesia adalah"
 CHAT_VAL_FRACTION = 0.05  # chat conversations held out by pakar finetune (text keeps corpus.VAL_FRACTION)
 MIN_VOCAB = 256 + 3  # the 256 bytes and pakar.tokenizer.SPECIAL_TOKENS (which asserts the count)

@@ -8,7 +8,10 @@ Two kinds of file, both plain dicts of tensors, numbers, strings and lists, so t
   "tokenizer" (tokenizer.json text), "meta" (epoch, step, validation numbers, whether it was trained
   on the chat template, ...)}.
 - Training state (`checkpoints/state.pt`): a model checkpoint plus what resuming needs to reproduce
-  the next step exactly: optimizer state, loop counters, RNG states, the training arguments.
+  the next step exactly: optimizer state, loop counters, RNG states, the training arguments. Built by
+  `training_state` and read back by `load_training_state` (which refuses a state saved with other
+  resume settings, process count, model config or data); the loop (pakar.train) only hands over plain
+  dicts, so this module knows nothing of training beyond those entries.
 
 Writes are atomic: the bytes go to a temporary file in the same folder (`.NAME.tmp<pid>`), are
 fsync'ed, and replace the target with os.replace, so a crash mid-save leaves the previous good file in
@@ -39,13 +42,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
-import math
 import os
 import pickle
+import random
 import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pakar import PakarError, __version__, what_is_there
@@ -60,7 +64,7 @@ REQUIRED_ENTRIES = {"config": dict, "model": dict, "tokenizer": str, "meta": dic
 # the config fields that decide the weights' shapes: a checkpoint must state them (no silent defaults)
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "max_position_embeddings")
-# what --resume needs beyond the model: pakar.train's save_state writes exactly these
+# what --resume needs beyond the model: training_state writes exactly these
 RESUME_ENTRIES = {"optimizer": dict, "rng": dict, "loop": dict, "train_args": dict, "world_size": int}
 
 
@@ -288,12 +292,13 @@ def split_state(state: dict) -> tuple[dict, dict]:
 
 
 def check_finite(tensors: dict, source) -> None:
-    """PakarError naming the first floating-point tensor with a NaN or an infinity."""
-    for k, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            n = int((~torch.isfinite(t)).sum())
-            raise PakarError(f"{source}: weight {k} has {n:,} non-finite value(s) (NaN or infinity): the run "
-                             f"that wrote it diverged; use an earlier checkpoint")
+    """PakarError naming the first floating-point tensor of a flat {name: tensor} dict with a NaN or an
+    infinity (first_nonfinite finds it)."""
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        n = int((~torch.isfinite(tensors[bad])).sum())
+        raise PakarError(f"{source}: weight {bad} has {n:,} non-finite value(s) (NaN or infinity): the run "
+                         f"that wrote it diverged; use an earlier checkpoint")
 
 
 def check_model_checkpoint(ckpt: dict, source) -> ModelConfig:
@@ -346,6 +351,55 @@ def check_resume_state(obj: dict, path) -> None:
         check_finite(tensors, path)
     if "torch" not in obj["rng"]:
         raise PakarError(f"{path}: its RNG state has no 'torch' generator state")
+
+
+def rng_state() -> dict:
+    """Every random generator a training step may draw from (dropout-free pakar draws few, but a
+    customized model or a data hook may), for bit-identical resume."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+             "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(model_ckpt: dict, optimizer_state: dict, train_args: dict, world_size: int, loop: dict) -> dict:
+    """state.pt's dict: a model checkpoint (`model_checkpoint`) plus the RESUME_ENTRIES, with the RNG
+    states of this moment."""
+    return {**model_ckpt, "optimizer": optimizer_state, "train_args": train_args, "world_size": world_size,
+            "rng": rng_state(), "loop": loop}
+
+
+def load_training_state(path: Path, train_args: dict, resume_keys, world_size: int, config: ModelConfig,
+                        data_key: str) -> dict:
+    """Read state.pt for --resume, refusing one that cannot continue this run: a missing or incomplete
+    file, or one saved with other values of the `resume_keys` arguments, another number of processes,
+    another model config or other training data (`data_key`)."""
+    if not path.is_file():
+        raise PakarError(f"--resume: no saved state at {path}; start without --resume")
+    state = safe_load(path)
+    check_resume_state(state, path)
+    saved = state["train_args"]
+    changed = [f"--{k.replace('_', '-')} (was {saved.get(k)!r}, now {train_args.get(k)!r})"
+               for k in resume_keys if saved.get(k) != train_args.get(k)]
+    if state["world_size"] != world_size:
+        changed.append(f"world size (saved with {state['world_size']} processes, now {world_size})")
+    if state["config"] != config.to_dict():
+        changed.append("model config")
+    if state["meta"].get("data_key") != data_key:
+        changed.append("training data or tokenizer")
+    if changed:
+        raise PakarError("cannot resume: the run was saved with different settings: " + ", ".join(changed)
+                         + "; use the same flags, or start a new run in another --out")
+    return state
 
 
 def model_checkpoint(model_state: dict, config: ModelConfig, tokenizer_json: str, **meta) -> dict:

@@ -21,7 +21,6 @@ import importlib
 import sys
 
 from pakar import PakarError, __version__
-from pakar.args import check_number, check_out_folder  # noqa: F401  (their earlier home)
 from pakar.runtime import THREADS_HELP, configure_threads
 
 # subcommand -> (module, function, one-line help), in pipeline order

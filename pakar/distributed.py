@@ -20,6 +20,10 @@ torch.distributed. Modes:
              Under ZeRO-3 each MoE block is a leaf module: its router and all experts are gathered once
              on entry, whatever the routing, so no rank waits for an expert that got no tokens.
 
+The DeepSpeed side (engine, config, ZeRO state gathering) lives in pakar.zero; `Context` holds typed
+fields (the rank, the device, the compute dtype and, in deepspeed mode, a `pakar.zero.DeepSpeedMode`
+built from the few flags DeepSpeed needs), not the training arguments.
+
 Loss scaling is the same in every mode: the loop divides each micro-batch's summed cross-entropy by the
 global number of targets in the optimizer step and multiplies by world_size, because DDP all-reduce,
 FSDP reduce-scatter and DeepSpeed all average over ranks; DeepSpeed's own division by the gradient
@@ -48,17 +52,13 @@ tokenizer training on a big corpus never trips the NCCL watchdog.
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import gc
 import hashlib
 import inspect
-import json
-import logging
 import math
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -69,15 +69,16 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pakar import PakarError
-from pakar.moe import MoE
 from pakar.runtime import autocast_dtype, resolve_device
+from pakar.zero import DeepSpeedMode, DeepSpeedSettings, import_deepspeed
 
-# ZeRO-2 by default: optimizer state and gradients sharded, parameters replicated, so forward and
-# backward run without parameter gathers. DeepSpeed's own defaults otherwise; note that with bf16 it
-# reduces gradients in bf16 (a config file can ask for "communication_data_type": "fp32", as DDP's
-# float32 gradients and FSDP's reduce_dtype give).
-DEEPSPEED_DEFAULT = {"zero_optimization": {"stage": 2, "contiguous_gradients": True}}
 DATA_WAIT = datetime.timedelta(hours=12)  # rank 0 tokenizing a large corpus while the others wait
+
+
+def unwrap(model):
+    """The Transformer inside a DDP wrapper or DeepSpeed engine (FSDP2 shards in place): the one place
+    that peels a wrapper."""
+    return model.module if hasattr(model, "module") else model
 
 
 @dataclass
@@ -88,10 +89,8 @@ class Context:
     device: torch.device | None = None  # None: the loop resolves --device itself (single process)
     mode: str = "single"  # single | ddp | fsdp | deepspeed
     amp: torch.dtype | None = None  # bf16 compute dtype (FSDP parameters, DeepSpeed bf16), None = float32
-    args: object = None  # the TrainArgs (DeepSpeed config: batch, grad_accum, grad_clip, config file)
-    zero_stage: int | None = None  # DeepSpeed only
     wait_group: object = None  # gloo group with a long timeout for run_on_main_first
-    _group_names: list = field(default_factory=list)  # DeepSpeed: parameter names of each optimizer group
+    zero: DeepSpeedMode | None = None  # deepspeed mode: the engine's side of every operation below
 
     @property
     def is_main(self) -> bool:
@@ -102,10 +101,15 @@ class Context:
         return self.world_size > 1
 
     @property
+    def zero_stage(self) -> int | None:
+        """DeepSpeed's ZeRO stage (known once `wrap` has run), None in the other modes."""
+        return self.zero.zero_stage if self.zero is not None else None
+
+    @property
     def shards_parameters(self) -> bool:
         """True when no rank holds the whole model (FSDP, ZeRO-3): a forward pass is then a collective,
         so rank-0-only work (the epoch-end sample) must use a plain copy built from `full_state`."""
-        return self.mode == "fsdp" or (self.mode == "deepspeed" and self.zero_stage == 3)
+        return self.mode == "fsdp" or (self.zero is not None and self.zero.shards_parameters)
 
     # -- wrapping ---------------------------------------------------------------------------------
     def wrap(self, model, optimizer):
@@ -122,7 +126,7 @@ class Context:
         elif self.mode == "fsdp":
             model, optimizer = self._wrap_fsdp(model, optimizer)
         elif self.mode == "deepspeed":
-            model, optimizer = self._wrap_deepspeed(model, optimizer)
+            model, optimizer = self.zero.wrap(model, optimizer, _param_group_names(model, optimizer))
         return model, optimizer
 
     def _wrap_fsdp(self, model, optimizer):
@@ -143,33 +147,7 @@ class Context:
             g["params"] = [params[n] for n in names]
         return model, optimizer
 
-    def _wrap_deepspeed(self, model, optimizer):
-        deepspeed = import_deepspeed(self.device)
-        config = deepspeed_config(self.args, self.world_size, self.amp, optimizer)
-        self.zero_stage = config["zero_optimization"]["stage"]
-        if self.zero_stage == 3:
-            if getattr(self.args, "compile", False):
-                raise PakarError("--compile does not work with DeepSpeed ZeRO-3 (its parameter hooks run inside "
-                                 "each block); use ZeRO-1/2 or --fsdp with --compile")
-            deepspeed.utils.set_z3_leaf_modules(model, [MoE])
-        self._group_names = _param_group_names(model, optimizer)
-        # DeepSpeed casts the whole module to bf16, buffers included; the rotary tables and the expert
-        # selection biases must stay float32 (positions and tiny bias updates would round away)
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        if "optimizer" in config:  # the config names its own optimizer (e.g. for ZeRO-Offload's CPU Adam)
-            kw = {"model_parameters": [{k: v for k, v in g.items() if k in ("params", "weight_decay")}
-                                       for g in optimizer.param_groups]}
-        else:
-            kw = {"optimizer": optimizer}
-        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, config=config, dist_init_required=False, **kw)
-        for name, b in buffers.items():
-            owner, _, leaf = name.rpartition(".")
-            setattr(engine.module.get_submodule(owner), leaf, b.to(self.device))
-        return engine, ds_optimizer
-
-    def unwrap(self, model):
-        """The Transformer inside a DDP wrapper or DeepSpeed engine (FSDP2 shards in place)."""
-        return model.module if hasattr(model, "module") else model
+    unwrap = staticmethod(unwrap)
 
     # -- one optimizer step ------------------------------------------------------------------------
     def no_sync(self, model, last: bool):
@@ -177,13 +155,13 @@ class Context:
         optimizer step, the one whose backward reduces the gradients."""
         if self.mode == "ddp" and not last:
             return model.no_sync()
-        if self.mode == "deepspeed":
-            model.set_gradient_accumulation_boundary(last)
+        if self.zero is not None:
+            return self.zero.no_sync(model, last)
         return contextlib.nullcontext()
 
     def backward(self, model, loss):
-        if self.mode == "deepspeed":
-            model.backward(loss, scale_wrt_gas=False)  # the loop already normalised over micro-batches
+        if self.zero is not None:
+            self.zero.backward(model, loss)
         else:
             loss.backward()
 
@@ -200,11 +178,8 @@ class Context:
         global gradient norm is NaN/inf (DeepSpeed 0.19: ZeRO-3 always, ZeRO-1/2 in float32 and with
         bf16's check_grad_overflow, on by default) and count it in engine.skipped_steps; a non-finite
         loss with finite gradients is applied there, and the loop then stops without saving."""
-        if self.mode == "deepspeed":
-            skipped = model.skipped_steps
-            model.step()  # clips to the config's gradient_clipping (= --grad-clip) itself
-            norm = model.get_global_grad_norm()
-            return float(loss), float("nan") if norm is None else float(norm), model.skipped_steps == skipped
+        if self.zero is not None:
+            return self.zero.clip_and_step(model, loss)
         params = [p for p in self.unwrap(model).parameters() if p.grad is not None]
         if self.mode == "fsdp":
             # each rank holds a shard of every gradient: the norm of the DTensors is a reduction over ranks
@@ -250,8 +225,8 @@ class Context:
     def full_state(self, model, optimizer) -> dict:
         """{"model": full float32 state dict, "optimizer": full state keyed by parameter name, or None
         when optimizer is None}. Every rank must call it; only rank 0's result is complete."""
-        if self.mode == "deepspeed":
-            return self._deepspeed_full_state(model, optimizer is not None)
+        if self.zero is not None:
+            return self.zero.full_state(model, optimizer is not None)
         if self.mode == "fsdp":
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return {"model": get_model_state_dict(model, options=opts),
@@ -266,8 +241,8 @@ class Context:
         """Load a `full_state` (as saved in state.pt; every rank has read the file) into the wrapped
         model and its optimizer."""
         try:
-            if self.mode == "deepspeed":
-                self._deepspeed_load_state(model, state)
+            if self.zero is not None:
+                self.zero.load_state(model, state)
             elif self.mode == "fsdp":
                 opts = StateDictOptions(full_state_dict=True)  # each rank cuts its own shards from the full tensors
                 set_model_state_dict(model, state["model"], options=opts)
@@ -281,116 +256,6 @@ class Context:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise PakarError(f"cannot resume: the saved training state does not fit this model and optimizer "
                              f"({type(e).__name__}: {first}); start a new run in another --out") from None
-
-    def _deepspeed_full_state(self, engine, with_optimizer: bool) -> dict:
-        """Gather float32 master weights and AdamW moments from ZeRO's partitions, one parameter at a
-        time (each is an all-reduce or all-gather over the data-parallel group, so every rank takes
-        part; rank 0 keeps the result on the CPU)."""
-        # lazy: the optional DeepSpeed package
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        module = engine.module
-        inner = engine.optimizer.optimizer if with_optimizer else None  # the torch optimizer ZeRO wraps
-        keys, step = [], None
-        if inner is not None and inner.state:
-            _relink_zero_views(engine.optimizer)
-            first = next(iter(inner.state.values()))
-            keys = [k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0]
-            step = first.get("step", inner.param_groups[0].get("step"))
-        names = {}
-        for n, p in module.named_parameters():
-            names.setdefault(id(p), n)
-        model_sd, opt_state, done = {}, {}, {}
-        for key, t in module.state_dict(keep_vars=True).items():
-            if id(t) in done:  # a tied weight, already gathered under its first name
-                model_sd[key] = done[id(t)]
-                continue
-            if id(t) in names:
-                full = safe_get_full_fp32_param(t) if t.requires_grad else None
-                if full is None:  # frozen (not in the optimizer): the module's own copy is the value
-                    with self._gathered(t):
-                        full = t.detach().clone()
-                value = full.detach().float().cpu() if self.is_main else None
-                if keys and t.requires_grad:
-                    moments = {k: safe_get_full_optimizer_state(t, k) for k in keys}
-                    if self.is_main:
-                        opt_state[names[id(t)]] = {"step": torch.tensor(float(step)),
-                                                   **{k: v.detach().float().cpu() for k, v in moments.items()}}
-            else:  # a buffer: not partitioned, the same on every rank
-                value = t.detach().cpu().clone() if self.is_main else None
-            done[id(t)] = model_sd[key] = value
-        optim = None
-        if with_optimizer:
-            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names_}
-                      for g, names_ in zip(engine.optimizer.param_groups, self._group_names)]
-            optim = {"state": opt_state, "param_groups": groups}
-        return {"model": model_sd if self.is_main else {}, "optimizer": optim}
-
-    def _deepspeed_load_state(self, engine, state: dict):
-        # lazy: the optional DeepSpeed package
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        module, model_sd = engine.module, state["model"]
-        saved = (state.get("optimizer") or {}).get("state", {})
-        inner = engine.optimizer.optimizer
-        sample = next(iter(saved.values()), None)
-        keys = [k for k, v in sample.items() if k != "step" and torch.is_tensor(v) and v.dim() > 0] if sample else []
-        if sample is not None and not inner.state:
-            # torch optimizers create their state at the first step, and ZeRO scatters into that state:
-            # create it now for each flat float32 partition (zeros, the saved step count; the step on the
-            # partition's device for fused/capturable AdamW, as torch keeps it), then let ZeRO-1/2 link
-            # its per-parameter views to it
-            for flat, group in _zero_flat_partitions(engine.optimizer):
-                on_device = group.get("fused") or group.get("capturable")
-                inner.state[flat] = {"step": torch.tensor(float(sample["step"]), dtype=torch.float32,
-                                                          device=flat.device if on_device else "cpu"),
-                                     **{k: torch.zeros_like(flat) for k in keys}}
-            _relink_zero_views(engine.optimizer)
-        for name, p in module.named_parameters():
-            value = model_sd[name].to(self.device)
-            if p.requires_grad:
-                safe_set_full_fp32_param(p, value.float())
-                for k in keys:
-                    safe_set_full_optimizer_state(p, saved[name][k].to(self.device), k)
-            # the working copy the forward pass reads (bf16 on GPU), rounded from the same master weights
-            with self._gathered(p, modify=True):
-                p.data.copy_(value)
-        for name, b in module.named_buffers():
-            if name in model_sd:
-                b.copy_(model_sd[name])
-
-    def _gathered(self, param, modify: bool = False):
-        """The full parameter inside the block under ZeRO-3 (written back from rank 0 when modify)."""
-        if self.mode == "deepspeed" and self.zero_stage == 3:
-            import deepspeed  # lazy: the optional DeepSpeed package
-
-            return deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None)
-        return contextlib.nullcontext()
-
-
-def _relink_zero_views(zero_optimizer) -> None:
-    """ZeRO-1/2 (and DeepSpeed's bf16 optimizer) reach a parameter's AdamW moments through views into
-    the flat state of its group, linked once, right after the first group's first step, when the other
-    groups have no state yet (DeepSpeed 0.19): with pakar's two groups (decay / no decay) the second
-    group's views would stay empty. Link again, now that every group has its state. ZeRO-3 reads the
-    optimizer state directly and has no such views."""
-    if hasattr(zero_optimizer, "_hp_optimizer_states_linked"):
-        zero_optimizer._hp_optimizer_states_linked = False
-        zero_optimizer._lazy_init_hp_params_optimizer_state()
-
-
-def _zero_flat_partitions(zero_optimizer) -> list:
-    """(flat float32 partition, its torch param group) for each group this rank steps: the tensors the
-    wrapped torch optimizer keeps its state for (ZeRO-3 swaps them into the groups only while stepping)."""
-    inner = zero_optimizer.optimizer
-    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3 (sub-groups of the param groups)
-        return [(flat, inner.param_groups[zero_optimizer.sub_group_to_group_id[i]])
-                for i, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat)]
-    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):  # ZeRO-1/2, bf16 optimizer
-        if hasattr(zero_optimizer, attr):
-            return list(zip(getattr(zero_optimizer, attr), inner.param_groups))
-    raise PakarError(f"cannot resume with DeepSpeed's {type(zero_optimizer).__name__}: pakar does not know where "
-                     "it keeps its float32 partitions")
 
 
 def _param_group_names(model, optimizer) -> list[list[str]]:
@@ -434,8 +299,11 @@ def setup(args) -> Context:
                 os.environ.setdefault(k, v)  # DeepSpeed reads them
     wait_group = dist.new_group(backend="gloo", timeout=DATA_WAIT)
     mode = "deepspeed" if use_ds else "fsdp" if fsdp else "ddp"
+    amp = autocast_dtype(args.dtype, device)
+    zero = (DeepSpeedMode(DeepSpeedSettings.from_args(args), device, world_size, amp, is_main=rank == 0)
+            if use_ds else None)
     return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device, mode=mode,
-                   amp=autocast_dtype(args.dtype, device), args=args, wait_group=wait_group)
+                   amp=amp, wait_group=wait_group, zero=zero)
 
 
 def _pick_device(name: str, local_rank: int, world_size: int) -> torch.device:
@@ -480,84 +348,3 @@ def teardown(ctx: Context) -> None:
         dist.barrier()  # without it a rank may exit while gloo still talks to it (sporadic SIGABRT)
         dist.destroy_process_group()
         gc.collect()  # free what still refers to the groups while the interpreter is fully alive
-
-
-# -- DeepSpeed ---------------------------------------------------------------------------------------
-def import_deepspeed(device: torch.device):
-    """DeepSpeed, imported on first use (an optional extra), set to the accelerator we train on."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported
-    try:
-        import deepspeed  # lazy: the optional DeepSpeed package
-    except ImportError:
-        raise PakarError("--deepspeed needs DeepSpeed: pip install 'pakar[deepspeed]' "
-                         "(or pip install deepspeed)") from None
-    if device.type == "cpu":
-        # the CPU accelerator would compile a shared-memory all-reduce kernel (C++/OpenMP) at its first
-        # start, about two minutes on two cores; gloo's collectives are all CPU training needs
-        try:
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        except (AttributeError, TypeError):
-            pass
-    deepspeed.utils.logger.setLevel(logging.WARNING)  # pakar logs the training; keep DeepSpeed's INFO lines out
-    accel = deepspeed.get_accelerator().device_name()
-    if accel != device.type:
-        raise PakarError(f"DeepSpeed uses its {accel!r} accelerator but training runs on {device}: "
-                         f"set DS_ACCELERATOR={device.type} (or choose --device {accel})")
-    return deepspeed
-
-
-def deepspeed_config(args, world_size: int, amp: torch.dtype | None, optimizer=None) -> dict:
-    """The DeepSpeed config: --deepspeed-config's JSON (or DEEPSPEED_DEFAULT) with the batch sizes,
-    gradient accumulation, clipping and precision filled in from pakar's flags."""
-    src = getattr(args, "deepspeed_config", None)
-    if src:
-        path = Path(src)
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise PakarError(f"--deepspeed-config {path}: cannot read it ({e.strerror or type(e).__name__})") from None
-        except ValueError as e:
-            raise PakarError(f"--deepspeed-config {path}: not valid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise PakarError(f"--deepspeed-config {path}: expected a JSON object")
-        where = f"--deepspeed-config {path}"
-    else:
-        cfg, where = copy.deepcopy(DEEPSPEED_DEFAULT), "the built-in DeepSpeed config"
-
-    owned = {"train_micro_batch_size_per_gpu": (args.batch, "--batch"),
-             "gradient_accumulation_steps": (args.grad_accum, "--grad-accum"),
-             "train_batch_size": (args.batch * args.grad_accum * world_size, "--batch x --grad-accum x processes"),
-             "gradient_clipping": (float(args.grad_clip), "--grad-clip")}
-    for key, (ours, flag) in owned.items():
-        theirs = cfg.get(key, "auto")
-        if theirs != "auto" and theirs != ours:
-            raise PakarError(f"{where}: {key} is {theirs!r} but pakar's {flag} give {ours}; set it to \"auto\" "
-                             f"or remove it (pakar fills it in)")
-        cfg[key] = ours
-    if cfg.get("scheduler"):
-        raise PakarError(f"{where}: remove \"scheduler\": pakar sets the learning rate every step "
-                         "(--lr, --warmup, --schedule, --min-lr-ratio)")
-    if (cfg.get("fp16") or {}).get("enabled") not in (None, False, "auto"):
-        raise PakarError(f"{where}: fp16 is not supported (MoE routing is fragile in fp16); pakar trains in "
-                         "bf16 on GPUs (\"bf16\": {\"enabled\": \"auto\"}) or float32")
-    cfg.pop("fp16", None)
-    bf16 = amp == torch.bfloat16
-    theirs = (cfg.get("bf16") or {}).get("enabled", "auto")
-    if theirs != "auto" and bool(theirs) != bf16:
-        raise PakarError(f"{where}: bf16.enabled is {theirs!r} but --dtype {args.dtype} on this device means "
-                         f"{'bf16' if bf16 else 'float32'}; set it to \"auto\" or change --dtype")
-    cfg["bf16"] = {**(cfg.get("bf16") or {}), "enabled": bf16}
-    zero = cfg.setdefault("zero_optimization", {})
-    stage = zero.setdefault("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise PakarError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    if offload and "optimizer" not in cfg and optimizer is not None:
-        # ZeRO-Offload steps on the CPU with DeepSpeed's CPU Adam, built from a config section; give it
-        # pakar's AdamW settings (the learning rate is set every step anyway)
-        d = optimizer.defaults
-        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": d["lr"], "betas": list(d["betas"]), "eps": d["eps"],
-                                                        "weight_decay": d["weight_decay"]}}
-    cfg.setdefault("steps_per_print", 2**31 - 1)  # pakar logs progress itself
-    return cfg

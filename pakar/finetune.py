@@ -70,15 +70,20 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
 from pakar import PakarError
-from pakar.args import CHAT_VAL_FRACTION, DEFAULT_LR, FinetuneArgs, TrainArgs
+from pakar.args import CHAT_VAL_FRACTION, FinetuneArgs, TrainArgs, default_lr
 from pakar.chat_data import ChatData, chat_data_key, load_chat
-from pakar.config import PRESETS
+from pakar.checkpoint import atomic_save, build_model, file_sha256, model_checkpoint, safe_load
+from pakar.config import PRESETS, ModelConfig
 from pakar.corpus import VAL_FRACTION, detect_kind
+from pakar.distributed import setup
+from pakar.lora import adapter_checkpoint, apply_lora, merge_state, router_buffers, split_state
+from pakar.runtime import autocast_dtype, resolve_device
+from pakar.tokenizer import Tokenizer
+from pakar.train import RunLog, claim_run_dir, train
 
 
 
@@ -100,11 +105,6 @@ def preset_name(base: dict) -> str:
 def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
     """Fine-tune args.init_from on args.data. `base` is that checkpoint already loaded, if the caller
     has it; training takes over its "model" tensors (pakar.train.train's init_ckpt)."""
-    from pakar.checkpoint import atomic_save, build_model, file_sha256, model_checkpoint, safe_load
-    from pakar.config import ModelConfig
-    from pakar.lora import adapter_checkpoint, apply_lora, merge_state, router_buffers, split_state
-    from pakar.tokenizer import Tokenizer
-    from pakar.train import RunLog, autocast_dtype, claim_run_dir, resolve_device, train
 
     base = base if base is not None else safe_load(args.init_from)
     cfg = ModelConfig.from_dict(base["config"])
@@ -113,15 +113,16 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
     if args.seq_len > cfg.max_position_embeddings:
         raise PakarError(f"--seq-len {args.seq_len} exceeds the checkpoint's context of "
                          f"{cfg.max_position_embeddings} tokens")
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    claim_run_dir(args, log, is_main=rank == 0)  # the loop's rule: no second run over a first one
+    ctx = setup(args)  # the process group (under torchrun): this process's rank, the loop's context
+    rank, world_size = ctx.rank, ctx.world_size
+    claim_run_dir(args, log, is_main=ctx.is_main)  # the loop's rule: no second run over a first one
     kind = detect_kind(args.data)
     spec = args.lora_spec()
     if spec is not None and kind == "chat" and not cfg.tie_word_embeddings:
         # the ChatML markers are new to a model pretrained on text: train their embedding/output rows too
         spec = dataclasses.replace(spec, token_ids=(tokenizer.im_start_id, tokenizer.im_end_id))
     if spec is not None and args.lr is None:
-        args = dataclasses.replace(args, lr=DEFAULT_LR.get(args.config, 3e-4))
+        args = dataclasses.replace(args, lr=default_lr(args.config, finetune=True, lora=True))
     if args.val_fraction is None:  # explicit, so that the loop's split and the baseline evaluation agree
         args = dataclasses.replace(args, val_fraction=CHAT_VAL_FRACTION if kind == "chat" else VAL_FRACTION)
     run_dir = Path(args.out)
@@ -203,7 +204,7 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
                 log(f"merged the adapters into {merged}")
             return path
 
-    summary = train(args, data=data, tokenizer=tokenizer, customize_model=customize_model,
+    summary = train(args, ctx=ctx, data=data, tokenizer=tokenizer, customize_model=customize_model,
                     save_epoch=save_epoch, meta=meta, init_ckpt=base)
     summary |= {"kind": kind, "lora": spec.to_dict() if spec else None,
                 "val_loss_before": before["loss"] if before and before["tokens"] else None,

@@ -3,7 +3,7 @@
 API:
     LoraSpec(rank, alpha, targets)        validated settings; scale = alpha / rank
     apply_lora(model, spec) -> model      freeze the model, add adapters (in place); only they train
-    split_state(state) -> (base, adapters)   a LoRA model's state dict -> plain base state + factors
+    split_state (pakar.checkpoint)           a LoRA model's state dict -> plain base state + factors
     merge_state(base, adapters, scale) -> state      W + scale * B @ A for every adapted tensor
     adapter_checkpoint(...) / load_adapter(path)     the small adapter file
     merge_adapter_file(adapter, base, out)           `pakar lora-merge`
@@ -62,9 +62,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from pakar import PakarError, __version__
-from pakar.args import ATTENTION_TARGETS, EXPERT_TARGETS, TARGET_GROUPS, LoraSpec, parse_targets  # noqa: F401
-from pakar.checkpoint import (atomic_save, check_finite, file_sha256, model_checkpoint, safe_load,  # noqa: F401
-                              split_state)
+from pakar.args import EXPERT_TARGETS, LoraSpec
+from pakar.checkpoint import atomic_save, check_finite, file_sha256, model_checkpoint, safe_load
 from pakar.config import ModelConfig
 from pakar.moe import Experts
 

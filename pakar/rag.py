@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 from pakar import PakarError
-from pakar.prompts import INSTRUCTION, NO_ANSWER, rc_messages, render_rag_prompt  # noqa: F401  (their users' home)
+from pakar.prompts import NO_ANSWER, rc_messages, render_rag_prompt
 from pakar.retrieval import Index, format_source
 
 TEXT_MODE_SUFFIX = "\nJawaban:"

@@ -1,7 +1,11 @@
 """Training: the seed's `python train.py --epochs 5 --batch 2 --config default --seq-len 256`.
 
-One loop function, read top to bottom: per optimizer step, evaluate (when due) -> save (when due) ->
-step -> log. Choices:
+train() reads top to bottom as a sequence of named parts: open_run (device, log, run folder) ->
+load_data -> make_model -> plan_run (step plan, AdamW, wrapping for the mode: the read-only `Run`) ->
+resume (state.pt into a `Loop` of counters) -> run_epoch (per optimizer step: evaluate and save when due,
+train_step, log_step) and end_epoch after each epoch -> end_early (a stop inside the run) -> end_run
+(summary). The distributed context comes from the caller (pakar.distributed.setup, or train() sets it
+up when none is given); state.pt is built and checked in pakar.checkpoint. Choices:
 - The run directory (`--out`, default ".") holds tokenizer.json, the token cache (data/), training.log,
   metrics.jsonl and checkpoints/ (model_epoch{N}.pt at each epoch end, state.pt to resume).
 - Batches are a pure function of (seed, epoch, step, rank) (pakar.data.BatchLoader), so resuming needs
@@ -16,7 +20,9 @@ step -> log. Choices:
   (pakar.runtime.autocast_dtype: the one rule evaluation and generation follow too).
 - Arguments: TrainArgs (pakar.args); the command line is pakar.commands.train, which also sends chat
   JSONL data with --init-from to pakar.finetune.train_chat (the seed's form of chat fine-tuning).
-- Only rank 0 writes logs and checkpoints; the distributed wrapping lives in pakar.distributed.
+- Only rank 0 writes logs and checkpoints; the distributed wrapping lives in pakar.distributed
+  (DeepSpeed in pakar.zero).
+- Learning-rate defaults: one rule, `default_lr` (the preset's rate; a tenth for full fine-tuning).
 
 Never losing work (the choices of issue 17):
 - A run folder holding a run (checkpoints/state.pt, model_epoch*.pt, ...) is refused unless the run is
@@ -53,28 +59,35 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import shlex
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
+import pakar.distributed as dist_ctx
 from pakar import PakarError
-from pakar.args import DEFAULT_LR, TrainArgs
-from pakar.checkpoint import (DISK_ERRORS, atomic_save, check_resume_state, check_run_dir, model_checkpoint,
-                              remove_run_files, remove_stale_temps, safe_load, write_error)
+from pakar.args import TrainArgs, default_lr
+from pakar.checkpoint import (DISK_ERRORS, atomic_save, check_run_dir, load_training_state, model_checkpoint,
+                              remove_run_files, remove_stale_temps, safe_load, set_rng_state, training_state,
+                              write_error)
 from pakar.config import ModelConfig, get_config
 from pakar.corpus import VAL_FRACTION
+from pakar.data import BatchLoader, prepare
+from pakar.engine import Engine, SamplingParams
+from pakar.evaluate import evaluate_tokens
+from pakar.info import train_flops_per_token
 from pakar.model import Transformer
 from pakar.moe import expert_load_stats, update_expert_bias
-from pakar.runtime import autocast_dtype, peak_flops, resolve_device
+from pakar.runtime import autocast_dtype, peak_flops, resolve_device, thread_summary
+from pakar.tokenizer import Tokenizer
 
 # Non-finite steps in a row that stop the run. One bad batch (an overflow spike) is skipped and
 # training goes on; when the weights or the learning rate are broken every step is non-finite, and
@@ -155,8 +168,6 @@ class RunLog:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._write(self.text, f"{stamp} | {msg}\n")
         if console:
-            from tqdm import tqdm
-
             tqdm.write(msg, file=sys.stdout)
 
     def record(self, **fields) -> None:
@@ -167,23 +178,6 @@ class RunLog:
         for f in (self.text, self.jsonl):
             if f:
                 f.close()
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-             "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 
 # --- never losing work: helpers of the loop ----------------------------------------------------------
@@ -308,56 +302,186 @@ def _json_number(x: float) -> float | str:
     """JSON has no NaN or Infinity: non-finite numbers are written as strings."""
     return x if math.isfinite(x) else str(x)
 
-def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callable | None = None,
-          save_epoch: Callable | None = None, meta: dict | None = None, init_ckpt: dict | None = None) -> dict:
-    """Train and return a summary dict. Extension points for fine-tuning (pakar.finetune):
-    `data` (an object with .steps_per_epoch, .get(epoch, step) -> (x, y) with y = -100 where not
-    counted, and .evaluate(model, **kw) -> dict), `tokenizer`, `customize_model(model) -> model`
-    (e.g. wrap with LoRA adapters; only parameters left trainable are optimised), `save_epoch(state,
-    path_stem, meta) -> path` to write epoch checkpoints differently from the full state dict (e.g.
-    adapters only), `meta` added to
-    every checkpoint's meta, `init_ckpt` the args.init_from checkpoint if the caller has already loaded
-    it (its "model" tensors are popped once the model holds them, so no second copy stays in memory)."""
-    from pakar import distributed as D
+# --- the loop, in parts -----------------------------------------------------------------------------
+# train() reads top to bottom: open the run -> data -> model -> optimizer (wrapped for the mode) ->
+# resume -> epochs of train_step/log_step with end_epoch after each -> end_run. What the parts share
+# is a `Run` (built once, then read-only) and a `Loop` (the counters and what the loop keeps between
+# steps); state.pt's format lives in pakar.checkpoint (training_state / load_training_state).
 
+@dataclass
+class Run:
+    """Everything the loop's parts read, fixed before the first step."""
+
+    args: TrainArgs
+    ctx: dist_ctx.Context
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype, None = float32
+    log: RunLog
+    run_dir: Path
+    data: object  # TokenStreamData or pakar.finetune's ChatData (see train()'s docstring)
+    tokenizer: object
+    model_cfg: ModelConfig
+    model: torch.nn.Module  # as wrapped for the mode (DDP, FSDP, DeepSpeed engine)
+    raw_model: Transformer  # the Transformer itself (FSDP shards it in place)
+    optimizer: object
+    n_params: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    peak_lr: float
+    fused_head: bool  # the fused head + loss (not under ZeRO-3, see plan_run)
+    token_bytes: torch.Tensor  # UTF-8 bytes of each token, for bits per byte
+    flops_per_token: float  # training FLOPs, for MFU
+    peak_flops: float | None  # the accelerator's peak, None when unknown
+    meta: dict  # the caller's extra checkpoint meta
+    customize_model: Callable | None
+    save_epoch: Callable | None
+
+    @property
+    def ck_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def state_path(self) -> Path:
+        return self.ck_dir / "state.pt"
+
+
+@dataclass
+class Loop:
+    """The loop's counters (the first five are state.pt's "loop" entry) and what it keeps between steps."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # seconds of training, over all resumed runs
+    t_start: float = 0.0  # perf_counter() of the (virtual) start: now - elapsed
+    t_window: float = 0.0  # start of the throughput window of the next log line
+    tok_window: int = 0
+    first_step: int = 0  # the step this process started at
+    saved_at: int | None = None  # step of the last state.pt written (or resumed from)
+    history: list = dataclasses.field(default_factory=list)  # train losses of applied steps
+    last_val: dict | None = None
+    last_ckpt: Path | None = None
+    stop_reason: str | None = None
+    by_signal: bool = False
+    bad_steps: BadSteps | None = None
+    pbar: object = None  # tqdm progress bar on rank 0
+
+    def saved(self, total_steps: int) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
+                "tokens_seen": self.tokens_seen, "total_steps": total_steps,
+                "elapsed": time.perf_counter() - self.t_start}
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's numbers."""
+
+    loss: float  # global mean loss
+    grad_norm: float  # global gradient norm before clipping
+    finite: bool  # False: a non-finite loss or norm, the update skipped
+    lr: float
+    tokens: int  # counted targets over all ranks
+    aux: torch.Tensor | float  # the MoE auxiliary losses, means over micro-batches (this rank)
+    balance: torch.Tensor | float
+    z: torch.Tensor | float
+    loads: torch.Tensor  # expert loads of this rank, summed over micro-batches
+    global_loads: torch.Tensor | None  # summed over ranks, when bias balancing needed them
+
+
+def train(args: TrainArgs, *, ctx: dist_ctx.Context | None = None, data=None, tokenizer=None,
+          customize_model: Callable | None = None, save_epoch: Callable | None = None, meta: dict | None = None,
+          init_ckpt: dict | None = None) -> dict:
+    """Train and return a summary dict. `ctx` is the distributed context (pakar.distributed.setup(args);
+    set up here when None; torn down at the end either way). Extension points for fine-tuning
+    (pakar.finetune): `data` (an object with .steps_per_epoch, .key, .can_sample, .get(epoch, step) ->
+    (x, y) with y = -100 where not counted, and .evaluate(model, **kw) -> dict), `tokenizer`,
+    `customize_model(model) -> model` (e.g. wrap with LoRA adapters; only parameters left trainable are
+    optimised), `save_epoch(state, path_stem, meta) -> path` to write epoch checkpoints differently from
+    the full state dict (e.g. adapters only), `meta` added to every checkpoint's meta, `init_ckpt` the
+    args.init_from checkpoint if the caller has already loaded it (its "model" tensors are popped once
+    the model holds them, so no second copy stays in memory)."""
     check_run_dir(args.out, args.resume, args.overwrite, args.init_from)  # before any process writes
-    ctx = D.setup(args)
+    ctx = ctx if ctx is not None else dist_ctx.setup(args)
+    device, amp, log = open_run(args, ctx)
+    if init_ckpt is None and args.init_from:
+        init_ckpt = safe_load(args.init_from)
+    data, tokenizer = load_data(args, ctx, log, data, tokenizer, init_ckpt)
+    model_cfg, model = make_model(args, device, tokenizer, init_ckpt, customize_model)
+    run = plan_run(args, ctx, device, amp, log, data, tokenizer, model_cfg, model, init_ckpt,
+                          meta or {}, customize_model, save_epoch)
+    loop = resume(run) if args.resume else Loop()
+    signals = StopSignals()
+    try:
+        start_loop(run, loop)
+        signals.__enter__()
+        while loop.epoch < args.epochs and loop.stop_reason is None:
+            run_epoch(run, loop, signals)
+            if loop.stop_reason is None:
+                end_epoch(run, loop)
+        loop.elapsed = time.perf_counter() - loop.t_start
+        if loop.stop_reason is not None:
+            end_early(run, loop)
+    except KeyboardInterrupt:
+        loop.elapsed = time.perf_counter() - loop.t_start
+        if loop.pbar is not None:
+            loop.pbar.close()
+        log.say(f"interrupted again: quit without saving this step; {last_saved(run, loop)}")
+        raise
+    except torch.OutOfMemoryError:
+        raise PakarError("out of GPU memory. Remedies: a smaller --batch (keep the global batch with "
+                         "--grad-accum), a shorter --seq-len, --activation-checkpointing, --dtype bfloat16, "
+                         "or more GPUs with --fsdp/--deepspeed. Nothing was saved from this step; the last "
+                         "good checkpoint is untouched.") from None
+    finally:
+        signals.__exit__()
+        if loop.pbar is not None:
+            loop.pbar.close()
+    return end_run(run, loop, signals)
+
+
+def open_run(args: TrainArgs, ctx: dist_ctx.Context) -> tuple[torch.device, torch.dtype | None, RunLog]:
+    """The device, the autocast dtype and the run folder's log; claims the folder (refusing another
+    run's, deleting stale temporary files)."""
     device = ctx.device if ctx.device is not None else resolve_device(args.device)
     if args.compile:
         check_compiler()  # before any data work: inductor would fail only at the first step
-    run_dir = Path(args.out)
-    ck_dir = run_dir / "checkpoints"
+    ck_dir = Path(args.out) / "checkpoints"
     if ctx.is_main:
         try:
             ck_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise write_error(e, ck_dir) if e.errno in DISK_ERRORS else e from None
-    log = RunLog(run_dir, ctx.is_main)
+    log = RunLog(Path(args.out), ctx.is_main)
     claim_run_dir(args, log.say, ctx.is_main)
     amp = autocast_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain run on tensor cores
         torch.backends.cudnn.allow_tf32 = True
+    return device, amp, log
 
-    # ---- data and tokenizer ----
-    if init_ckpt is None and args.init_from:
-        init_ckpt = safe_load(args.init_from)
+
+def load_data(args: TrainArgs, ctx: dist_ctx.Context, log: RunLog, data, tokenizer, init_ckpt: dict | None):
+    """The caller's data, or the prepared token stream of --data (rank 0 prepares it first); checks that
+    every rank holds the same data."""
     if data is None:
-        from pakar.data import BatchLoader, prepare
-        from pakar.tokenizer import Tokenizer
-
         if init_ckpt is not None and tokenizer is None:
             tokenizer = Tokenizer.from_json(init_ckpt["tokenizer"])
         val_fraction = args.val_fraction or (VAL_FRACTION if args.data else 0.05)
-        tokenizer, tokens = D.run_on_main_first(ctx, lambda: prepare(
-            args.data, run_dir, vocab_size=args.vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
+        tokenizer, tokens = dist_ctx.run_on_main_first(ctx, lambda: prepare(
+            args.data, args.out, vocab_size=args.vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
             log=(lambda m: log.say(m)) if ctx.is_main else (lambda m: None)))
         data = TokenStreamData(tokens, BatchLoader(tokens.train, args.batch, args.seq_len, args.seed,
                                                    ctx.rank, ctx.world_size), tokenizer, args)
-    token_bytes = tokenizer.token_byte_lengths()
     ctx.check_same(data.key, "the training data and tokenizer")
+    return data, tokenizer
 
-    # ---- model ----
+
+def make_model(args: TrainArgs, device: torch.device, tokenizer, init_ckpt: dict | None,
+                customize_model: Callable | None) -> tuple[ModelConfig, torch.nn.Module]:
+    """The model (--init-from's weights or a fresh --config preset), customized, on the device, with
+    activation checkpointing and per-block compilation as asked."""
     if init_ckpt is not None:
         model_cfg = ModelConfig.from_dict(init_ckpt["config"])
         if args.seq_len > model_cfg.max_position_embeddings:
@@ -378,9 +502,15 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
     if args.compile:
         for layer in model.layers:
             layer.compile()
-    raw_model = model
-    n_params = sum(p.numel() for p in model.parameters())  # counted before FSDP/ZeRO-3 partition them
+    return model_cfg, model
 
+
+def plan_run(args: TrainArgs, ctx: dist_ctx.Context, device, amp, log: RunLog, data, tokenizer,
+                    model_cfg: ModelConfig, model, init_ckpt: dict | None, meta: dict,
+                    customize_model: Callable | None, save_epoch: Callable | None) -> Run:
+    """The step plan (steps per epoch, total, warmup, peak lr), AdamW, and the model and optimizer
+    wrapped for the mode: the finished `Run`."""
+    n_params = sum(p.numel() for p in model.parameters())  # counted before FSDP/ZeRO-3 partition them
     steps_per_epoch = data.steps_per_epoch // args.grad_accum
     if steps_per_epoch < 1:
         raise PakarError(f"the corpus gives {data.steps_per_epoch} micro-batches per epoch, fewer than "
@@ -390,260 +520,263 @@ def train(args: TrainArgs, *, data=None, tokenizer=None, customize_model: Callab
         total_steps = min(total_steps, args.max_steps)
     warmup = args.warmup if args.warmup is not None else max(1, min(200, total_steps // 20))
     preset = init_ckpt["meta"].get("config_name", args.config) if init_ckpt is not None else args.config
-    peak_lr = args.lr if args.lr is not None else DEFAULT_LR.get(preset, 3e-4)
-    if init_ckpt is not None and args.lr is None:
-        peak_lr /= 10  # fine-tuning: a lower default than pretraining
-
+    peak_lr = args.lr if args.lr is not None else default_lr(preset, finetune=init_ckpt is not None)
     optimizer = make_optimizer(model, peak_lr, args.weight_decay, device)
-    model, optimizer = ctx.wrap(model, optimizer)
+    wrapped, optimizer = ctx.wrap(model, optimizer)
     # The fused head + loss reads lm_head.weight inside the model's forward, without calling lm_head:
     # ZeRO-3 gathers a partitioned weight only in its own module's forward, so it keeps the plain head.
-    fused_head = not (ctx.mode == "deepspeed" and ctx.zero_stage == 3)
+    return Run(args=args, ctx=ctx, device=device, amp=amp, log=log, run_dir=Path(args.out), data=data,
+               tokenizer=tokenizer, model_cfg=model_cfg, model=wrapped, raw_model=model, optimizer=optimizer,
+               n_params=n_params, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup,
+               peak_lr=peak_lr, fused_head=ctx.zero_stage != 3, meta=meta, customize_model=customize_model,
+               save_epoch=save_epoch, token_bytes=tokenizer.token_byte_lengths(),
+               flops_per_token=train_flops_per_token(model_cfg, args.seq_len), peak_flops=peak_flops(device))
 
-    # ---- resume ----
-    state_path = ck_dir / "state.pt"
-    epoch, step_in_epoch, step, tokens_seen, elapsed = 0, 0, 0, 0, 0.0
-    args_dict = dataclasses.asdict(args)
-    if args.resume:
-        if not state_path.is_file():
-            raise PakarError(f"--resume: no saved state at {state_path}; start without --resume")
-        state = safe_load(state_path)
-        check_resume_state(state, state_path)
-        saved = state["train_args"]
-        changed = [f"--{k.replace('_', '-')} (was {saved.get(k)!r}, now {args_dict.get(k)!r})"
-                   for k in type(args).RESUME_KEYS if saved.get(k) != args_dict.get(k)]
-        if state["world_size"] != ctx.world_size:
-            changed.append(f"world size (saved with {state['world_size']} processes, now {ctx.world_size})")
-        if state["config"] != model_cfg.to_dict():
-            changed.append("model config")
-        if state["meta"].get("data_key") != data.key:
-            changed.append("training data or tokenizer")
-        if changed:
-            raise PakarError("cannot resume: the run was saved with different settings: "
-                             + ", ".join(changed)
-                             + "; use the same flags, or start a new run in another --out")
-        ctx.load_state(model, optimizer, state)
-        loop = state["loop"]
-        epoch, step_in_epoch, step = loop["epoch"], loop["step_in_epoch"], loop["step"]
-        tokens_seen, elapsed = loop["tokens_seen"], loop["elapsed"]
-        set_rng_state(state["rng"])
-        log.say(f"resumed from {state_path} at epoch {epoch + 1}, step {step} ({step_in_epoch} into the epoch)")
-        if loop.get("total_steps", total_steps) != total_steps:
-            log.say(f"the lr schedule is now fitted to {total_steps} steps (the saved run had {loop['total_steps']}, "
-                    f"--max-steps or --epochs changed): the learning rate differs from step {step} on")
 
-    def checkpoint_meta(**extra) -> dict:
-        return {"epoch": epoch, "step": step, "config_name": args.config, "seq_len": args.seq_len, "data_key": data.key,
-                **(meta or {}), **extra}
+def resume(run: Run) -> Loop:
+    """Load state.pt (checked against this run by pakar.checkpoint.load_training_state) into the model,
+    the optimizer and the RNGs; the loop counters it held."""
+    args = run.args
+    state = load_training_state(run.state_path, dataclasses.asdict(args), type(args).RESUME_KEYS,
+                                run.ctx.world_size, run.model_cfg, run.data.key)
+    run.ctx.load_state(run.model, run.optimizer, state)
+    saved = state["loop"]
+    loop = Loop(epoch=saved["epoch"], step_in_epoch=saved["step_in_epoch"], step=saved["step"],
+                tokens_seen=saved["tokens_seen"], elapsed=saved["elapsed"], saved_at=saved["step"])
+    set_rng_state(state["rng"])
+    run.log.say(f"resumed from {run.state_path} at epoch {loop.epoch + 1}, step {loop.step} "
+                f"({loop.step_in_epoch} into the epoch)")
+    if saved.get("total_steps", run.total_steps) != run.total_steps:
+        run.log.say(f"the lr schedule is now fitted to {run.total_steps} steps (the saved run had "
+                    f"{saved['total_steps']}, --max-steps or --epochs changed): the learning rate differs from "
+                    f"step {loop.step} on")
+    return loop
 
-    def save_state(reason: str) -> None:
-        full = ctx.full_state(model, optimizer)  # collective under FSDP/DeepSpeed: every rank calls it
-        if ctx.is_main:
-            obj = model_checkpoint(full["model"], model_cfg, tokenizer.to_json(), **checkpoint_meta())
-            obj.update(optimizer=full["optimizer"], train_args=args_dict, world_size=ctx.world_size,
-                       rng=rng_state(), loop={"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
-                                              "tokens_seen": tokens_seen, "total_steps": total_steps,
-                                              "elapsed": time.perf_counter() - t_start})
-            atomic_save(obj, state_path)
-            log.say(f"saved resumable state at step {step} ({reason}): {state_path}", console=False)
-        saved_at[0] = step
-        ctx.barrier()
 
-    def save_model_checkpoint(stem: str, full: dict, val: dict | None) -> Path | None:
-        """model_epoch{N}.pt / model_step{S}.pt (or the save_epoch extension's files); rank 0 writes."""
-        if not ctx.is_main:
-            return None
-        m = checkpoint_meta(val_loss=val["loss"] if val else None, val_bpb=val.get("bits_per_byte") if val else None)
-        if save_epoch is not None:
-            path = save_epoch(full["model"], ck_dir / stem, m)
-        else:
-            path = ck_dir / f"{stem}.pt"
-            atomic_save(model_checkpoint(full["model"], model_cfg, tokenizer.to_json(), **m), path)
-        log.say(f"saved {path}")
-        return path
-
-    def last_saved() -> str:
-        return (f"the last good state is {state_path} (step {saved_at[0]})" if saved_at[0] is not None
-                else f"no state was saved yet ({state_path} is from before, if any)")
-
-    def validate(tag: str) -> dict:
-        res = data.evaluate(model, token_bytes=token_bytes, device=device, autocast_dtype=amp,
-                            max_tokens=args.eval_tokens)
-        bpb = res.get("bits_per_byte")
-        log.say(f"validation ({tag}) | loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
-                f"bpb {bpb:.4f} | {res['tokens']:,} tokens" if bpb is not None else
-                f"validation ({tag}) | loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | {res['tokens']:,} tokens")
-        log.record(kind="val", step=step, epoch=epoch + 1, loss=res["loss"], perplexity=res["perplexity"],
-                   bits_per_byte=bpb, tokens=res["tokens"])
-        return res
-
-    # ---- the loop ----
-    from pakar.info import train_flops_per_token
-    from pakar.runtime import thread_summary
-
-    flops_per_token = train_flops_per_token(model_cfg, args.seq_len)
-    peak = peak_flops(device)
+def start_loop(run: Run, loop: Loop) -> None:
+    """The run's first log line, the progress bar, the clocks."""
+    args, ctx = run.args, run.ctx
     tokens_per_step = args.batch * args.seq_len * args.grad_accum * ctx.world_size
-    log.say(f"training {args.config} ({n_params:,} parameters) on "
-            f"{device} {'bf16 autocast' if amp else 'float32'}, {ctx.world_size} process(es) ({ctx.mode}) | "
-            f"{args.epochs} epoch(s) x {steps_per_epoch} steps of up to {tokens_per_step:,} tokens | "
-            f"lr {peak_lr:g}, warmup {warmup}, {args.schedule} | {thread_summary()}")
-    pbar = None
+    run.log.say(f"training {args.config} ({run.n_params:,} parameters) on "
+                f"{run.device} {'bf16 autocast' if run.amp else 'float32'}, {ctx.world_size} process(es) "
+                f"({ctx.mode}) | {args.epochs} epoch(s) x {run.steps_per_epoch} steps of up to "
+                f"{tokens_per_step:,} tokens | lr {run.peak_lr:g}, warmup {run.warmup}, {args.schedule} | "
+                f"{thread_summary()}")
     if ctx.is_main:
-        from tqdm import tqdm
+        loop.pbar = tqdm(total=run.total_steps, initial=loop.step, unit="step", dynamic_ncols=True,
+                         file=sys.stderr, disable=None)
+    loop.t_start = time.perf_counter() - loop.elapsed
+    loop.t_window, loop.tok_window, loop.first_step = time.perf_counter(), 0, loop.step
+    loop.bad_steps = BadSteps(run.log, f"now {run.peak_lr:g}")
+    run.model.train()
 
-        pbar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                    disable=None)
-    t_start = time.perf_counter() - elapsed
-    t_window, tok_window = time.perf_counter(), 0
-    history, last_val, saved_at = [], None, [step if args.resume else None]  # step of the last state saved
-    stop_reason, by_signal, first_step, last_ckpt = None, False, step, None
-    bad_steps = BadSteps(log, f"now {peak_lr:g}")
-    signals = StopSignals()
-    model.train()
-    try:
-        signals.__enter__()
-        while epoch < args.epochs and stop_reason is None:
-            while step_in_epoch < steps_per_epoch:
-                if step >= total_steps:
-                    stop_reason = f"reached --max-steps {args.max_steps}"
-                    break
-                if args.eval_every and step > 0 and step % args.eval_every == 0:
-                    last_val = validate(f"step {step}")
-                    model.train()
-                if args.save_every and step > 0 and step % args.save_every == 0 and not bad_steps.in_a_row:
-                    # (never during a run of skipped steps: the state before the trouble is kept)
-                    save_state(f"every {args.save_every} steps")
 
-                # one optimizer step over grad_accum micro-batches
-                lr = lr_at(step, total_steps, warmup, peak_lr, args.min_lr_ratio, args.schedule)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                micro = [data.get(epoch, step_in_epoch * args.grad_accum + m) for m in range(args.grad_accum)]
-                n_targets, stop_reason, by_signal = step_start_sync(ctx, micro, args, t_start, signals.received)
-                if stop_reason is not None:
-                    break  # a step boundary: nothing of this step has run
-                loss_sum = aux_sum = bal_sum = z_sum = 0.0
-                loads = None
-                for m, (x, y) in enumerate(micro):
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with ctx.no_sync(model, last=m == len(micro) - 1), \
-                            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        out = model(x, y, loss_reduction="sum", return_logits=not fused_head)
-                        loss = out.loss / n_targets.clamp(min=1) * ctx.world_size + out.aux_loss / len(micro)
-                    ctx.backward(model, loss)
-                    loss_sum += out.loss.detach()
-                    aux_sum += out.aux_loss.detach() / len(micro)
-                    bal_sum += out.balance_loss.detach() / len(micro)
-                    z_sum += out.z_loss.detach() / len(micro)
-                    loads = out.expert_counts if loads is None else loads + out.expert_counts
-                # the loss is read every step (one host-device sync, with the grad norm) for metrics.jsonl,
-                # exact-replay checks and the non-finite check that skips the update
-                loss_val, gn, applied = ctx.clip_and_step(model, optimizer, args.grad_clip, ctx.all_reduce_sum(
-                    torch.as_tensor(loss_sum, dtype=torch.float32)) / n_targets)
-                finite = math.isfinite(loss_val) and math.isfinite(gn)
-                if not finite and applied:  # DeepSpeed applied it (a NaN loss with finite gradients)
-                    raise PakarError(f"step {step + 1}: DeepSpeed applied an update with loss {loss_val} and "
-                                     f"gradient norm {gn}; stopping without saving, {last_saved()}")
-                global_loads = None  # summed over ranks, when bias balancing or the log needs them
-                if model_cfg.expert_bias_update_rate > 0 and applied:
-                    global_loads = ctx.all_reduce_sum(loads.float())
-                    update_expert_bias(raw_model.moe_layers(), global_loads, model_cfg.expert_bias_update_rate)
-                step += 1
-                step_in_epoch += 1
-                step_tokens = int(n_targets)  # counted targets: padding of chat rows is not a token seen
-                tokens_seen += step_tokens
-                tok_window += step_tokens
+def run_epoch(run: Run, loop: Loop, signals: StopSignals) -> None:
+    """Optimizer steps until the epoch ends or the run must stop (loop.stop_reason set)."""
+    args = run.args
+    while loop.step_in_epoch < run.steps_per_epoch:
+        if loop.step >= run.total_steps:
+            loop.stop_reason = f"reached --max-steps {args.max_steps}"
+            return
+        if args.eval_every and loop.step > 0 and loop.step % args.eval_every == 0:
+            loop.last_val = validate(run, loop, f"step {loop.step}")
+            run.model.train()
+        if args.save_every and loop.step > 0 and loop.step % args.save_every == 0 and not loop.bad_steps.in_a_row:
+            # (never during a run of skipped steps: the state before the trouble is kept)
+            save_state(run, loop, f"every {args.save_every} steps")
+        lr = lr_at(loop.step, run.total_steps, run.warmup, run.peak_lr, args.min_lr_ratio, args.schedule)
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+        micro = [run.data.get(loop.epoch, loop.step_in_epoch * args.grad_accum + m) for m in range(args.grad_accum)]
+        n_targets, loop.stop_reason, loop.by_signal = step_start_sync(run.ctx, micro, args, loop.t_start,
+                                                                      signals.received)
+        if loop.stop_reason is not None:
+            return  # a step boundary: nothing of this step has run
+        res = train_step(run, micro, n_targets, lr, loop)
+        loop.step += 1
+        loop.step_in_epoch += 1
+        loop.tokens_seen += res.tokens
+        loop.tok_window += res.tokens
+        if not res.finite:
+            loop.bad_steps.skip(loop.step, loop.epoch + 1, res.loss, res.grad_norm, last_saved(run, loop))
+        else:
+            loop.bad_steps.ok()
+            loop.history.append(res.loss)
+            log_step(run, loop, res)
+        if loop.pbar is not None:
+            if res.finite:
+                loop.pbar.set_postfix_str(f"epoch {loop.epoch + 1}/{args.epochs} loss {res.loss:.3f} "
+                                          f"{res.tokens * (loop.pbar.format_dict.get('rate') or 0):,.0f} tok/s")
+            loop.pbar.update(1)
 
-                if not finite:
-                    bad_steps.skip(step, epoch + 1, loss_val, gn, last_saved())
-                    if pbar is not None:
-                        pbar.update(1)
-                    continue
-                bad_steps.ok()
-                history.append(loss_val)
-                if step % args.log_every == 0 or step_in_epoch == steps_per_epoch or step == total_steps:
-                    now = time.perf_counter()
-                    tps = tok_window / max(now - t_window, 1e-9)
-                    t_window, tok_window = now, 0
-                    mfu = tps * flops_per_token / (peak * ctx.world_size) if peak else None  # tps is all GPUs'
-                    if global_loads is None:
-                        global_loads = ctx.all_reduce_sum(loads.float())
-                    imbalance = expert_load_stats(global_loads)["imbalance_max"]
-                    aux_sum, bal_sum, z_sum = (ctx.all_reduce_sum(torch.stack([torch.as_tensor(
-                        v, dtype=torch.float32) for v in (aux_sum, bal_sum, z_sum)])) / ctx.world_size).tolist()
-                    log.say(f"epoch {epoch + 1}/{args.epochs} | step {step}/{total_steps} | loss {loss_val:.4f} | "
-                            f"aux {float(aux_sum):.4f} (balance {float(bal_sum):.3f}, z {float(z_sum):.3f}) | "
-                            f"lr {lr:.2e} | grad norm {gn:.3f} | {tps:,.0f} tok/s"
-                            + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                            + f" | expert imbalance {imbalance:.2f}", console=pbar is None or pbar.disable)
-                    log.record(kind="train", step=step, epoch=epoch + 1, loss=loss_val, aux=float(aux_sum),
-                               balance=float(bal_sum), z=float(z_sum), lr=lr, grad_norm=gn, tokens_per_s=tps,
-                               mfu=mfu, imbalance=imbalance, tokens_seen=tokens_seen)
-                else:
-                    log.record(kind="train", step=step, epoch=epoch + 1, loss=loss_val, lr=lr)
-                if pbar is not None:
-                    pbar.set_postfix_str(f"epoch {epoch + 1}/{args.epochs} loss {loss_val:.3f} "
-                                         f"{step_tokens * (pbar.format_dict.get('rate') or 0):,.0f} tok/s")
-                    pbar.update(1)
-            else:
-                # epoch end: validate, sample, save model_epoch{N}.pt and the resumable state
-                elapsed = time.perf_counter() - t_start
-                last_val = validate(f"epoch {epoch + 1}")
-                full = ctx.full_state(model, None)
-                if ctx.is_main and data.can_sample:
-                    # with sharded parameters a forward is collective: sample from a plain CPU copy instead
-                    sampler, where = (raw_model, device) if not ctx.shards_parameters else (
-                        _plain_model(model_cfg, full["model"], customize_model), torch.device("cpu"))
-                    text = sample_text(sampler, tokenizer, args.sample_prompt, where)
-                    log.say(f"sample (epoch {epoch + 1}): {text!r}")
-                    del sampler
-                epoch, step_in_epoch = epoch + 1, 0
-                last_ckpt = save_model_checkpoint(f"model_epoch{epoch}", full, last_val) or last_ckpt
-                del full
-                ctx.barrier()
-                save_state("epoch end")
-                model.train()
-        elapsed = time.perf_counter() - t_start
-        if stop_reason is not None:
-            if pbar is not None:
-                pbar.close()
-            if not by_signal and step_in_epoch > 0 and step > first_step:
-                # --max-steps / --time-limit inside an epoch: the run still ends with a model and its validation
-                last_val = validate(f"step {step}")
-                last_ckpt = save_model_checkpoint(f"model_step{step}", ctx.full_state(model, None), last_val) \
-                    or last_ckpt
-                ctx.barrier()
-            if saved_at[0] != step:
-                save_state(stop_reason)
-            log.say(stop_hint(stop_reason, args, step, step > first_step))
-    except KeyboardInterrupt:
-        elapsed = time.perf_counter() - t_start
-        if pbar is not None:
-            pbar.close()
-        log.say(f"interrupted again: quit without saving this step; {last_saved()}")
-        raise
-    except torch.OutOfMemoryError:
-        raise PakarError("out of GPU memory. Remedies: a smaller --batch (keep the global batch with "
-                         "--grad-accum), a shorter --seq-len, --activation-checkpointing, --dtype bfloat16, "
-                         "or more GPUs with --fsdp/--deepspeed. Nothing was saved from this step; the last "
-                         "good checkpoint is untouched.") from None
-    finally:
-        signals.__exit__()
-        if pbar is not None:
-            pbar.close()
 
-    summary = {"steps": step, "epochs_completed": epoch, "tokens_seen": tokens_seen, "seconds": round(elapsed, 2),
-               "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "final_train_loss": history[-1] if history else None,
+def train_step(run: Run, micro: list, n_targets: torch.Tensor, lr: float, loop: Loop) -> StepResult:
+    """One optimizer step over the grad_accum micro-batches: forward and backward of each (the loss
+    normalised by the step's global target count), clip and step (skipped when non-finite), the router
+    bias update. `loop` is read only, for the error message of an update DeepSpeed applied anyway."""
+    ctx, device, amp = run.ctx, run.device, run.amp
+    loss_sum = aux_sum = bal_sum = z_sum = 0.0
+    loads = None
+    for m, (x, y) in enumerate(micro):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with ctx.no_sync(run.model, last=m == len(micro) - 1), \
+                torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = run.model(x, y, loss_reduction="sum", return_logits=not run.fused_head)
+            loss = out.loss / n_targets.clamp(min=1) * ctx.world_size + out.aux_loss / len(micro)
+        ctx.backward(run.model, loss)
+        loss_sum += out.loss.detach()
+        aux_sum += out.aux_loss.detach() / len(micro)
+        bal_sum += out.balance_loss.detach() / len(micro)
+        z_sum += out.z_loss.detach() / len(micro)
+        loads = out.expert_counts if loads is None else loads + out.expert_counts
+    # the loss is read every step (one host-device sync, with the grad norm) for metrics.jsonl,
+    # exact-replay checks and the non-finite check that skips the update
+    loss_val, gn, applied = ctx.clip_and_step(run.model, run.optimizer, run.args.grad_clip, ctx.all_reduce_sum(
+        torch.as_tensor(loss_sum, dtype=torch.float32)) / n_targets)
+    finite = math.isfinite(loss_val) and math.isfinite(gn)
+    if not finite and applied:  # DeepSpeed applied it (a NaN loss with finite gradients)
+        raise PakarError(f"step {loop.step + 1}: DeepSpeed applied an update with loss {loss_val} and "
+                         f"gradient norm {gn}; stopping without saving, {last_saved(run, loop)}")
+    global_loads = None  # summed over ranks, when bias balancing or the log needs them
+    if run.model_cfg.expert_bias_update_rate > 0 and applied:
+        global_loads = ctx.all_reduce_sum(loads.float())
+        update_expert_bias(run.raw_model.moe_layers(), global_loads, run.model_cfg.expert_bias_update_rate)
+    return StepResult(loss=loss_val, grad_norm=gn, finite=finite, lr=lr, tokens=int(n_targets), aux=aux_sum,
+                      balance=bal_sum, z=z_sum, loads=loads, global_loads=global_loads)
+
+
+def log_step(run: Run, loop: Loop, res: StepResult) -> None:
+    """metrics.jsonl's record of an applied step; every --log-every steps (and at an epoch's or the
+    run's last step) the full line with throughput, MFU, auxiliary losses and expert imbalance."""
+    args, ctx, step = run.args, run.ctx, loop.step
+    if not (step % args.log_every == 0 or loop.step_in_epoch == run.steps_per_epoch or step == run.total_steps):
+        run.log.record(kind="train", step=step, epoch=loop.epoch + 1, loss=res.loss, lr=res.lr)
+        return
+    now = time.perf_counter()
+    tps = loop.tok_window / max(now - loop.t_window, 1e-9)
+    loop.t_window, loop.tok_window = now, 0
+    mfu = tps * run.flops_per_token / (run.peak_flops * ctx.world_size) if run.peak_flops else None  # all GPUs'
+    global_loads = res.global_loads if res.global_loads is not None else ctx.all_reduce_sum(res.loads.float())
+    imbalance = expert_load_stats(global_loads)["imbalance_max"]
+    aux, bal, z = (ctx.all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float32)
+                                                   for v in (res.aux, res.balance, res.z)])) / ctx.world_size).tolist()
+    pbar = loop.pbar
+    run.log.say(f"epoch {loop.epoch + 1}/{args.epochs} | step {step}/{run.total_steps} | loss {res.loss:.4f} | "
+                f"aux {aux:.4f} (balance {bal:.3f}, z {z:.3f}) | lr {res.lr:.2e} | grad norm {res.grad_norm:.3f} | "
+                f"{tps:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+                + f" | expert imbalance {imbalance:.2f}", console=pbar is None or pbar.disable)
+    run.log.record(kind="train", step=step, epoch=loop.epoch + 1, loss=res.loss, aux=aux, balance=bal, z=z,
+                   lr=res.lr, grad_norm=res.grad_norm, tokens_per_s=tps, mfu=mfu, imbalance=imbalance,
+                   tokens_seen=loop.tokens_seen)
+
+
+def end_epoch(run: Run, loop: Loop) -> None:
+    """An epoch's end: validate, print a sample, save model_epoch{N}.pt and the resumable state."""
+    ctx = run.ctx
+    loop.elapsed = time.perf_counter() - loop.t_start
+    loop.last_val = validate(run, loop, f"epoch {loop.epoch + 1}")
+    full = ctx.full_state(run.model, None)
+    if ctx.is_main and run.data.can_sample:
+        # with sharded parameters a forward is collective: sample from a plain CPU copy instead
+        sampler, where = (run.raw_model, run.device) if not ctx.shards_parameters else (
+            _plain_model(run.model_cfg, full["model"], run.customize_model), torch.device("cpu"))
+        text = sample_text(sampler, run.tokenizer, run.args.sample_prompt, where)
+        run.log.say(f"sample (epoch {loop.epoch + 1}): {text!r}")
+        del sampler
+    loop.epoch, loop.step_in_epoch = loop.epoch + 1, 0
+    loop.last_ckpt = save_model_checkpoint(run, loop, f"model_epoch{loop.epoch}", full, loop.last_val) or loop.last_ckpt
+    del full
+    ctx.barrier()
+    save_state(run, loop, "epoch end")
+    run.model.train()
+
+
+def end_early(run: Run, loop: Loop) -> None:
+    """A stop inside the run (--max-steps, --time-limit, a signal): a model checkpoint and its
+    validation when stopped inside an epoch by a limit, the resumable state, the line saying how to go on."""
+    if loop.pbar is not None:
+        loop.pbar.close()
+    if not loop.by_signal and loop.step_in_epoch > 0 and loop.step > loop.first_step:
+        # --max-steps / --time-limit inside an epoch: the run still ends with a model and its validation
+        loop.last_val = validate(run, loop, f"step {loop.step}")
+        loop.last_ckpt = save_model_checkpoint(run, loop, f"model_step{loop.step}", run.ctx.full_state(run.model, None),
+                                               loop.last_val) or loop.last_ckpt
+        run.ctx.barrier()
+    if loop.saved_at != loop.step:
+        save_state(run, loop, loop.stop_reason)
+    run.log.say(stop_hint(loop.stop_reason, run.args, loop.step, loop.step > loop.first_step))
+
+
+def end_run(run: Run, loop: Loop, signals: StopSignals) -> dict:
+    """The summary (logged and returned); closes the log and tears the process group down."""
+    last_val, history = loop.last_val, loop.history
+    summary = {"steps": loop.step, "epochs_completed": loop.epoch, "tokens_seen": loop.tokens_seen,
+               "seconds": round(loop.elapsed, 2), "tokens_per_s": loop.tokens_seen / max(loop.elapsed, 1e-9),
+               "final_train_loss": history[-1] if history else None,
                "val_loss": last_val["loss"] if last_val else None,
                "val_bpb": last_val.get("bits_per_byte") if last_val else None,
-               "stopped": stop_reason, "signal": (signals.received or signal.SIGTERM) if by_signal else None, "skipped_steps": bad_steps.total,
-               "checkpoint": str(last_ckpt) if last_ckpt else None, "run_dir": str(run_dir.resolve())}
-    log.say("done | " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                  for k, v in summary.items() if v is not None))
-    log.close()
-    D.teardown(ctx)
+               "stopped": loop.stop_reason,
+               "signal": (signals.received or signal.SIGTERM) if loop.by_signal else None,
+               "skipped_steps": loop.bad_steps.total,
+               "checkpoint": str(loop.last_ckpt) if loop.last_ckpt else None, "run_dir": str(run.run_dir.resolve())}
+    run.log.say("done | " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in summary.items() if v is not None))
+    run.log.close()
+    dist_ctx.teardown(run.ctx)
     return summary
+
+
+# --- what the loop's parts share: checkpoints and validation --------------------------------------
+
+def checkpoint_meta(run: Run, loop: Loop, **extra) -> dict:
+    return {"epoch": loop.epoch, "step": loop.step, "config_name": run.args.config, "seq_len": run.args.seq_len,
+            "data_key": run.data.key, **run.meta, **extra}
+
+
+def save_state(run: Run, loop: Loop, reason: str) -> None:
+    """state.pt (pakar.checkpoint.training_state); collective under FSDP/DeepSpeed: every rank calls it."""
+    ctx = run.ctx
+    full = ctx.full_state(run.model, run.optimizer)
+    if ctx.is_main:
+        ckpt = model_checkpoint(full["model"], run.model_cfg, run.tokenizer.to_json(), **checkpoint_meta(run, loop))
+        atomic_save(training_state(ckpt, full["optimizer"], dataclasses.asdict(run.args), ctx.world_size,
+                                   loop.saved(run.total_steps)), run.state_path)
+        run.log.say(f"saved resumable state at step {loop.step} ({reason}): {run.state_path}", console=False)
+    loop.saved_at = loop.step
+    ctx.barrier()
+
+
+def save_model_checkpoint(run: Run, loop: Loop, stem: str, full: dict, val: dict | None) -> Path | None:
+    """model_epoch{N}.pt / model_step{S}.pt (or the save_epoch extension's files); rank 0 writes."""
+    if not run.ctx.is_main:
+        return None
+    m = checkpoint_meta(run, loop, val_loss=val["loss"] if val else None,
+                        val_bpb=val.get("bits_per_byte") if val else None)
+    if run.save_epoch is not None:
+        path = run.save_epoch(full["model"], run.ck_dir / stem, m)
+    else:
+        path = run.ck_dir / f"{stem}.pt"
+        atomic_save(model_checkpoint(full["model"], run.model_cfg, run.tokenizer.to_json(), **m), path)
+    run.log.say(f"saved {path}")
+    return path
+
+
+def last_saved(run: Run, loop: Loop) -> str:
+    return (f"the last good state is {run.state_path} (step {loop.saved_at})" if loop.saved_at is not None
+            else f"no state was saved yet ({run.state_path} is from before, if any)")
+
+
+def validate(run: Run, loop: Loop, tag: str) -> dict:
+    args = run.args
+    res = run.data.evaluate(run.model, token_bytes=run.token_bytes, device=run.device,
+                            autocast_dtype=run.amp, max_tokens=args.eval_tokens)
+    bpb = res.get("bits_per_byte")
+    run.log.say(f"validation ({tag}) | loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
+                f"bpb {bpb:.4f} | {res['tokens']:,} tokens" if bpb is not None else
+                f"validation ({tag}) | loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | {res['tokens']:,} tokens")
+    run.log.record(kind="val", step=loop.step, epoch=loop.epoch + 1, loss=res["loss"], perplexity=res["perplexity"],
+                   bits_per_byte=bpb, tokens=res["tokens"])
+    return res
 
 
 class TokenStreamData:
@@ -660,8 +793,6 @@ class TokenStreamData:
         return self.loader.get(epoch, step)
 
     def evaluate(self, model, **kw) -> dict:
-        from pakar.evaluate import evaluate_tokens
-
         return evaluate_tokens(model, self.tokens.val, self.args.batch, self.args.seq_len, **kw)
 
 
@@ -679,8 +810,6 @@ def _plain_model(config: ModelConfig, state: dict, customize_model: Callable | N
 @torch.no_grad()
 def sample_text(model: Transformer, tokenizer, prompt: str, device, max_new_tokens: int = 32) -> str:
     """A short greedy continuation, so the user can watch the model learn."""
-    from pakar.engine import Engine, SamplingParams
-
     was_training = model.training
     model.eval()
     ids = tokenizer.encode(prompt)

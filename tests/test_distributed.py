@@ -437,8 +437,12 @@ def test_deepspeed_zero3_equal_one_process_and_resume(runs, tmp_path_factory):
 
 # ---- configuration errors (in process, no launcher) -----------------------------------------------
 def test_deepspeed_config_takes_batch_accumulation_and_clipping_from_the_flags(tmp_path):
-    from pakar.distributed import deepspeed_config
     from pakar.train import TrainArgs
+    from pakar.zero import DeepSpeedSettings
+    from pakar.zero import deepspeed_config as from_settings
+
+    def deepspeed_config(args, world_size, amp):
+        return from_settings(DeepSpeedSettings.from_args(args), world_size, amp)
 
     args = TrainArgs(config="tiny", batch=4, grad_accum=3, grad_clip=0.5, device="cpu")
     cfg = deepspeed_config(args, world_size=2, amp=None)

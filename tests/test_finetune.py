@@ -21,7 +21,9 @@ from pakar.corpus import embedded_sample_path
 from pakar.args import FinetuneArgs
 from pakar.chat_data import ChatData, collate, evaluate_chat, evaluate_conversations, load_chat
 from pakar.finetune import finetune, train_chat
-from pakar.lora import LoraSpec, apply_lora, load_adapter, split_state
+from pakar.args import LoraSpec
+from pakar.checkpoint import split_state
+from pakar.lora import apply_lora, load_adapter
 from pakar.model import Transformer
 from pakar.tokenizer import encode_chat
 from pakar.args import TrainArgs
@@ -268,6 +270,22 @@ def test_continued_pretraining_on_text(tmp_path, base_ckpt, sample_tokenizer):
     manifest = next((tmp_path / "ft" / "data").glob("*/manifest.json"))
     assert json.loads(manifest.read_text())["tokenizer"]["sha256"] == sample_tokenizer.sha256()
     assert not (tmp_path / "ft" / "tokenizer.json").exists()
+
+
+def test_default_learning_rates(tmp_path, base_ckpt):
+    """Without --lr (pakar.train.default_lr, the one rule): full fine-tuning trains at a tenth of the
+    preset's pretraining rate, LoRA adapters (which start from zero) at the pretraining rate itself.
+    With warmup 1 the first step runs at the peak rate."""
+    from pakar.train import DEFAULT_LR
+
+    def first_lr(out: str, **kw) -> float:
+        finetune(ft_args(base_ckpt, embedded_sample_path(), tmp_path / out, seq_len=32, max_steps=1, warmup=1, **kw),
+                 log=lambda m: None)
+        records = [json.loads(l) for l in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return next(r["lr"] for r in records if r["kind"] == "train")
+
+    assert first_lr("full") == pytest.approx(DEFAULT_LR["tiny"] / 10)
+    assert first_lr("lora", lora_rank=4) == pytest.approx(DEFAULT_LR["tiny"])
 
 
 def test_refusals(tmp_path, base_ckpt, capsys):

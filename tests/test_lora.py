@@ -11,8 +11,9 @@ import torch
 from pakar import PakarError
 from pakar.checkpoint import file_sha256, load_model, save_model
 from pakar.config import get_config
-from pakar.lora import (LoraSpec, adapter_checkpoint, apply_lora, load_adapter, merge_adapter_file,
-                        merge_state, parse_targets, router_buffers, split_state)
+from pakar.args import LoraSpec, parse_targets
+from pakar.checkpoint import split_state
+from pakar.lora import adapter_checkpoint, apply_lora, load_adapter, merge_adapter_file, merge_state, router_buffers
 from pakar.model import Transformer
 
 V = 300

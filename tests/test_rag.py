@@ -21,8 +21,8 @@ import pytest
 
 from pakar import PakarError
 from pakar.cli import main as cli
-from pakar.rag import (NO_ANSWER, Retriever, answer_scores, fit_rag_prompt, rc_messages, render_rag_prompt,
-                       sources_payload)
+from pakar.prompts import NO_ANSWER, rc_messages, render_rag_prompt
+from pakar.rag import Retriever, answer_scores, fit_rag_prompt, sources_payload
 from pakar.retrieval import Index, IndexSettings, build_index, split_passages
 
 DOCS_A = [
