@@ -76,11 +76,11 @@ from pathlib import Path
 from pakar import PakarError
 from pakar.args import CHAT_VAL_FRACTION, FinetuneArgs, TrainArgs, default_lr
 from pakar.chat_data import ChatData, chat_data_key, load_chat
-from pakar.checkpoint import atomic_save, build_model, file_sha256, model_checkpoint, safe_load
+from pakar.checkpoint import atomic_save, build_model, file_sha256, model_checkpoint, safe_load, split_state
 from pakar.config import PRESETS, ModelConfig
 from pakar.corpus import VAL_FRACTION, detect_kind
 from pakar.distributed import setup
-from pakar.lora import adapter_checkpoint, apply_lora, merge_state, router_buffers, split_state
+from pakar.lora import adapter_checkpoint, apply_lora, merge_state, router_buffers
 from pakar.runtime import autocast_dtype, resolve_device
 from pakar.tokenizer import Tokenizer
 from pakar.train import RunLog, claim_run_dir, train
