@@ -276,7 +276,7 @@ def test_default_learning_rates(tmp_path, base_ckpt):
     """Without --lr (pakar.train.default_lr, the one rule): full fine-tuning trains at a tenth of the
     preset's pretraining rate, LoRA adapters (which start from zero) at the pretraining rate itself.
     With warmup 1 the first step runs at the peak rate."""
-    from pakar.train import DEFAULT_LR
+    from pakar.args import DEFAULT_LR
 
     def first_lr(out: str, **kw) -> float:
         finetune(ft_args(base_ckpt, embedded_sample_path(), tmp_path / out, seq_len=32, max_steps=1, warmup=1, **kw),
