@@ -13,8 +13,6 @@ import gzip
 import io
 import json
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -270,36 +268,11 @@ def test_chat_batch_report_has_sources(tiny_gen, index_dir, tmp_path, capsys):
 
 # --- serve and the web page --------------------------------------------------------------------------
 
-class RagServer:
-    """uvicorn serving create_app(..., retriever) on a loopback socket in a thread."""
-
-    def __init__(self, gen, index_dir):
-        import uvicorn
-        from test_serve import free_socket
-
-        from pakar.serve import create_app
-
-        self.app = create_app(gen, "tiny-rag", retriever=Retriever(index_dir, k=2))
-        self.sock = free_socket()
-        host, port = self.sock.getsockname()
-        self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def rag_server(tiny_gen, index_dir):
-    s = RagServer(tiny_gen, index_dir)
+    from test_serve import LiveServer
+
+    s = LiveServer(None, model_name="tiny-rag", textgen=tiny_gen, retriever=Retriever(index_dir, k=2))
     yield s
     s.close()
 

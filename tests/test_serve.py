@@ -103,18 +103,21 @@ def free_socket() -> socket.socket:
 class LiveServer:
     """uvicorn serving create_app(...) in a background thread on an already bound loopback socket."""
 
-    def __init__(self, checkpoint: Path, api_key: str | None = None, max_batch: int = 16, max_queue: int = 256,
-                 device: str = "cpu", model_name: str = MODEL_NAME, **limits):
+    def __init__(self, checkpoint: Path | None, api_key: str | None = None, max_batch: int = 16,
+                 max_queue: int = 256, device: str = "cpu", model_name: str = MODEL_NAME, textgen=None,
+                 retriever=None, **limits):
+        """Serves `checkpoint`, or an already loaded `textgen` (a TextGenerator), with an optional
+        pakar.rag.Retriever."""
         import uvicorn
 
         from pakar.chat import load_generator
         from pakar.serve import Limits, create_app, uvicorn_config
 
-        self.gen, _ = load_generator(str(checkpoint), device=device)
+        self.gen = textgen if textgen is not None else load_generator(str(checkpoint), device=device)[0]
         self.model_name = model_name
         self.limits = Limits(**limits)
         self.app = create_app(self.gen, model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                              limits=self.limits)
+                              limits=self.limits, retriever=retriever)
         self.sock = free_socket()
         host, port = self.sock.getsockname()
         self.host, self.port = host, port

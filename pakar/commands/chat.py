@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 from pathlib import Path
 
 from pakar import PakarError
@@ -49,6 +50,11 @@ def main_chat(argv: list[str] | None = None, prog: str | None = None) -> int:
     if retriever:
         print(f"retrieval: {len(retriever.index):,} passages in {args.index}; {args.rag_k} per question, "
               "sources listed under each answer")
+    # A shell that starts a command in the background without job control (a script's `&`, some CI
+    # runners) leaves SIGINT ignored, and Python then never raises KeyboardInterrupt: Ctrl-C must still
+    # stop an answer in the REPL
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     repl(ChatSession(textgen, params, args.system, retriever=retriever))
     return 0
 
