@@ -60,7 +60,7 @@ from pakar.corpus import (VAL_FRACTION, CorpusStats, doc_hash, embedded_sample_p
 from pakar.tokenizer import DEFAULT_VOCAB, Tokenizer, iter_pieces, train_on_corpus
 
 if TYPE_CHECKING:
-    import torch  # imported where batches are made: `pakar prepare` starts fast and stays small
+    import torch  # lazy: imported where batches are made, so `pakar prepare` starts fast and stays small
 
 FORMAT_VERSION = 1
 CHUNK_CHARS = 4_000_000  # text per encode_batch call

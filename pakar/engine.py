@@ -71,6 +71,7 @@ import torch
 from pakar import PakarError
 from pakar.model import Attention, Block, KVCache, RMSNorm, RowScratch, Transformer
 from pakar.moe import Experts, MoE, Router
+from pakar.quant import Int8Experts
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 
@@ -193,7 +194,6 @@ def lean_decode_ok(model: torch.nn.Module) -> bool:
     (any attention or norm submodules, e.g. LoRA-wrapped, are called as modules; the MoE block must be
     the stock one, its experts stock or int8, which bring their own per-expert product), in eval
     mode, on the CPU."""
-    from pakar.quant import Int8Experts
 
     return (model.embed_tokens.weight.device.type == "cpu" and not model.training
             and all(type(layer.mlp) is MoE and type(layer.mlp.experts) in (Experts, Int8Experts)

@@ -314,7 +314,7 @@ def plot_experts(res: dict, path: Path, title: str) -> None:
         import matplotlib  # lazy: the optional plot extra, only with --plot
 
         matplotlib.use("Agg")  # files only; never needs a display
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: the optional matplotlib (pakar[plot])
     except ImportError:
         raise PakarError("--plot needs matplotlib: pip install matplotlib (or pip install pakar[plot])") from None
     frac = np.asarray(res["expert_fraction"]) * 100

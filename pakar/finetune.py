@@ -79,7 +79,9 @@ from pakar.chat_data import ChatData, chat_data_key, load_chat
 from pakar.checkpoint import atomic_save, build_model, file_sha256, model_checkpoint, safe_load, split_state
 from pakar.config import PRESETS, ModelConfig
 from pakar.corpus import VAL_FRACTION, detect_kind
+from pakar.data import prepare
 from pakar.distributed import setup
+from pakar.evaluate import evaluate_tokens
 from pakar.lora import adapter_checkpoint, apply_lora, merge_state, router_buffers
 from pakar.runtime import autocast_dtype, resolve_device
 from pakar.tokenizer import Tokenizer
@@ -152,8 +154,6 @@ def finetune(args: FinetuneArgs, base: dict | None = None, log=print) -> dict:
         if kind == "chat":
             before = data.evaluate(model, tokenizer.token_byte_lengths(), device, amp, args.eval_tokens)
         else:
-            from pakar.data import prepare
-            from pakar.evaluate import evaluate_tokens
 
             _, tokens = prepare(args.data, run_dir, val_fraction=args.val_fraction, tokenizer=tokenizer, log=log)
             if len(tokens.val) >= 2:
@@ -221,7 +221,6 @@ def train_chat(args: TrainArgs) -> dict:
     if not args.init_from:
         raise PakarError("chat data (JSONL with 'messages') fine-tunes a pretrained model: pass --init-from "
                          "CHECKPOINT (or use `pakar finetune --checkpoint CHECKPOINT`); pretrain on plain text first")
-    from pakar.checkpoint import safe_load
 
     base = safe_load(args.init_from)
     ft = FinetuneArgs(**{**dataclasses.asdict(args), "config": preset_name(base)})

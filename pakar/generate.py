@@ -65,7 +65,10 @@ from typing import Iterator, Sequence
 import torch
 
 from pakar import PakarError
+from pakar.checkpoint import build_model, safe_load
 from pakar.engine import STOP, ContextLengthError, Engine, SamplingParams
+from pakar.quant import check_int8, maybe_quantize
+from pakar.tokenizer import encode_chat, validate_messages
 
 __all__ = ["TextGenerator", "TextBatch", "Request", "Delta", "Completion", "SamplingParams", "ContextLengthError"]
 
@@ -180,8 +183,6 @@ class TextGenerator:
                   chat: bool | None = None, quantize: str | None = None) -> "TextGenerator":
         """From a loaded checkpoint dict; chat mode is the checkpoint's own (meta "chat") unless given;
         quantize "int8" swaps in 8-bit weights (pakar.quant; CPU)."""
-        from pakar.checkpoint import build_model
-        from pakar.quant import check_int8, maybe_quantize
 
         if quantize == "int8":
             check_int8(device, dtype)  # before building: a GPU user gets one line, not a loaded model
@@ -191,7 +192,6 @@ class TextGenerator:
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype: torch.dtype | None = None) -> "TextGenerator":
-        from pakar.checkpoint import safe_load
 
         return cls.from_ckpt(safe_load(path), device, dtype)
 
@@ -202,10 +202,8 @@ class TextGenerator:
         if not isinstance(prompt, list):
             raise PakarError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
         if self.chat:
-            from pakar.tokenizer import encode_chat
 
             return encode_chat(self.tokenizer, prompt, add_generation_prompt=True)[0]
-        from pakar.tokenizer import validate_messages
 
         validate_messages(prompt)
         return self.encode("\n".join(m["content"] for m in prompt) + "\n")

@@ -62,6 +62,7 @@ import os
 import shutil
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -207,7 +208,6 @@ def resume_command() -> str:
         words = [Path(prog).name]
     words += rest + ([] if "--resume" in rest else ["--resume"])
     if os.name == "nt":
-        import subprocess
 
         return subprocess.list2cmdline(words)
     return " ".join(shlex.quote(w) for w in words)

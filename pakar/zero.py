@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from pakar import PakarError
+from pakar.moe import MoE
 
 # ZeRO-2 by default: optimizer state and gradients sharded, parameters replicated, so forward and
 # backward run without parameter gathers. DeepSpeed's own defaults otherwise; note that with bf16 it
@@ -66,7 +68,6 @@ class DeepSpeedMode:
 
     def wrap(self, model, optimizer, group_names: list[list[str]]):
         deepspeed = import_deepspeed(self.device)
-        from pakar.moe import MoE
 
         config = deepspeed_config(self.settings, self.world_size, self.amp, optimizer)
         self.zero_stage = config["zero_optimization"]["stage"]
@@ -115,7 +116,7 @@ class DeepSpeedMode:
         """Gather float32 master weights and AdamW moments from ZeRO's partitions, one parameter at a
         time (each is an all-reduce or all-gather over the data-parallel group, so every rank takes
         part; rank 0 keeps the result on the CPU)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # lazy: the optional DeepSpeed package
 
         module = engine.module
         inner = engine.optimizer.optimizer if with_optimizer else None  # the torch optimizer ZeRO wraps
@@ -155,7 +156,7 @@ class DeepSpeedMode:
         return {"model": model_sd if self.is_main else {}, "optimizer": optim}
 
     def load_state(self, engine, state: dict):
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # lazy: the optional DeepSpeed package
 
         module, model_sd = engine.module, state["model"]
         saved = (state.get("optimizer") or {}).get("state", {})
@@ -189,7 +190,7 @@ class DeepSpeedMode:
     def _gathered(self, param, modify: bool = False):
         """The full parameter inside the block under ZeRO-3 (written back from rank 0 when modify)."""
         if self.zero_stage == 3:
-            import deepspeed
+            import deepspeed  # lazy: the optional DeepSpeed package
 
             return deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None)
         return contextlib.nullcontext()
@@ -230,11 +231,10 @@ def import_deepspeed(device: torch.device):
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported
     try:
-        import deepspeed
+        import deepspeed  # lazy: the optional DeepSpeed package
     except ImportError:
         raise PakarError("--deepspeed needs DeepSpeed: pip install 'pakar[deepspeed]' "
                          "(or pip install deepspeed)") from None
-    import logging
 
     if device.type == "cpu":
         # the CPU accelerator would compile a shared-memory all-reduce kernel (C++/OpenMP) at its first
