@@ -115,7 +115,7 @@ def test_search_finds_exact_phrase_and_paraphrase(index_dir):
 
 def test_passages_never_cross_documents_and_keep_sources(index_dir):
     index = Index(index_dir)
-    rows = [(h.text, h.source, h.doc, h.word) for h in map(index.passage, range(len(index)))]
+    rows = [(h.text, h.source, h.doc, h.word) for h in index.passages(range(len(index)))]
     assert len(rows) >= len(DOCS_A) + len(DOCS_B)
     for text, source, doc, word in rows:
         words = source_docs(source)[doc].split()
