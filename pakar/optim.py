@@ -96,9 +96,11 @@ class _KeepStateDtypes(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, saved in state_dict["state"].items():
-            p = params[int(index)]
+        # the saved groups name their parameters by index or, through torch.distributed.checkpoint, by name
+        keys = [k for g in state_dict["param_groups"] for k in g["params"]]
+        params = dict(zip(keys, (p for g in self.param_groups for p in g["params"])))
+        for key, saved in state_dict["state"].items():
+            p = params[key]
             self.state[p] = {k: self._place(v, p) for k, v in saved.items()}
 
     def _place(self, v, p):

@@ -163,6 +163,24 @@ def autocast_dtype(dtype: str, device):
     return None
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), from torch's cpuinfo probes."""
+    import torch  # lazy: this module runs before torch loads (configure_threads)
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def cpu_bf16_warning(dtype: str, device) -> str | None:
+    """The line `--dtype bfloat16` on a CPU without native bfloat16 gets (None otherwise): such a CPU
+    emulates bf16 matmuls, and training runs many times slower than in float32."""
+    if dtype != "bfloat16" or device.type != "cpu" or cpu_bf16_native():
+        return None
+    return ("warning: --dtype bfloat16 on a CPU without native bfloat16 (no AVX512-BF16 or AMX): bf16 matmuls are "
+            "emulated there, about 20x slower than float32 (measured: `small` trained at 68 tokens/s in bf16 "
+            "against 1,486 in float32); use --dtype float32 (the default on a CPU) unless memory forces bf16")
+
+
 def inference_dtype(name: str, device):
     """Generation: the weights and cache dtype; auto follows bf16_auto, else the named torch dtype."""
     import torch  # lazy: this module runs before torch loads (configure_threads)
