@@ -163,16 +163,12 @@ def plan_table(cfg: ModelConfig, batch_size: int, seq_len: int, *, device_type: 
 
 
 def free_memory(device) -> tuple[int, int]:
-    """(free bytes on `device`, available host RAM): torch.cuda.mem_get_info on CUDA, the OS's
-    available memory for the CPU (pakar.checkpoint.memory_bytes)."""
-    import torch  # lazy: pakar info uses this module without torch
-
-    from pakar.checkpoint import memory_bytes  # lazy: it imports torch
+    """(free bytes on `device`, available host RAM): torch.cuda.mem_get_info on CUDA, the OS's available
+    memory for the CPU (pakar.runtime.memory_bytes; 0 where unknown)."""
+    from pakar.runtime import memory_bytes
 
     host = memory_bytes("cpu", available=True) or 0
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0], host
-    return host, host
+    return (memory_bytes(device, available=True) or 0) if device.type == "cuda" else host, host
 
 
 def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_size: int = 1) -> tuple[str, str]:
