@@ -61,16 +61,17 @@ class _Codes:
         """x (1-D float32) -> (uint8 codes of x's length, float32 absmax per block)."""
         n = x.numel()
         pad = -n % block
-        xb = torch.nn.functional.pad(x, (0, pad)).view(-1, block)
+        xb = (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(-1, block)
         scale = xb.abs().amax(dim=1)
         normed = xb / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
-        codes = torch.bucketize(normed, self.mids).to(torch.uint8).view(-1)[:n]
+        codes = torch.bucketize(normed, self.mids, out_int32=True).to(torch.uint8).view(-1)[:n]
         return codes, scale
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
         n = codes.numel()
-        vals = self.values[codes.long()]
-        vals = torch.nn.functional.pad(vals, (0, -n % block)).view(-1, block) * scale[:, None]
+        vals = self.values.index_select(0, codes.int())
+        pad = -n % block
+        vals = (torch.nn.functional.pad(vals, (0, pad)) if pad else vals).view(-1, block) * scale[:, None]
         return vals.view(-1)[:n]
 
 
