@@ -7,7 +7,7 @@ that keeps it so (`--memory-plan auto|full|lowmem|offload`).
   (pakar.runtime.bf16_auto with bf16 autocast), the matmul weights (attention projections, experts)
   and their gradients are also bfloat16, updated in float32 and stochastically rounded back, so the
   update stays float32-accurate in expectation: about 6 bytes per parameter.
-- offload: the float32 master weights and AdamW moments live in CPU memory (pinned on CUDA); the
+- offload: the float32 master weights and AdamW moments live in CPU memory (pinned transfer buffers on CUDA); the
   accelerator holds only the weights, gradients and activations forward/backward need (bfloat16
   matmul weights on a bf16 CUDA run). On a CPU device the same code runs and saves nothing (it costs
   a second float32 copy of the weights): it is there so the path is tested.
@@ -39,8 +39,8 @@ PLANS = ("full", "lowmem", "offload")  # fastest first; --memory-plan also accep
 PLAN_CHOICES = ("auto",) + PLANS
 BLOCK = 256  # elements per 8-bit block (one float32 scale each), as bitsandbytes and torchao
 MIN_8BIT = 4096  # smaller tensors (norms) keep float32 moments: the scales would outweigh the saving
-CHUNK = 1 << 20  # elements the 8-bit step dequantizes at a time (bounds its float32 temporaries)
-CHUNK_TEMPS = 6  # float32 temporaries of that size alive at once in the 8-bit step (m, v, p, g, two results)
+CHUNK = 1 << 22  # elements the 8-bit step dequantizes at a time (bounds its float32 temporaries; few launches on a GPU)
+CHUNK_TEMPS = 8  # 4-byte temporaries of that size alive at once in the 8-bit step (m, v, w, g, denominator, codes...)
 CUDA_CONTEXT_BYTES = 2**30  # the CUDA context and kernels' workspace (about 0.5-1 GiB)
 
 

@@ -17,7 +17,8 @@ only where they mean to:
   (add 16 random low bits, truncate): unbiased, so small updates are not lost to rounding. The noise
   comes from a generator seeded by (step, tensor index), so a resumed run replays it exactly.
 - OffloadAdamW keeps a float32 master copy of every weight and the two float32 moments in CPU memory
-  (pinned on CUDA); per step the gradients come to the host (non_blocking copies into pinned buffers,
+  (pageable: only the transfer buffers, one per weight in the weight's dtype, are pinned, so a
+  default-size run does not lock 20 GB of the host's RAM); per step the gradients come to the host (non_blocking copies into pinned buffers,
   one synchronisation), torch's fused CPU AdamW updates the masters, and the weights go back to the
   device (non_blocking, rounded to the device weights' dtype). On a CPU device the update is the full
   plan's own fused AdamW on an identical copy: the same numbers.
@@ -105,13 +106,7 @@ class _KeepStateDtypes(torch.optim.Optimizer):
             self.state[p] = {k: self._place(v, p) for k, v in saved.items()}
 
     def _place(self, v, p):
-        if not isinstance(v, torch.Tensor):
-            return v
-        device = self._state_device(p)
-        if device.type == "cpu" and p.device.type == "cuda":
-            out = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
-            return out.copy_(v)
-        return v.to(device, copy=True)
+        return v.to(self._state_device(p), copy=True) if isinstance(v, torch.Tensor) else v
 
 
 class Adam8bit(_KeepStateDtypes):
@@ -203,9 +198,9 @@ class OffloadAdamW(_KeepStateDtypes):
         return torch.device("cpu")
 
     def _init_state(self, p) -> dict:
-        master = self._place(p.detach().float().cpu(), p)
-        zeros = lambda: self._place(torch.zeros(p.shape), p)  # noqa: E731
-        return {"step": torch.tensor(0.0), "master": master, "exp_avg": zeros(), "exp_avg_sq": zeros()}
+        master = p.detach().to("cpu", torch.float32, copy=True)
+        return {"step": torch.tensor(0.0), "master": master, "exp_avg": torch.zeros(p.shape),
+                "exp_avg_sq": torch.zeros(p.shape)}
 
     def _buffer(self, p) -> torch.Tensor:
         if p not in self._buffers:
