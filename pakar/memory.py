@@ -7,16 +7,18 @@ that keeps it so (`--memory-plan auto|full|lowmem|offload`).
   (pakar.runtime.bf16_auto with bf16 autocast), the matmul weights (attention projections, experts)
   and their gradients are also bfloat16, updated in float32 and stochastically rounded back, so the
   update stays float32-accurate in expectation: about 6 bytes per parameter.
-- offload: the float32 master weights and AdamW moments live in CPU memory (pinned transfer buffers on CUDA); the
-  accelerator holds only the weights, gradients and activations forward/backward need (bfloat16
+- offload: the float32 master weights and AdamW moments live in CPU memory (pinned transfer buffers
+  on CUDA); the accelerator holds only the weights, gradients and activations forward/backward need (bfloat16
   matmul weights on a bf16 CUDA run). On a CPU device the same code runs and saves nothing (it costs
   a second float32 copy of the weights): it is there so the path is tested.
 - auto: the fastest plan (full, then lowmem, then offload) whose predicted peak fits the device's
   free memory (and, for offload, the host's available RAM).
 
-A CPU never gets bfloat16 weights from a plan: pakar's bf16 training on a CPU measured about 20x
-slower than float32 (`small`: 68 tokens/s against 1,486), even on this AVX512-BF16 machine, so the
-plans follow pakar.runtime's one rule (bfloat16 on a CUDA GPU that supports it, float32 elsewhere).
+A CPU never gets bfloat16 weights from a plan: the plans follow pakar.runtime's one rule (bfloat16
+on a CUDA GPU that supports it, float32 elsewhere), so they never move CPU compute to bf16. On a CPU
+without native bf16 (no AVX512-BF16/AMX) bf16 training is about 20x slower than float32 (`small`: 68
+tokens/s against 1,486), and `--dtype bfloat16` there warns (pakar.runtime.cpu_bf16_warning); on a CPU
+with native bf16, `--dtype bfloat16` stays the user's choice (autocast, float32 weights).
 
 The predictions (`predict`) add up, per part: weights, gradients, optimizer state, bf16 autocast
 copies (pakar.info's convention), activations (pakar.info.activation_bytes, a census of what autograd
