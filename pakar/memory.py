@@ -176,7 +176,7 @@ def free_memory(device) -> tuple[int, int]:
 def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_size: int = 1) -> tuple[str, str]:
     """(plan, the line training.log says about it) for a TrainArgs: --memory-plan as given, or auto's
     choice against the free memory measured now, with what this process already holds for the built
-    model added back (the prediction counts it)."""
+    model added back (the prediction counts it); under torchrun the least free memory of all ranks."""
     shards = world_size if args.fsdp else 1
     kw = dict(device_type=device.type, bf16=bf16, activation_checkpointing=args.activation_checkpointing)
     cpu_note = (" (on a CPU device offload saves nothing: the host and the device are the same RAM; it runs "
@@ -189,13 +189,17 @@ def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_siz
                       + (cpu_note if plan == "offload" and device.type == "cpu" else ""))
     if args.fsdp or args.deepspeed:
         return "full", "memory plan full: --fsdp/--deepspeed shard (or offload) the optimizer state themselves"
+    import torch  # lazy: pakar info uses this module without torch
+
     free, host_free = free_memory(device)
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     if device.type == "cuda":
-        import torch  # lazy: pakar info uses this module without torch
-
         held = torch.cuda.memory_allocated(device) + CUDA_CONTEXT_BYTES  # the context exists already
-    plan, why = choose(cfg, args.batch, args.seq_len, free_bytes=free + held, host_free_bytes=host_free, **kw)
+    budget = torch.tensor([free + held, host_free], dtype=torch.int64, device=device)
+    if world_size > 1 and torch.distributed.is_initialized():  # every rank must take the same plan: the tightest's
+        torch.distributed.all_reduce(budget, op=torch.distributed.ReduceOp.MIN)
+    free, host_free = budget.tolist()
+    plan, why = choose(cfg, args.batch, args.seq_len, free_bytes=free, host_free_bytes=host_free, **kw)
     return plan, "auto: " + why + (cpu_note if plan == "offload" and device.type == "cpu" else "")
 
 
