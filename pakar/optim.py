@@ -161,7 +161,7 @@ class Adam8bit(_KeepStateDtypes):
         b1, b2 = group["betas"]
         step = st["step"]
         bc1, bc2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
-        p_flat, g_flat = p.view(-1), p.grad.view(-1)
+        p_flat, g_flat = p.view(-1), p.grad.reshape(-1)  # (parameters are contiguous; a gradient may not be)
         low = p.dtype != torch.float32
         gen = _seeded(p.device, step, index) if low else None
         eight = "exp_avg_codes" in st
