@@ -50,9 +50,9 @@ def run_plan(plan: str, out: Path, a) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{plan}: training failed (exit {proc.returncode}):\n{stdout[-3000:]}")
     summary = json.loads(stdout.strip().splitlines()[-1])
+    plan_line = next((ln for ln in (out / "training.log").read_text().splitlines() if "memory plan" in ln), "")
     return {"val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"], "seconds": round(wall, 1),
-            "tokens_per_s": round(summary["tokens_per_s"], 1), "peak_rss_bytes": peak_rss,
-            "plan_line": next((ln for ln in (out / "training.log").read_text().splitlines() if "memory plan" in ln), "")}
+            "tokens_per_s": round(summary["tokens_per_s"], 1), "peak_rss_bytes": peak_rss, "plan_line": plan_line}
 
 
 def main(argv=None) -> int:
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
         if ref is not None:
             r["bpb_vs_full"] = r["val_bpb"] / ref["val_bpb"] - 1
             r["within_1pct"] = abs(r["bpb_vs_full"]) <= 0.01
-            print(f"{plan:8s} bpb vs full: {100 * r['bpb_vs_full']:+.2f}% ({'within' if r['within_1pct'] else 'NOT within'} 1%)")
+            verdict = "within" if r["within_1pct"] else "NOT within"
+            print(f"{plan:8s} bpb vs full: {100 * r['bpb_vs_full']:+.2f}% ({verdict} 1%)")
     print(json.dumps({"config": a.config, "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len, "plans": results}))
     return 0
 

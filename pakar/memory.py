@@ -141,11 +141,13 @@ def choose(cfg: ModelConfig, batch_size: int, seq_len: int, *, device_type: str,
     for i, pr in enumerate(preds):
         if pr["peak_bytes"] <= free_bytes and pr["host_bytes"] <= host_free_bytes:
             faster = "".join(f"; {q['name']} would need {gib(q['peak_bytes'])}" for q in preds[:i])
-            host = f" + {gib(pr['host_bytes'])} of host RAM ({gib(host_free_bytes)} available)" if pr["host_bytes"] else ""
+            host = (f" + {gib(pr['host_bytes'])} of host RAM ({gib(host_free_bytes)} available)"
+                    if pr["host_bytes"] else "")
             return pr["name"], (f"memory plan {pr['name']}: predicted peak {gib(pr['peak_bytes'])}{host}, "
                                 f"{gib(free_bytes)} {where}{faster}")
     smallest = min(preds, key=lambda q: q["peak_bytes"])
-    host = f" and {gib(smallest['host_bytes'])} of host RAM ({gib(host_free_bytes)} available)" if smallest["host_bytes"] else ""
+    host = (f" and {gib(smallest['host_bytes'])} of host RAM ({gib(host_free_bytes)} available)"
+            if smallest["host_bytes"] else "")
     ac = "" if activation_checkpointing else ", --activation-checkpointing"
     raise PakarError(f"no memory plan fits: the smallest, {smallest['name']}, needs {gib(smallest['peak_bytes'])} "
                      f"({gib(free_bytes)} {where}){host}. Remedies: a smaller --batch (keep the global batch "
