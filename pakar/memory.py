@@ -32,6 +32,7 @@ without it); pakar.optim holds the optimizers.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from pakar import PakarError
 from pakar.config import ModelConfig
@@ -191,6 +192,8 @@ def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_siz
                       + (cpu_note if plan == "offload" and device.type == "cpu" else ""))
     if args.fsdp or args.deepspeed:
         return "full", "memory plan full: --fsdp/--deepspeed shard (or offload) the optimizer state themselves"
+    if args.resume and (saved := saved_plan(Path(args.out) / "checkpoints" / "state.pt")):
+        return saved, f"memory plan {saved}: the plan the resumed state was trained with (auto keeps it)"
     import torch  # lazy: pakar info uses this module without torch
 
     free, host_free = free_memory(device)
@@ -203,6 +206,19 @@ def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_siz
     free, host_free = budget.tolist()
     plan, why = choose(cfg, args.batch, args.seq_len, free_bytes=free, host_free_bytes=host_free, **kw)
     return plan, "auto: " + why + (cpu_note if plan == "offload" and device.type == "cpu" else "")
+
+
+def saved_plan(path: Path) -> str | None:
+    """The plan a state.pt's optimizer was trained with ("full" for states from before plans existed),
+    None when it cannot be read (resume's own checks then name the problem). Memory-mapped: the tensors
+    are not read."""
+    import torch  # lazy: pakar info uses this module without torch
+
+    try:
+        groups = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["optimizer"]["param_groups"]
+        return groups[0].get("memory_plan", "full")
+    except Exception:  # noqa: BLE001 (any unreadable file: resume() reports it properly)
+        return None
 
 
 def make_optimizer(model, plan: str, lr: float, weight_decay: float, device, *, bf16: bool = False):

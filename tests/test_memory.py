@@ -202,7 +202,9 @@ def test_resume_within_a_plan_is_exact(tmp_path, monkeypatch, plan):
     out = tmp_path / "run"
     assert train(small_args(out, max_steps=8, memory_plan=plan))["steps"] == 4
     monkeypatch.setattr(T, "make_optimizer", real_make)
-    assert train(small_args(out, max_steps=8, memory_plan=plan, resume=True))["steps"] == 8
+    # resumed with --memory-plan auto: auto keeps the plan the state was trained with
+    assert train(small_args(out, max_steps=8, memory_plan="auto", resume=True))["steps"] == 8
+    assert f"memory plan {plan}: the plan the resumed state was trained with" in (out / "training.log").read_text()
     assert_same_weights(tmp_path / "ref" / "checkpoints" / "state.pt", out / "checkpoints" / "state.pt")
     saved = safe_load(out / "checkpoints" / "state.pt")
     assert all(v.dtype == torch.float32 for v in saved["model"].values() if v.is_floating_point())
