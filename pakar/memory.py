@@ -32,6 +32,7 @@ without it); pakar.optim holds the optimizers.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from pakar import PakarError
@@ -179,7 +180,8 @@ def free_memory(device) -> tuple[int, int]:
 def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_size: int = 1) -> tuple[str, str]:
     """(plan, the line training.log says about it) for a TrainArgs: --memory-plan as given, or auto's
     choice against the free memory measured now, with what this process already holds for the built
-    model added back (the prediction counts it); under torchrun the least free memory of all ranks."""
+    model added back (the prediction counts it); under torchrun the least free memory of all ranks, the
+    node's RAM divided among its processes."""
     shards = world_size if args.fsdp else 1
     kw = dict(device_type=device.type, bf16=bf16, activation_checkpointing=args.activation_checkpointing)
     cpu_note = (" (on a CPU device offload saves nothing: the host and the device are the same RAM; it runs "
@@ -197,6 +199,12 @@ def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_siz
     import torch  # lazy: pakar info uses this module without torch
 
     free, host_free = free_memory(device)
+    # the processes a launcher started on this node share its RAM (each its own GPU)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    local = int(local) if local.isdigit() and int(local) >= 1 else 1
+    host_free //= local
+    if device.type == "cpu":
+        free //= local
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     if device.type == "cuda":
         held = torch.cuda.memory_allocated(device) + CUDA_CONTEXT_BYTES  # the context exists already
