@@ -275,6 +275,8 @@ def to_bf16(model) -> None:
 def check_resume_plan(optimizer_state: dict, plan: str) -> None:
     """PakarError when state.pt's optimizer was trained with another plan (its moments and master
     weights are kept differently; no conversion: resume with the plan it names)."""
+    if not isinstance(optimizer_state, dict):  # (DeepSpeed's own state: always the full plan)
+        return
     saved = next((g.get("memory_plan") for g in optimizer_state.get("param_groups", ())), None) or "full"
     if saved != plan:
         raise PakarError(f"cannot resume: the saved state was trained with --memory-plan {saved}, this run "
