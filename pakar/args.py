@@ -14,6 +14,7 @@ from here (one number, one home) and take these dataclasses, never an argparse n
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a connection gets to send a request's headers (and its body)
 DEFAULT_MAX_CONNECTIONS = 512
 API_KEY_ENV = "PAKAR_API_KEY"
+TENSORBOARD_HINT = "pip install tensorboard (or pip install 'pakar[tensorboard]')"
 
 
 # --- flag checks -------------------------------------------------------------------------------------
@@ -183,6 +185,7 @@ class TrainArgs:
     deepspeed: bool = False
     deepspeed_config: str | None = None
     fsdp: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files into <out>/tensorboard (rank 0)
 
     def __post_init__(self):
         for flag, low in (("epochs", 1), ("batch", 1), ("seq-len", 8), ("grad-accum", 1), ("log-every", 1),
@@ -203,6 +206,8 @@ class TrainArgs:
             raise PakarError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise PakarError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before any data work
+            raise PakarError(f"--tensorboard needs the tensorboard package: {TENSORBOARD_HINT}")
 
     # Fields that change what the next step computes: a resumed run must keep them.
     RESUME_KEYS = ("config", "batch", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup", "schedule",
