@@ -34,7 +34,7 @@ def _figure(width: float, height: float, panels: int = 1):
         from matplotlib.figure import Figure  # lazy: the optional plot extra
     except ImportError:
         raise MissingMatplotlib(f"plots need matplotlib: {PLOT_HINT}") from None
-    fig = Figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height), layout="constrained")  # laid out while drawing: one pass
     axes = fig.subplots(1, panels) if panels > 1 else fig.subplots()
     return fig, axes
 
@@ -44,7 +44,6 @@ def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        fig.tight_layout()
         fig.savefig(tmp, dpi=110, format="png")
         os.replace(tmp, path)
     finally:
@@ -97,7 +96,8 @@ def plot_validation(path: Path, steps, bpb, loss, title: str) -> Path:
     return _save(fig, path)
 
 
-def plot_series(path: Path, steps, values, ylabel: str, title: str, color: str = "tab:purple") -> Path:
+def plot_series(path: Path, steps, values, ylabel: str, title: str, color: str = "tab:purple",
+                sci: bool = True) -> Path:
     """One quantity per optimizer step (learning rate, tokens per second)."""
     fig, ax = _figure(7, 3.2)
     ax.plot(steps, values, color=color, linewidth=1.2, marker="." if len(steps) < 50 else None)
@@ -105,7 +105,7 @@ def plot_series(path: Path, steps, values, ylabel: str, title: str, color: str =
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    ax.ticklabel_format(axis="y", style="sci" if sci else "plain", scilimits=(-3, 4), useOffset=False)
     return _save(fig, path)
 
 

@@ -20,7 +20,8 @@ Choices:
 - A killed run may leave a cut last line; it is ignored and the report says so, as it says what else
   is missing (no end record, no model checkpoint, no validation yet).
 - Curves are redrawn at each evaluation, but drawing is throttled to about 5% of the wall time
-  (LiveCurves), so frequent evaluations never make plotting a cost; the end of the run always draws.
+  (LiveCurves: the next drawing waits 20 times as long as the last one took, the first one 20 s),
+  so frequent evaluations and short runs never make plotting a cost; the end of a run always draws.
 - The seed promised loss levels per epoch ("Epoch 1: ~5-10, Epoch 3: ~2-3, Epoch 5: ~1-2"). Those are
   nats per token of a word-level vocabulary of 4,754 words (rare words folded into one unknown
   token), so they are not comparable with pakar's nats per BPE token; the report shows both, and bits
@@ -58,6 +59,10 @@ LN2 = math.log(2.0)
 
 # Drawing may take at most this share of the wall time between evaluations (LiveCurves).
 CURVE_TIME_SHARE = 0.05
+# What the first drawing is assumed to cost before it is measured (importing matplotlib and drawing the
+# five figures takes 1-2 s on a laptop CPU): no curve is drawn before FIRST_DRAW_GUESS / CURVE_TIME_SHARE
+# = 20 s of training, so a run of a few seconds gets its curves once, at the end.
+FIRST_DRAW_GUESS = 1.0
 
 
 @dataclass
@@ -194,7 +199,7 @@ def draw_curves(rec: Records, run_dir: str | Path) -> list[Path]:
     tps = [(s, rec.train[s]["tokens_per_s"]) for s in steps if rec.train[s].get("tokens_per_s") is not None]
     if tps:
         written.append(plot_series(folder / "throughput.png", *zip(*tps), "tokens per second",
-                                   f"{title}\ntraining throughput (all processes)", color="tab:cyan"))
+                                   f"{title}\ntraining throughput (all processes)", color="tab:cyan", sci=False))
     last = next((v for v in reversed(vals) if expert_figures(v.get("expert_fraction"))), None)
     if last is not None:
         imb = [(s, rec.train[s]["imbalance"]) for s in steps if rec.train[s].get("imbalance") is not None]
@@ -212,12 +217,13 @@ def draw_curves(rec: Records, run_dir: str | Path) -> list[Path]:
 
 class LiveCurves:
     """The training loop's curves: refresh() at each evaluation redraws them unless drawing would take
-    more than CURVE_TIME_SHARE of the time since the last drawing; a missing matplotlib is said once."""
+    more than CURVE_TIME_SHARE of the time since the last drawing. Without matplotlib it stops trying,
+    silently: write_report says it once, at the end of the run."""
 
     def __init__(self, run_dir: Path, say):
         self.run_dir, self.say = Path(run_dir), say
         self.off = False
-        self.next_at = 0.0
+        self.next_at = time.perf_counter() + FIRST_DRAW_GUESS / CURVE_TIME_SHARE
 
     def refresh(self) -> None:
         now = time.perf_counter()
@@ -226,8 +232,6 @@ class LiveCurves:
         try:
             draw_curves(read_metrics(self.run_dir / METRICS), self.run_dir)
         except MissingMatplotlib:
-            self.say(f"curves: matplotlib is not installed, so no PNG curves ({PLOT_HINT}); report.md is "
-                     f"written without them")
             self.off = True
             return
         except Exception as e:  # a drawing problem must never stop the training it describes

@@ -7,7 +7,9 @@ train_step, log_step) and end_epoch after each epoch -> end_early (a stop inside
 (summary). The distributed context comes from the caller (pakar.distributed.setup, or train() sets it
 up when none is given); state.pt is built and checked in pakar.checkpoint. Choices:
 - The run directory (`--out`, default ".") holds tokenizer.json, the token cache (data/), training.log,
-  metrics.jsonl and checkpoints/ (model_epoch{N}.pt at each epoch end, state.pt to resume).
+  metrics.jsonl, checkpoints/ (model_epoch{N}.pt at each epoch end, state.pt to resume), and what
+  pakar.report draws from metrics.jsonl: curves/*.png (at evaluations, throttled, and at the end),
+  report.md (at the end) and, with --tensorboard, tensorboard/ event files.
 - Batches are a pure function of (seed, epoch, step, rank) (pakar.data.BatchLoader), so resuming needs
   only the loop counters, and `--resume` reproduces an uninterrupted run bit for bit on a CPU.
 - Gradient accumulation normalises explicitly: every micro-batch's summed cross-entropy is divided by

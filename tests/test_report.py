@@ -22,7 +22,8 @@ import pytest
 
 from pakar import PakarError
 from pakar.cli import main as cli
-from pakar.report import CURVE_FILES, read_metrics, write_report
+import pakar.report as report
+from pakar.report import CURVE_FILES, draw_curves, read_metrics, write_report
 from pakar.train import TrainArgs, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +45,17 @@ def assert_png(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, dict]:
-    """A real two-epoch tiny run on the embedded sample, validating every 40 steps, with --tensorboard."""
+    """A real two-epoch tiny run on the embedded sample, validating every 40 steps, with --tensorboard;
+    the curves are redrawn during training too (no wait for the first drawing)."""
     out = tmp_path_factory.mktemp("report") / "run"
-    summary = train(TrainArgs(config="tiny", batch=BATCH, seq_len=SEQ, epochs=2, out=str(out), device="cpu",
-                              log_every=5, eval_every=40, eval_tokens=1024, save_every=0, vocab_size=512,
-                              tensorboard=True))
+    draws = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "FIRST_DRAW_GUESS", 0.0)
+        mp.setattr(report, "draw_curves", lambda *a, **kw: draws.append(1) or draw_curves(*a, **kw))
+        summary = train(TrainArgs(config="tiny", batch=BATCH, seq_len=SEQ, epochs=2, out=str(out), device="cpu",
+                                  log_every=5, eval_every=40, eval_tokens=1024, save_every=0, vocab_size=512,
+                                  tensorboard=True))
+    assert len(draws) >= 2  # at the first evaluation and at the end
     return out, summary
 
 
@@ -157,11 +164,12 @@ def test_report_of_a_run_killed_midway(tmp_path):
 def test_missing_matplotlib_is_said_once_and_the_report_has_no_images(tmp_path, monkeypatch, run):
     for name in ("matplotlib", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` raises ImportError
+    monkeypatch.setattr(report, "FIRST_DRAW_GUESS", 0.0)  # the loop tries at its first evaluation
     out = tmp_path / "run"
     summary = train(TrainArgs(config="tiny", batch=BATCH, seq_len=SEQ, max_steps=12, eval_every=4, out=str(out),
                               device="cpu", eval_tokens=256, save_every=0, vocab_size=512))
     log = (out / "training.log").read_text()
-    assert log.count("matplotlib is not installed") == 2  # once in training, once when the report is written
+    assert log.count("matplotlib is not installed") == 1 and "pip install matplotlib" in log
     assert summary["steps"] == 12 and not (out / "curves").exists()
     text = (out / "report.md").read_text()
     assert "Curves not drawn: matplotlib is not installed (pip install matplotlib" in text and "![" not in text
