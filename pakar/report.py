@@ -109,6 +109,7 @@ def read_metrics(path: str | Path) -> Records:
     lines = data.decode("utf-8", errors="replace").splitlines()
     rec = Records()
     pending_base: list[dict] = []  # "before fine-tuning" validations since the last start
+    val_keys: set = set()  # validations of the current process: the first at a step is kept
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -135,7 +136,7 @@ def read_metrics(path: str | Path) -> Records:
             rec.start = rec.start or r
             rec.last_start, rec.end = r, None
             rec.processes += 1
-            pending_base = []
+            pending_base, val_keys = [], set()
         elif kind == "end":
             rec.end = r
         elif kind == "train" and "step" in r:
@@ -146,10 +147,19 @@ def read_metrics(path: str | Path) -> Records:
             rec.samples[r["step"]] = r
         elif kind == "val" and "step" in r:
             base = bool(r.get("base_model"))
-            rec.val[(r["step"], base)] = r
+            key = (r["step"], base)
+            if key not in val_keys:  # an epoch end's validation, not the same numbers again at the next
+                rec.val[key] = r     # epoch's first --eval-every (same step, same weights, next epoch)
+                val_keys.add(key)
             if base:
                 pending_base.append(r)
     return rec
+
+
+def is_dense(rec: Records) -> bool:
+    """The start record's model has no experts (num_experts 0 or absent from its config)."""
+    cfg = (rec.start or {}).get("model_config")
+    return cfg is not None and not cfg.get("num_experts")
 
 
 def expert_figures(fraction) -> list[dict] | None:
@@ -201,7 +211,7 @@ def draw_curves(rec: Records, run_dir: str | Path) -> list[Path]:
         written.append(plot_series(folder / "throughput.png", *zip(*tps), "tokens per second",
                                    f"{title}\ntraining throughput (all processes)", color="tab:cyan", sci=False))
     last = next((v for v in reversed(vals) if expert_figures(v.get("expert_fraction"))), None)
-    if last is not None:
+    if last is not None and not is_dense(rec):
         imb = [(s, rec.train[s]["imbalance"]) for s in steps if rec.train[s].get("imbalance") is not None]
         vimb = [(v["step"], max(r["max_over_mean"] for r in expert_figures(v["expert_fraction"])))
                 for v in vals if expert_figures(v.get("expert_fraction"))]
@@ -544,9 +554,9 @@ def _seed_comparison(rec: Records, s: dict) -> list[str]:
 def _experts(rec: Records) -> list[str]:
     out = ["## Expert utilisation", ""]
     last = next((v for v in reversed(rec.vals) if expert_figures(v.get("expert_fraction"))), None)
+    if is_dense(rec) or last is None and rec.vals and all("expert_fraction" in v for v in rec.vals):
+        return out + ["A dense model: no experts.", ""]
     if last is None:
-        if rec.vals and all("expert_fraction" in v for v in rec.vals):
-            return out + ["A dense model: no experts.", ""]
         return out + ["No expert loads recorded (no validation with expert loads yet).", ""]
     rows = expert_figures(last["expert_fraction"])
     E = rows[0]["experts"]
@@ -567,8 +577,9 @@ def _experts(rec: Records) -> list[str]:
 def _samples(rec: Records) -> list[str]:
     out = ["## Samples", ""]
     if not rec.samples:
-        return out + ["No sample was logged (a greedy sample is drawn at each epoch end of a text run).", ""]
+        return out + ["No sample was logged (a text run draws a greedy sample at each epoch end and when "
+                      "--max-steps or --time-limit stops it).", ""]
     for step, r in sorted(rec.samples.items())[-5:]:
-        out += [f"Epoch {r.get('epoch')} (step {step:,}), greedy, from the prompt {r.get('prompt', '')!r}:", "",
+        out += [f"Step {step:,} (epoch {r.get('epoch')}), greedy, from the prompt {r.get('prompt', '')!r}:", "",
                 "```", str(r.get("text", "")), "```", ""]
     return out

@@ -707,20 +707,26 @@ def end_epoch(run: Run, loop: Loop) -> None:
     loop.elapsed = time.perf_counter() - loop.t_start
     loop.last_val = validate(run, loop, f"epoch {loop.epoch + 1}")
     full = ctx.full_state(run.model, None)
-    if ctx.is_main and run.data.can_sample:
-        # with sharded parameters a forward is collective: sample from a plain CPU copy instead
-        sampler, where = (run.raw_model, run.device) if not ctx.shards_parameters else (
-            _plain_model(run.model_cfg, full["model"], run.customize_model), torch.device("cpu"))
-        text = sample_text(sampler, run.tokenizer, run.args.sample_prompt, where)
-        run.log.say(f"sample (epoch {loop.epoch + 1}): {text!r}")
-        run.log.record(kind="sample", step=loop.step, epoch=loop.epoch + 1, prompt=run.args.sample_prompt, text=text)
-        del sampler
+    log_sample(run, loop, full, f"epoch {loop.epoch + 1}")
     loop.epoch, loop.step_in_epoch = loop.epoch + 1, 0
     loop.last_ckpt = save_model_checkpoint(run, loop, f"model_epoch{loop.epoch}", full, loop.last_val) or loop.last_ckpt
     del full
     ctx.barrier()
     save_state(run, loop, "epoch end")
     run.model.train()
+
+
+def log_sample(run: Run, loop: Loop, full: dict, tag: str) -> None:
+    """A greedy sample from --sample-prompt (text data, rank 0) in training.log and metrics.jsonl, so the
+    user, and report.md, see what the model writes at each epoch end and at a stop by a limit."""
+    ctx = run.ctx
+    if ctx.is_main and run.data.can_sample:
+        # with sharded parameters a forward is collective: sample from a plain CPU copy instead
+        sampler, where = (run.raw_model, run.device) if not ctx.shards_parameters else (
+            _plain_model(run.model_cfg, full["model"], run.customize_model), torch.device("cpu"))
+        text = sample_text(sampler, run.tokenizer, run.args.sample_prompt, where)
+        run.log.say(f"sample ({tag}): {text!r}")
+        run.log.record(kind="sample", step=loop.step, epoch=loop.epoch + 1, prompt=run.args.sample_prompt, text=text)
 
 
 def end_early(run: Run, loop: Loop) -> None:
@@ -731,8 +737,10 @@ def end_early(run: Run, loop: Loop) -> None:
     if not loop.by_signal and loop.step_in_epoch > 0 and loop.step > loop.first_step:
         # --max-steps / --time-limit inside an epoch: the run still ends with a model and its validation
         loop.last_val = validate(run, loop, f"step {loop.step}")
-        loop.last_ckpt = save_model_checkpoint(run, loop, f"model_step{loop.step}", run.ctx.full_state(run.model, None),
-                                               loop.last_val) or loop.last_ckpt
+        full = run.ctx.full_state(run.model, None)
+        log_sample(run, loop, full, f"step {loop.step}")
+        loop.last_ckpt = save_model_checkpoint(run, loop, f"model_step{loop.step}", full, loop.last_val) or loop.last_ckpt
+        del full
         run.ctx.barrier()
     if loop.saved_at != loop.step:
         save_state(run, loop, loop.stop_reason)

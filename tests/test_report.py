@@ -173,6 +173,8 @@ def test_missing_matplotlib_is_said_once_and_the_report_has_no_images(tmp_path, 
     assert summary["steps"] == 12 and not (out / "curves").exists()
     text = (out / "report.md").read_text()
     assert "Curves not drawn: matplotlib is not installed (pip install matplotlib" in text and "![" not in text
+    sample = log.split("sample (step 12): ", 1)[1].splitlines()[0]  # a stop by --max-steps draws a sample too
+    assert "Step 12 (epoch 1)" in text and f"```\n{eval(sample)}\n```" in text
     # `pakar report` too: the report of the earlier run, without images, and no crash
     copy = tmp_path / "copy"
     shutil.copytree(run[0], copy, ignore=shutil.ignore_patterns("curves", "data", "checkpoints", "tensorboard"))
@@ -190,13 +192,15 @@ def test_resume_and_overwrite_records(tmp_path):
     dense = {"expert_fraction": []}
     old = [rec(kind="start", resume=False, step=0, steps_per_epoch=10), rec(kind="train", step=1, epoch=1, loss=9.0)]
     new = [rec(kind="val", step=0, epoch=0, loss=7.0, bits_per_byte=5.0, perplexity=1.0, base_model=True),
-           rec(kind="start", resume=False, step=0, steps_per_epoch=10),
+           rec(kind="start", resume=False, step=0, steps_per_epoch=10, model_config={"num_experts": 0}),
            *[rec(kind="train", step=s, epoch=1, loss=6.0 - s / 10, lr=1e-3) for s in range(1, 8)],
            rec(kind="val", step=5, epoch=1, loss=5.5, bits_per_byte=3.0, perplexity=2.0, **dense),
            rec(kind="val", step=7, epoch=1, loss=1.0, bits_per_byte=0.5, perplexity=2.0, **dense),  # lost to the kill
            rec(kind="start", resume=True, step=5, steps_per_epoch=10),
            *[rec(kind="train", step=s, epoch=1, loss=5.0 - s / 10, lr=1e-3) for s in range(6, 11)],
            rec(kind="val", step=10, epoch=1, loss=4.5, bits_per_byte=2.5, perplexity=90.0, **dense),
+           # the next epoch's first --eval-every at the same step: the same numbers, the epoch end's kept
+           rec(kind="val", step=10, epoch=2, loss=4.5, bits_per_byte=2.5, perplexity=90.0, **dense),
            rec(kind="end", steps=10, epochs_completed=1, tokens_seen=640, seconds=3.0, stopped=None)]
     out = tmp_path / "run"
     out.mkdir()
@@ -210,6 +214,8 @@ def test_resume_and_overwrite_records(tmp_path):
     assert res["status"] == "finished" and res["final_val"]["loss"] == 4.5 and res["best_val"]["loss"] == 4.5
     assert "| base model, before fine-tuning | 0 | 7.0000 |" in text
     assert "holds 1 earlier run(s)" in text and "A dense model: no experts." in text
+    mean = (sum(6.0 - s / 10 for s in range(1, 6)) + sum(5.0 - s / 10 for s in range(6, 11))) / 10
+    assert f"| 1 | ~5-10 | {mean:.4f} | 4.5000 | 2.5000 |" in text
     assert not (out / "curves" / "experts.png").exists() and (out / "curves" / "loss.png").exists()
 
 
