@@ -82,11 +82,11 @@ def test_a_real_run_writes_curves_and_a_report_of_its_own_numbers(run):
     assert f"Tokens seen: {len(train_r) * BATCH * SEQ:,}; optimizer steps: {len(train_r):,}; epochs completed: 2" in text
     assert "Status: **finished**" in text and "What is missing" not in text
     # the seed's promise against this run, per epoch: the mean training loss and the epoch-end validation
-    for epoch, promise in ((1, "~5-10"), (2, "–")):
+    for epoch, promise in ((1, "~5-10 | ~0.99-1.98"), (2, "– | –")):
         mean = sum(r["loss"] for r in train_r if r["epoch"] == epoch) / spe
         end = next(v for v in vals if v["step"] == epoch * spe)
         assert f"| {epoch} | {promise} | {mean:.4f} | {end['loss']:.4f} | {end['bits_per_byte']:.4f} |" in text
-    assert "| 3 | ~2-3 | not reached |" in text and "| 5 | ~1-2 | not reached |" in text
+    assert "| 3 | ~2-3 | ~0.40-0.59 | not reached |" in text and "| 5 | ~1-2 | ~0.20-0.40 | not reached |" in text
     # the samples are the ones the loop printed to training.log
     log = (out / "training.log").read_text()
     for epoch in (1, 2):
@@ -215,7 +215,7 @@ def test_resume_and_overwrite_records(tmp_path):
     assert "| base model, before fine-tuning | 0 | 7.0000 |" in text
     assert "holds 1 earlier run(s)" in text and "A dense model: no experts." in text
     mean = (sum(6.0 - s / 10 for s in range(1, 6)) + sum(5.0 - s / 10 for s in range(6, 11))) / 10
-    assert f"| 1 | ~5-10 | {mean:.4f} | 4.5000 | 2.5000 |" in text
+    assert f"| 1 | ~5-10 | ~0.99-1.98 | {mean:.4f} | 4.5000 | 2.5000 |" in text
     assert not (out / "curves" / "experts.png").exists() and (out / "curves" / "loss.png").exists()
 
 
