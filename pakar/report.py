@@ -327,7 +327,7 @@ def summarize(rec: Records, run_dir: Path) -> dict:
     models = sorted(p.name for p in ck.glob("*.pt")) if ck.is_dir() else []
     return {
         "status": ("finished" if rec.end and not end.get("stopped") else
-                   f"stopped: {end['stopped']}" if rec.end else "no end record"),
+                   f"ended early: {end['stopped']}" if rec.end else "no end record"),
         "steps": end.get("steps", rec.last_step),
         "total_steps": (rec.last_start or {}).get("total_steps"),
         "epochs_completed": end.get("epochs_completed"),
@@ -438,7 +438,7 @@ def _settings(s: dict, args: dict) -> list[str]:
              f"{args.get('batch')} x {args.get('grad_accum')} x {s.get('world_size', 1)} ({s.get('mode', 'single')})"),
             ("tokens per optimizer step", _f(s.get("tokens_per_step"))),
             ("peak learning rate, warmup, schedule",
-             f"{s.get('peak_lr', args.get('lr'))}, {s.get('warmup')} steps, {args.get('schedule')}"),
+             f"{s.get('peak_lr', args.get('lr'))}, {s.get('warmup')} warmup step(s), {args.get('schedule')}"),
             ("epochs, planned optimizer steps", f"{args.get('epochs')}, {_f(s.get('total_steps'))}"),
             ("device, precision", f"{s.get('device')}, {s.get('precision')}")]
     shown = {"config", "data", "seq_len", "batch", "grad_accum", "lr", "schedule", "epochs"}
