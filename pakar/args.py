@@ -14,6 +14,7 @@ from here (one number, one home) and take these dataclasses, never an argparse n
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a connection gets to send a request's headers (and its body)
 DEFAULT_MAX_CONNECTIONS = 512
 API_KEY_ENV = "PAKAR_API_KEY"
+TENSORBOARD_HINT = "pip install tensorboard (or pip install 'pakar[tensorboard]')"
 
 
 # --- flag checks -------------------------------------------------------------------------------------
@@ -185,6 +187,7 @@ class TrainArgs:
     deepspeed_config: str | None = None
     fsdp: bool = False
     memory_plan: str = "auto"  # auto | full | lowmem | offload (pakar.memory)
+    tensorboard: bool = False  # also write TensorBoard event files into <out>/tensorboard (rank 0)
 
     def __post_init__(self):
         for flag, low in (("epochs", 1), ("batch", 1), ("seq-len", 8), ("grad-accum", 1), ("log-every", 1),
@@ -210,6 +213,8 @@ class TrainArgs:
         if self.memory_plan in ("lowmem", "offload") and (self.fsdp or self.deepspeed):
             raise PakarError(f"--memory-plan {self.memory_plan} keeps its own optimizer state; with --fsdp or "
                              f"--deepspeed (which shard or offload it themselves) use --memory-plan full or auto")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before any data work
+            raise PakarError(f"--tensorboard needs the tensorboard package: {TENSORBOARD_HINT}")
 
     # Fields that change what the next step computes: a resumed run must keep them.
     RESUME_KEYS = ("config", "batch", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup", "schedule",

@@ -493,10 +493,10 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temps(run_dir: str | Path) -> list[Path]:
     """Delete the temporary files that a killed save left in a run folder (the folder itself,
-    checkpoints/ and each data/<key>/ shard folder), except those of a process that is still running
+    checkpoints/, curves/ and each data/<key>/ shard folder), except those of a process that is still running
     (POSIX; a live writer's file is left alone). Returns what was deleted."""
     run_dir = Path(run_dir)
-    folders = [run_dir, run_dir / "checkpoints", *(run_dir / "data").glob("*/")]
+    folders = [run_dir, run_dir / "checkpoints", run_dir / "curves", *(run_dir / "data").glob("*/")]
     removed = []
     for folder in folders:
         if not folder.is_dir():

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "finetune": ("pakar.commands.train", "main_finetune", "continue training or chat-SFT a checkpoint, optionally with LoRA"),
     "lora-merge": ("pakar.commands.train", "main_merge", "fold a LoRA adapter into a full checkpoint"),
     "eval": ("pakar.commands.evaluate", "main_eval", "loss, perplexity, bits per byte and expert use on a corpus"),
+    "report": ("pakar.commands.report", "main", "rebuild a run's report.md and loss/bpb/lr/throughput/expert curves"),
     "chat": ("pakar.commands.chat", "main_chat", "interactive chat in the terminal (the seed's chat_interactive.py)"),
     "chat-batch": ("pakar.commands.chat", "main_batch", "answer a list of prompts and write a report (test_chat_batch.py)"),
     "export": ("pakar.commands.hf", "main_export", "write a Hugging Face Qwen3-MoE model folder"),

@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -307,34 +306,6 @@ def expert_table(res: dict) -> str:
     for layer, (row, mom) in enumerate(zip(frac, res["expert_max_over_mean"])):
         lines.append(f"{layer:>5} " + "".join(f"{100 * x:6.1f}" for x in row) + f"  {mom:8.2f}")
     return "\n".join(lines)
-
-
-def plot_experts(res: dict, path: Path, title: str) -> None:
-    try:
-        import matplotlib  # lazy: the optional plot extra, only with --plot
-
-        matplotlib.use("Agg")  # files only; never needs a display
-        import matplotlib.pyplot as plt  # lazy: the optional matplotlib (pakar[plot])
-    except ImportError:
-        raise PakarError("--plot needs matplotlib: pip install matplotlib (or pip install pakar[plot])") from None
-    frac = np.asarray(res["expert_fraction"]) * 100
-    L, E = frac.shape
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * E + 2.5), max(3.0, 0.35 * L + 1.8)))
-    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0)
-    if L * E <= 400:  # small enough to print every share in its cell
-        for (layer, e), v in np.ndenumerate(frac):
-            ax.text(e, layer, f"{v:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if v < frac.max() * 0.6 else "black")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(E))
-    ax.set_yticks(range(L))
-    ax.set_title(f"{title}\nexpert load, % of routed tokens (balanced: {100 / E:.1f}% each)", fontsize=9)
-    fig.colorbar(im, ax=ax, label="%")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def quantized(run, model, quantize: str, stats) -> dict:

@@ -7,7 +7,9 @@ train_step, log_step) and end_epoch after each epoch -> end_early (a stop inside
 (summary). The distributed context comes from the caller (pakar.distributed.setup, or train() sets it
 up when none is given); state.pt is built and checked in pakar.checkpoint. Choices:
 - The run directory (`--out`, default ".") holds tokenizer.json, the token cache (data/), training.log,
-  metrics.jsonl and checkpoints/ (model_epoch{N}.pt at each epoch end, state.pt to resume).
+  metrics.jsonl, checkpoints/ (model_epoch{N}.pt at each epoch end, state.pt to resume), and what
+  pakar.report draws from metrics.jsonl: curves/*.png (at evaluations, throttled, and at the end),
+  report.md (at the end) and, with --tensorboard, tensorboard/ event files.
 - Batches are a pure function of (seed, epoch, step, rank) (pakar.data.BatchLoader), so resuming needs
   only the loop counters, and `--resume` reproduces an uninterrupted run bit for bit on a CPU.
 - Gradient accumulation normalises explicitly: every micro-batch's summed cross-entropy is divided by
@@ -84,10 +86,11 @@ from pakar.corpus import VAL_FRACTION
 from pakar.data import BatchLoader, prepare
 from pakar.engine import Engine, SamplingParams
 from pakar.evaluate import evaluate_tokens
-from pakar.info import train_flops_per_token
+from pakar.info import param_counts, train_flops_per_token
 from pakar.memory import check_resume_plan, make_optimizer, resolve_plan
 from pakar.model import Transformer
 from pakar.moe import expert_load_stats, update_expert_bias
+from pakar.report import LiveCurves, tensorboard_writer, to_tensorboard, write_report
 from pakar.runtime import autocast_dtype, cpu_bf16_warning, peak_flops, resolve_device, thread_summary
 from pakar.tokenizer import Tokenizer
 
@@ -131,13 +134,17 @@ def check_compiler() -> None:
 
 
 class RunLog:
-    """training.log (human lines) and metrics.jsonl (one JSON object per record), rank 0 only.
-    Console output goes through tqdm.write so it does not break the progress bar."""
+    """training.log (human lines) and metrics.jsonl (one JSON object per record), rank 0 only; with
+    `tensorboard` the records' numbers also go to TensorBoard event files, and refresh_curves() redraws
+    the PNG curves from metrics.jsonl (pakar.report). Console output goes through tqdm.write so it does
+    not break the progress bar."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
         self.text = self._open(run_dir / "training.log") if enabled else None
         self.jsonl = self._open(run_dir / "metrics.jsonl") if enabled else None
+        self.tb = tensorboard_writer(run_dir) if enabled and tensorboard else None
+        self.curves = LiveCurves(run_dir, lambda m: self.say(m, console=False)) if enabled else None
 
     @staticmethod
     def _open(path: Path):
@@ -165,11 +172,19 @@ class RunLog:
     def record(self, **fields) -> None:
         if self.enabled:
             self._write(self.jsonl, json.dumps(fields) + "\n")
+            if self.tb is not None:
+                to_tensorboard(self.tb, fields)
+
+    def refresh_curves(self) -> None:
+        if self.curves is not None:
+            self.curves.refresh()
 
     def close(self) -> None:
         for f in (self.text, self.jsonl):
             if f:
                 f.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 # --- never losing work: helpers of the loop ----------------------------------------------------------
@@ -445,7 +460,7 @@ def open_run(args: TrainArgs, ctx: dist_ctx.Context) -> tuple[torch.device, torc
             ck_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise write_error(e, ck_dir) if e.errno in DISK_ERRORS else e from None
-    log = RunLog(Path(args.out), ctx.is_main)
+    log = RunLog(Path(args.out), ctx.is_main, args.tensorboard)
     claim_run_dir(args, log.say, ctx.is_main)
     amp = autocast_dtype(args.dtype, device)
     if warning := cpu_bf16_warning(args.dtype, device):
@@ -565,7 +580,23 @@ def start_loop(run: Run, loop: Loop) -> None:
     loop.t_start = time.perf_counter() - loop.elapsed
     loop.t_window, loop.tok_window, loop.first_step = time.perf_counter(), 0, loop.step
     loop.bad_steps = BadSteps(run.log, f"now {run.peak_lr:g}")
+    run.log.record(**start_record(run, loop, tokens_per_step))
     run.model.train()
+
+
+def start_record(run: Run, loop: Loop, tokens_per_step: int) -> dict:
+    """metrics.jsonl's "start" record: the settings, data and plan that pakar.report's report card states."""
+    tokens = getattr(run.data, "tokens", None)  # TokenStreamData; chat data has conversations
+    return {"kind": "start", "resume": run.args.resume, "step": loop.step, "time": time.time(),
+            "args": dataclasses.asdict(run.args), "model_config": run.model_cfg.to_dict(), "n_params": run.n_params,
+            "active_params": param_counts(run.model_cfg)["active_params"], "vocab_size": run.model_cfg.vocab_size,
+            "world_size": run.ctx.world_size, "mode": run.ctx.mode, "device": str(run.device),
+            "precision": "bf16 autocast" if run.amp else "float32", "steps_per_epoch": run.steps_per_epoch,
+            "total_steps": run.total_steps, "warmup": run.warmup, "peak_lr": run.peak_lr,
+            "tokens_per_step": tokens_per_step,
+            "train_tokens": len(tokens.train) if tokens is not None else None,
+            "val_tokens": len(tokens.val) if tokens is not None else None,
+            "train_conversations": len(run.data.train) if tokens is None and hasattr(run.data, "train") else None}
 
 
 def run_epoch(run: Run, loop: Loop, signals: StopSignals) -> None:
@@ -664,7 +695,7 @@ def log_step(run: Run, loop: Loop, res: StepResult) -> None:
                 + f" | expert imbalance {imbalance:.2f}", console=pbar is None or pbar.disable)
     run.log.record(kind="train", step=step, epoch=loop.epoch + 1, loss=res.loss, aux=aux, balance=bal, z=z,
                    lr=res.lr, grad_norm=res.grad_norm, tokens_per_s=tps, mfu=mfu, imbalance=imbalance,
-                   tokens_seen=loop.tokens_seen)
+                   tokens_seen=loop.tokens_seen, elapsed=now - loop.t_start)
 
 
 def end_epoch(run: Run, loop: Loop) -> None:
@@ -673,19 +704,26 @@ def end_epoch(run: Run, loop: Loop) -> None:
     loop.elapsed = time.perf_counter() - loop.t_start
     loop.last_val = validate(run, loop, f"epoch {loop.epoch + 1}")
     full = ctx.full_state(run.model, None)
-    if ctx.is_main and run.data.can_sample:
-        # with sharded parameters a forward is collective: sample from a plain CPU copy instead
-        sampler, where = (run.raw_model, run.device) if not ctx.shards_parameters else (
-            _plain_model(run.model_cfg, full["model"], run.customize_model), torch.device("cpu"))
-        text = sample_text(sampler, run.tokenizer, run.args.sample_prompt, where)
-        run.log.say(f"sample (epoch {loop.epoch + 1}): {text!r}")
-        del sampler
+    log_sample(run, loop, full, f"epoch {loop.epoch + 1}")
     loop.epoch, loop.step_in_epoch = loop.epoch + 1, 0
     loop.last_ckpt = save_model_checkpoint(run, loop, f"model_epoch{loop.epoch}", full, loop.last_val) or loop.last_ckpt
     del full
     ctx.barrier()
     save_state(run, loop, "epoch end")
     run.model.train()
+
+
+def log_sample(run: Run, loop: Loop, full: dict, tag: str) -> None:
+    """A greedy sample from --sample-prompt (text data, rank 0) in training.log and metrics.jsonl, so the
+    user, and report.md, see what the model writes at each epoch end and at a stop by a limit."""
+    ctx = run.ctx
+    if ctx.is_main and run.data.can_sample:
+        # with sharded parameters a forward is collective: sample from a plain CPU copy instead
+        sampler, where = (run.raw_model, run.device) if not ctx.shards_parameters else (
+            _plain_model(run.model_cfg, full["model"], run.customize_model), torch.device("cpu"))
+        text = sample_text(sampler, run.tokenizer, run.args.sample_prompt, where)
+        run.log.say(f"sample ({tag}): {text!r}")
+        run.log.record(kind="sample", step=loop.step, epoch=loop.epoch + 1, prompt=run.args.sample_prompt, text=text)
 
 
 def end_early(run: Run, loop: Loop) -> None:
@@ -696,8 +734,10 @@ def end_early(run: Run, loop: Loop) -> None:
     if not loop.by_signal and loop.step_in_epoch > 0 and loop.step > loop.first_step:
         # --max-steps / --time-limit inside an epoch: the run still ends with a model and its validation
         loop.last_val = validate(run, loop, f"step {loop.step}")
-        loop.last_ckpt = save_model_checkpoint(run, loop, f"model_step{loop.step}", run.ctx.full_state(run.model, None),
-                                               loop.last_val) or loop.last_ckpt
+        full = run.ctx.full_state(run.model, None)
+        log_sample(run, loop, full, f"step {loop.step}")
+        loop.last_ckpt = save_model_checkpoint(run, loop, f"model_step{loop.step}", full, loop.last_val) or loop.last_ckpt
+        del full
         run.ctx.barrier()
     if loop.saved_at != loop.step:
         save_state(run, loop, loop.stop_reason)
@@ -718,6 +758,13 @@ def end_run(run: Run, loop: Loop, signals: StopSignals) -> dict:
                "checkpoint": str(loop.last_ckpt) if loop.last_ckpt else None, "run_dir": str(run.run_dir.resolve())}
     run.log.say("done | " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in summary.items() if v is not None))
+    run.log.record(kind="end", **summary)
+    if run.ctx.is_main:
+        try:  # the report card and the final curves (pakar.report); `pakar report` rebuilds them any time
+            written = write_report(run.run_dir, say=lambda m: run.log.say(m))
+            run.log.say(f"report: {written['report']}")
+        except Exception as e:  # never turn a finished training into a failed one
+            run.log.say(f"report: not written ({type(e).__name__}: {e}); try `pakar report {run.run_dir}`")
     run.log.close()
     dist_ctx.teardown(run.ctx)
     return summary
@@ -772,7 +819,10 @@ def validate(run: Run, loop: Loop, tag: str) -> dict:
                 f"bpb {bpb:.4f} | {res['tokens']:,} tokens" if bpb is not None else
                 f"validation ({tag}) | loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | {res['tokens']:,} tokens")
     run.log.record(kind="val", step=loop.step, epoch=loop.epoch + 1, loss=res["loss"], perplexity=res["perplexity"],
-                   bits_per_byte=bpb, tokens=res["tokens"])
+                   bits_per_byte=bpb, tokens=res["tokens"], bytes=res.get("bytes"),
+                   elapsed=time.perf_counter() - loop.t_start,
+                   expert_fraction=[[round(x, 6) for x in row] for row in res.get("expert_fraction") or []])
+    run.log.refresh_curves()
     return res
 
 

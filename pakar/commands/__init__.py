@@ -4,6 +4,7 @@
     info.py       info                        chat.py       chat, chat-batch
     train.py      train, finetune, lora-merge hf.py         export, import
     serve.py      serve                       retrieval.py  index, search
+    report.py     report
     common.py     parser pieces shared by chat, chat-batch and serve
 
 The rule: a command module imports only the standard library and light pakar modules (pakar.args,

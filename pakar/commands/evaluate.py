@@ -53,7 +53,8 @@ def main_eval(argv: list[str] | None = None, prog: str | None = None) -> int:
     # lazy: torch, after the flags are checked
     from pakar.chat_data import evaluate_chat
     from pakar.checkpoint import latest_epoch_checkpoint, load_model
-    from pakar.evaluate import evaluate_corpus, expert_table, plot_experts, quantized
+    from pakar.evaluate import evaluate_corpus, expert_table, quantized
+    from pakar.plots import plot_experts
     from pakar.quant import check_int8
 
     path = Path(args.checkpoint) if args.checkpoint else latest_epoch_checkpoint(".")

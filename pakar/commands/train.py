@@ -67,6 +67,9 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainArgs = TrainArgs()
                    "sizes, accumulation, clipping and bf16 come from pakar's flags, use \"auto\" for them)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state with "
                    "FSDP2 (launch with torchrun; bf16 compute, float32 reductions on GPUs)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files into "
+                   "<out>/tensorboard (pip install tensorboard; default off). Curves (PNG) and report.md are "
+                   "written into --out either way")
     # the deepspeed launcher passes --local_rank=N; torchrun's LOCAL_RANK variable says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
