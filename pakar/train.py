@@ -776,8 +776,10 @@ def validate(run: Run, loop: Loop, tag: str) -> dict:
     run.log.say(f"validation ({tag}) | loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
                 f"bpb {bpb:.4f} | {res['tokens']:,} tokens" if bpb is not None else
                 f"validation ({tag}) | loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | {res['tokens']:,} tokens")
+    # seconds: since the run started, on --time-limit's clock; eval_seconds: this evaluation's share of it
     run.log.record(kind="val", step=loop.step, epoch=loop.epoch + 1, loss=res["loss"], perplexity=res["perplexity"],
-                   bits_per_byte=bpb, tokens=res["tokens"])
+                   bits_per_byte=bpb, tokens=res["tokens"], seconds=round(time.perf_counter() - loop.t_start, 3),
+                   eval_seconds=round(res["seconds"], 3), tokens_seen=loop.tokens_seen)
     return res
 
 
