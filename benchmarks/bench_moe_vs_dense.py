@@ -5,16 +5,19 @@ Everything but the feed-forward is shared: the tokenizer (trained once on the co
 documents), the data (`../shared/data/id_general/`, all of it; the held-out slice is pakar's own
 content-hashed validation split, --val-fraction of the documents, identical in every run), the batch,
 the sequence length, and the same wall-clock budget per run (--seconds). Each model gets the same
-learning-rate sweep (--lrs, at least 3) and the same seeds (--seeds, 2 by default).
+learning-rate sweep (--lrs, at least 3) and the same seeds (--seeds, 2 by default). "Wall clock" is
+training time: the held-out evaluations are left out of each budget (the same slice for both models;
+counted in, they would charge the MoE's slower forward to its training).
 
 Each run is pakar's own training, `pakar.train.train()` with --time-limit, so the benchmark measures
 what `pakar train` does. So that the cosine schedule ends when the time does, each model's step time is
 first measured (its real training step, the two models interleaved in this process so that load from
-other programs hits both alike) and --max-steps set to what fits the budget; --time-limit stays as a
-hard stop. The run evaluates the held-out slice --evals times along the way and once at the end;
-the curves' x axes are training seconds (wall clock minus the evaluations' own time) and training
-FLOPs (tokens seen x pakar.info.train_flops_per_token). The budget covers the evaluations too, the
-same slice for both models.
+other programs hits both alike) and --max-steps set to what fits the budget; --time-limit (the
+budget plus the evaluations' measured forward time) stays as a hard stop. The run evaluates the
+held-out slice --evals times along the way and once at the end; the curves' x axes are training
+seconds (wall clock minus the evaluations' own time, from metrics.jsonl) and training FLOPs (tokens
+seen x pakar.info.train_flops_per_token). Each run's training seconds are printed, so an unequal
+split (a machine whose load changed mid-run) shows.
 
 Prints a table of every run, the final figures (best learning rate per model by the mean over seeds,
 then each seed), writes a PNG (held-out bits per byte against training seconds and against training
@@ -27,6 +30,7 @@ interleaved, fastest of --reps: the whole step (forward, backward, AdamW), the f
 one layer alone (forward + backward) and, inside the MoE block, routing, the sort and gather, the
 expert matmuls and the scatter/combine, and the optimizer step.
 
+Threads and OpenMP wait policy are pakar train's (`--threads N` as there; default all cores, PASSIVE).
 Default: `small`, 3 learning rates x 2 seeds x 2 models x 75 s, about 20 minutes on a quiet 2-core CPU.
 """
 
@@ -75,8 +79,9 @@ def parse_args(argv=None):
 # --- timing ------------------------------------------------------------------------------------------
 
 def step_seconds(configs: list[str], vocab: int, batch: int, seq_len: int, reps: int = 3,
-                 dtype: str = "float32") -> dict[str, float]:
-    """The fastest of `reps` real training steps (pakar's loss path, AdamW) of each config, interleaved."""
+                 dtype: str = "float32", forward_too: bool = False):
+    """The fastest of `reps` real training steps (pakar's loss path, AdamW) of each config, interleaved;
+    with forward_too also the fastest evaluation forward of the same batch: ({name: s}, {name: s})."""
     import torch
 
     from pakar.config import get_config
@@ -100,7 +105,15 @@ def step_seconds(configs: list[str], vocab: int, batch: int, seq_len: int, reps:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    @torch.no_grad()
+    def forward(name):
+        model = runs[name][0].eval()
+        with amp:
+            model(x)
+        model.train()
+
     best = {name: float("inf") for name in configs}
+    fwd = {name: float("inf") for name in configs}
     for name in configs:
         step(name)  # warm-up: allocations, kernel selection
     for _ in range(reps):
@@ -108,7 +121,11 @@ def step_seconds(configs: list[str], vocab: int, batch: int, seq_len: int, reps:
             t = time.perf_counter()
             step(name)
             best[name] = min(best[name], time.perf_counter() - t)
-    return best
+            if forward_too:
+                t = time.perf_counter()
+                forward(name)
+                fwd[name] = min(fwd[name], time.perf_counter() - t)
+    return (best, fwd) if forward_too else best
 
 
 def breakdown(args) -> dict:
@@ -220,14 +237,14 @@ def read_curve(run_dir: Path, flops_per_token: int) -> list[dict]:
     return curve
 
 
-def one_run(args, name: str, lr: float, seed: int, max_steps: int, tokenizer, work: Path) -> dict:
+def one_run(args, name: str, lr: float, seed: int, max_steps: int, limit_s: float, tokenizer, work: Path) -> dict:
     from pakar.info import train_flops_per_token
     from pakar.config import get_config
     from pakar.train import TrainArgs, train
 
     out = work / f"{name}_lr{lr:g}_seed{seed}"
     targs = TrainArgs(config=name, data=[args.data], out=str(out), batch=args.batch, seq_len=args.seq_len,
-                      lr=lr, seed=seed, epochs=100, max_steps=max_steps, time_limit=args.seconds / 60,
+                      lr=lr, seed=seed, epochs=100, max_steps=max_steps, time_limit=limit_s / 60,
                       eval_every=max(1, max_steps // (args.evals + 1)) if args.evals else 0, save_every=0,
                       log_every=50, val_fraction=args.val_fraction, device="cpu", dtype=args.dtype,
                       overwrite=True)
@@ -286,16 +303,20 @@ def compare(args) -> dict:
     work = Path(args.out or work_ctx.name)
     work.mkdir(parents=True, exist_ok=True)
     # one tokenizer for every run, trained on the training documents (prepare keeps the split's rule)
-    tokenizer, _ = prepare([args.data], work / "shared", vocab_size=args.vocab_size,
-                           val_fraction=args.val_fraction, log=lambda m: None)
-    secs = step_seconds([moe_name, dense_name], tokenizer.vocab_size, args.batch, args.seq_len, dtype=args.dtype)
-    # the budget also pays for the evaluations: about a third of a step per batch of held-out tokens,
-    # a slice of val_fraction of the corpus; leave them a share so that the schedule still ends in time
-    eval_share = 0.1 if args.evals else 0.05
-    plan = {name: max(2, int(args.seconds * (1 - eval_share) / s)) for name, s in secs.items()}
-    print(f"{moe_name} vs {dense_name}: {args.seconds:g} s per run, lrs {args.lrs}, seeds {args.seeds}, "
-          f"batch {args.batch} x {args.seq_len}; measured step {', '.join(f'{n} {s:.3f} s' for n, s in secs.items())}"
-          f" -> --max-steps {plan}", flush=True)
+    tokenizer, tokens = prepare([args.data], work / "shared", vocab_size=args.vocab_size,
+                                val_fraction=args.val_fraction, log=lambda m: None)
+    secs, fwd = step_seconds([moe_name, dense_name], tokenizer.vocab_size, args.batch, args.seq_len,
+                             dtype=args.dtype, forward_too=True)
+    # --seconds is training time: --max-steps fills it (so the schedule ends with it, with 3% spare for
+    # the loop's own work), and --time-limit, which also counts the evaluations (the loop's clock),
+    # gets their estimated time on top: (evals + 1) passes over the held-out slice
+    val_batches = len(tokens.val) / (args.batch * args.seq_len)
+    plan = {name: max(2, int(0.97 * args.seconds / s)) for name, s in secs.items()}
+    limit = {name: args.seconds + (args.evals + 1) * val_batches * fwd[name] for name in secs}
+    print(f"{moe_name} vs {dense_name}: {args.seconds:g} s of training per run, lrs {args.lrs}, seeds {args.seeds}, "
+          f"batch {args.batch} x {args.seq_len}, {len(tokens.val):,} held-out tokens; measured step "
+          f"{', '.join(f'{n} {s:.3f} s' for n, s in secs.items())} -> --max-steps {plan}, --time-limit "
+          f"{', '.join(f'{n} {t:.0f} s' for n, t in limit.items())}", flush=True)
     runs = []
     order = 0
     for seed in args.seeds:
@@ -303,9 +324,10 @@ def compare(args) -> dict:
             pair = [moe_name, dense_name] if order % 2 == 0 else [dense_name, moe_name]  # alternate who goes first
             order += 1
             for name in pair:
-                r = one_run(args, name, lr, seed, plan[name], tokenizer, work)
+                r = one_run(args, name, lr, seed, plan[name], limit[name], tokenizer, work)
                 runs.append(r)
-                print(f"  {name:14s} lr {lr:<8g} seed {seed}: {r['steps']:5d} steps, {r['seconds']:6.1f} s, "
+                print(f"  {name:14s} lr {lr:<8g} seed {seed}: {r['steps']:5d} steps, {r['train_seconds']:6.1f} s "
+                      f"training ({r['seconds']:.1f} s with evaluations), "
                       f"{r['tokens_per_s']:8,.0f} tok/s, held-out bpb {r['final_bpb']:.4f} ({r['stopped']})",
                       flush=True)
 
@@ -321,7 +343,7 @@ def compare(args) -> dict:
               f"(seeds: {', '.join(f'{b:.4f}' for b in per_seed[name])}), {tps[name]:,.0f} tokens/s")
     wins = all(m < d for m, d in zip(per_seed[moe_name], per_seed[dense_name]))
     png = Path(args.png)
-    plot(runs, best, png, f"pakar {moe_name} vs {dense_name}, {args.seconds:g} s per run, best lr of "
+    plot(runs, best, png, f"pakar {moe_name} vs {dense_name}, {args.seconds:g} s of training per run, best lr of "
                           f"{args.lrs} each, seeds {args.seeds}")
     print(f"plot: {png}")
     if work_ctx is not None:
@@ -338,7 +360,9 @@ def compare(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    from pakar.runtime import configure_threads  # before torch loads: pakar train's threads and wait policy
+
+    args = parse_args(configure_threads(list(sys.argv[1:] if argv is None else argv)))
     res = breakdown(args) if args.breakdown else compare(args)
     print(json.dumps(res))
     return 0
