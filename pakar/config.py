@@ -71,10 +71,12 @@ class ModelConfig:
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            need(is_int(name) and getattr(self, name) > 0, f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            need(is_int(name) and getattr(self, name) > 0,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
         moe_fields = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
         for name in moe_fields + ("intermediate_size",):
-            need(is_int(name) and getattr(self, name) >= 0, f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+            need(is_int(name) and getattr(self, name) >= 0,
+                 f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.num_experts == 0:  # dense: nothing may suggest experts, so a config means one thing
             need(self.intermediate_size > 0, "a dense model (num_experts = 0) needs intermediate_size > 0, got "
                  f"{self.intermediate_size}")

@@ -43,7 +43,8 @@ def test_every_preset_has_a_dense_twin_of_the_same_active_width():
         assert all(getattr(dense, f) == getattr(cfg, f) for f in same)
         # the same training FLOPs per token, the MoE's routers (E x D per layer) aside
         p, q = param_counts(cfg), param_counts(dense)
-        assert p["active_matmul_params"] - q["active_matmul_params"] == cfg.num_hidden_layers * cfg.num_experts * cfg.hidden_size
+        routers = cfg.num_hidden_layers * cfg.num_experts * cfg.hidden_size
+        assert p["active_matmul_params"] - q["active_matmul_params"] == routers
 
 
 @pytest.mark.parametrize("change, message", [
@@ -122,7 +123,8 @@ def test_export_loads_in_transformers_and_imports_back(sample_tokenizer, tmp_pat
     model, tok = build_model(ckpt)
     ids = torch.tensor([tok.encode("Saya suka makan nasi goreng di Jakarta. Bahasa Indonesia 12345")])
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5 * model(ids).logits.abs().max().item())
+        ours = model(ids).logits
+        torch.testing.assert_close(hf(ids).logits, ours, rtol=1e-5, atol=1e-5 * ours.abs().max().item())
 
     back = import_folder(out)
     assert sorted(back["model"]) == sorted(ckpt["model"])
