@@ -157,9 +157,10 @@ def test_tiny_dense_trains_evaluates_and_decodes(tmp_path):
     # the single-row decoder (MLP.decode_row) gives the same greedy tokens as the batched path
     assert RowDecoder.applies(model.eval())
     sp = SamplingParams(max_new_tokens=12, temperature=0.0)
-    row = Engine(model).generate([ids[:7]], sp)[0]
-    batched = Engine(model, lean=False).generate([ids[:7]], sp)[0]
-    assert row == batched
+    full = Engine(model, lean=False).generate([ids[:7], ids[3:12]], sp)  # the model's forward every step
+    assert Engine(model).generate([ids[:7]], sp)[0] == full[0]  # RowDecoder: MLP.decode_row
+    # a batch of two rows: Transformer.decode_step (Block.decode calls the MLP as a module)
+    assert Engine(model).generate([ids[:7], ids[3:12]], sp) == full
 
 
 def test_lora_and_int8_on_a_dense_model():
