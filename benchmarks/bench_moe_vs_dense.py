@@ -134,7 +134,7 @@ def breakdown(args) -> dict:
     import torch.nn.functional as F
 
     from pakar.config import get_config
-    from pakar.kernels import scatter_rows
+    from pakar.kernels import compute_dtype, scatter_rows
     from pakar.model import MLP
     from pakar.moe import MoE, combine
 
@@ -148,14 +148,21 @@ def breakdown(args) -> dict:
     N, D, E, K = args.batch * args.seq_len, cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok
     x0 = torch.randn(N, D)
 
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
     def ffn(module):
         x = x0.clone().requires_grad_()
-        out = module(x.view(1, N, D))
+        with amp:
+            out = module(x.view(1, N, D))
         y, extra = (out[0], 0.01 * out[1] + 0.001 * out[2]) if isinstance(out, tuple) else (out, 0.0)
         (y.square().mean() + extra).backward()
 
     # the MoE block's forward, part by part (the same code as MoE.forward), with autograd on
     def parts():
+        with amp:
+            return _parts()
+
+    def _parts():
         t = {}
         x = x0.clone().requires_grad_()
         t0 = time.perf_counter()
@@ -164,11 +171,11 @@ def breakdown(args) -> dict:
         expert_M, order_M = torch.sort(idx.reshape(-1), stable=True)
         offsets = torch.searchsorted(expert_M, torch.arange(E), right=True)
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
-        x_MD = x[order_M // K]
+        x_MD = x.to(compute_dtype(x))[order_M // K]
         t2 = time.perf_counter()
         y_MD = moe.experts(x_MD, counts, offsets.to(torch.int32))
         t3 = time.perf_counter()
-        y = combine(scatter_rows(y_MD, order_M, y_MD.shape[0]).view(-1, K, D), w)
+        y = combine(scatter_rows(y_MD, order_M, y_MD.shape[0]).view(-1, K, D), w.to(y_MD.dtype)).float()
         t4 = time.perf_counter()
         balance = E * (counts.float() / expert_M.numel() * probs.mean(0)).sum()
         z = torch.logsumexp(logits, -1).square().mean()
@@ -206,8 +213,9 @@ def breakdown(args) -> dict:
         opt_s[name] = min(optimizer_step(params) for _ in range(3))
     res = {"step_s": {moe_name: full[moe_name], dense_name: full[dense_name]},
            "ffn_layer_fwd_bwd_s": best, "moe_parts_s": part_best, "adamw_step_s": opt_s,
-           "threads": torch.get_num_threads(), "tokens_per_step": N}
-    print(f"training step ({N} tokens, fastest of {args.reps}, interleaved, {torch.get_num_threads()} threads):")
+           "threads": torch.get_num_threads(), "tokens_per_step": N, "dtype": args.dtype}
+    print(f"training step ({N} tokens, {args.dtype}, fastest of {args.reps}, interleaved, "
+          f"{torch.get_num_threads()} threads):")
     for name in (moe_name, dense_name):
         print(f"  {name:16s} {full[name] * 1e3:8.1f} ms  ({N / full[name]:,.0f} tokens/s)")
     print(f"  MoE / dense: {full[moe_name] / full[dense_name]:.3f}")
