@@ -33,7 +33,7 @@ def default_lr(preset: str, finetune: bool = False, lora: bool = False) -> float
     the preset's pretraining rate (DEFAULT_LR, 3e-4 for an unknown preset); a tenth of it to fine-tune
     all weights (continuing from trained weights takes smaller steps); LoRA adapters start at zero and
     train from scratch, so they keep the pretraining rate."""
-    lr = DEFAULT_LR.get(preset, 3e-4)
+    lr = DEFAULT_LR.get(preset.removesuffix("-dense"), 3e-4)  # a dense twin starts where its MoE does
     return lr / 10 if finetune and not lora else lr
 
 

@@ -116,8 +116,9 @@ def default_model_name(path: Path) -> str:
 def describe(textgen: TextGenerator, path: Path) -> str:
     n = sum(p.numel() for p in textgen.engine.model.parameters())
     cfg = textgen.engine.config
-    return (f"{path} | {n / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
-            f"(top-{cfg.num_experts_per_tok}) | context {textgen.context_window} tokens | {textgen.engine.device}")
+    ffn = "dense" if cfg.dense else f"{cfg.num_experts} experts (top-{cfg.num_experts_per_tok})"
+    return (f"{path} | {n / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, {ffn} "
+            f"| context {textgen.context_window} tokens | {textgen.engine.device}")
 
 
 # --- the REPL -------------------------------------------------------------------------------------

@@ -150,8 +150,8 @@ def evaluate_conversations(model, convs, batch_size: int = 8, token_bytes=None, 
     cfg = getattr(model, "module", model).config
     sums = EvalSums(device, token_bytes)
     choices: list[torch.Tensor] = []  # each router's (N, K) expert ids of the current forward
-    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, inp, out: choices.append(out[2]))
-             for layer in getattr(model, "module", model).layers]
+    hooks = [moe.gate.register_forward_hook(lambda mod, inp, out: choices.append(out[2]))
+             for moe in getattr(model, "module", model).moe_layers()]  # none in a dense model
     try:
         with EvalMode(model, device, autocast_dtype):
             for step in range(n_steps):
@@ -168,7 +168,8 @@ def evaluate_conversations(model, convs, batch_size: int = 8, token_bytes=None, 
                 n_B = torch.tensor([len(ids) - 1 for ids, _ in mine[step]], device=device)
                 real_N = (torch.arange(x.shape[1], device=device)[None] < n_B[:, None]).flatten()
                 sums.add_counts(torch.stack([torch.bincount(idx_NK[real_N].flatten(), minlength=cfg.num_experts)
-                                             for idx_NK in choices]))
+                                             for idx_NK in choices]) if choices
+                                else torch.zeros((0, 0), dtype=torch.int64, device=device))
                 sums.windows += len(mine[step])
     finally:
         for h in hooks:

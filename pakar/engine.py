@@ -69,7 +69,7 @@ from typing import Iterator, Sequence
 import torch
 
 from pakar import PakarError
-from pakar.model import Attention, Block, KVCache, RMSNorm, RowScratch, Transformer
+from pakar.model import MLP, Attention, Block, KVCache, RMSNorm, RowScratch, Transformer
 from pakar.moe import Experts, MoE, Router
 from pakar.quant import Int8Experts
 
@@ -191,12 +191,13 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
 
 def lean_decode_ok(model: torch.nn.Module) -> bool:
     """Whether Transformer.decode_step may stand in for the model's forward: a plain pakar Transformer
-    (any attention or norm submodules, e.g. LoRA-wrapped, are called as modules; the MoE block must be
-    the stock one, its experts stock or int8, which bring their own per-expert product), in eval
-    mode, on the CPU."""
+    (any attention, norm or dense-MLP submodules, e.g. LoRA-wrapped, are called as modules; an MoE
+    block must be the stock one, its experts stock or int8, which bring their own per-expert product),
+    in eval mode, on the CPU."""
 
     return (model.embed_tokens.weight.device.type == "cpu" and not model.training
-            and all(type(layer.mlp) is MoE and type(layer.mlp.experts) in (Experts, Int8Experts)
+            and all(type(layer.mlp) is MLP or (type(layer.mlp) is MoE
+                                               and type(layer.mlp.experts) in (Experts, Int8Experts))
                     for layer in model.layers))
 
 
@@ -234,7 +235,7 @@ class RowDecoder:
     def applies(model) -> bool:
         """A stock pakar Transformer (no LoRA or other wrapped modules), float32, eval mode, CPU."""
         stock = (Transformer, torch.nn.ModuleList, Block, Attention, RMSNorm, torch.nn.Linear,
-                 torch.nn.Embedding, MoE, Router, Experts)
+                 torch.nn.Embedding, MoE, Router, Experts, MLP)
         return (lean_decode_ok(model) and all(type(m) in stock for m in model.modules())
                 and all(p.dtype == torch.float32 for p in model.parameters()))
 

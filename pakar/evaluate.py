@@ -142,7 +142,8 @@ class EvalSums:
         counts_LE = self.counts_LE
         if counts_LE is None:  # this rank had no windows at all: contribute zeros of the right shape
             cfg = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
-            counts_LE = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64, device=self.device)
+            L = 0 if cfg.dense else cfg.num_hidden_layers  # a dense model has no expert counts: (0, 0)
+            counts_LE = torch.zeros(L, cfg.num_experts, dtype=torch.int64, device=self.device)
         counts_LE = counts_LE.to(self.device)
         win_t = torch.tensor([self.windows], dtype=torch.int64, device=self.device)
         sums = self.sums.clone()
@@ -155,6 +156,7 @@ class EvalSums:
         counts = counts_LE.cpu()
         per_layer = counts.sum(dim=1, keepdim=True).clamp_min(1)
         mean = counts.double().mean(dim=1).clamp_min(1e-12)
+        max_L = counts.double().amax(dim=1) if counts.numel() else torch.zeros(counts.shape[0], dtype=torch.float64)
         return {
             "loss": loss,
             "perplexity": math.exp(loss) if loss < 700 else float("inf"),
@@ -164,7 +166,7 @@ class EvalSums:
             "windows": int(win_t.item()),
             "expert_counts": counts.tolist(),
             "expert_fraction": (counts.double() / per_layer).tolist(),
-            "expert_max_over_mean": (counts.double().max(dim=1).values / mean).tolist(),
+            "expert_max_over_mean": (max_L / mean).tolist(),
             "seconds": time.perf_counter() - self.t0,
         }
 
@@ -300,6 +302,8 @@ def evaluate_corpus(model, tokenizer, specs, batch_size: int, seq_len: int, max_
 def expert_table(res: dict) -> str:
     """Per-layer expert shares (%), the ideal share, and max/mean (1.00 = perfectly balanced)."""
     frac = res["expert_fraction"]
+    if not frac or not frac[0]:
+        return "expert load: none (a dense model has no experts)"
     E = len(frac[0])
     head = "layer " + "".join(f"{f'e{e}':>6}" for e in range(E)) + "  max/mean"
     lines = [f"expert load (% of routed tokens per layer; balanced = {100 / E:.1f}% each):", head]

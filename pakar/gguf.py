@@ -15,6 +15,8 @@ Design choices:
   weights: its output is exactly +0 (down-projection of zero weights), so adding it changes no bit.
   A model with norm_topk_prob = True is written as `qwen3moe`, which every GGUF runtime knows.
   The tests prove both mappings by greedy generation (identical tokens) against pakar.
+  A dense model (num_experts = 0, the `*-dense` presets) is llama.cpp's `qwen3`: the same layer
+  with one SwiGLU MLP (ffn_gate/ffn_up/ffn_down) and no router.
 - A model trained with a non-zero expert-selection bias (aux-loss-free balancing) routes differently
   from either graph; it is refused unless --allow-bias-drop, with hf.py's check and wording.
 - Tensor layout: GGUF stores dimensions reversed from numpy, so pakar's (out, in) Linear weights and
@@ -63,6 +65,8 @@ def _gguf():
 
 def architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture whose graph computes exactly what pakar computes (see the docstring)."""
+    if config.dense:
+        return "qwen3"
     return "qwen3moe" if config.norm_topk_prob else "hy_v3"
 
 
@@ -77,6 +81,9 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[st
              "self_attn.k_norm.weight": "attn_k_norm", "post_attention_layernorm.weight": "ffn_norm",
              "mlp.gate.weight": "ffn_gate_inp", "mlp.experts.gate_proj": "ffn_gate_exps",
              "mlp.experts.up_proj": "ffn_up_exps", "mlp.experts.down_proj": "ffn_down_exps"}
+    if config.dense:
+        names = {k: v for k, v in names.items() if not k.startswith("mlp.")}
+        names |= {"mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
     D = config.hidden_size
     for layer in range(config.num_hidden_layers):
         for ours, theirs in names.items():
@@ -173,7 +180,7 @@ def _write_metadata(w, gguf, arch, outtype: str, config: ModelConfig, tokenizer,
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
-    w.add_feed_forward_length(config.moe_intermediate_size)
+    w.add_feed_forward_length(config.intermediate_size if config.dense else config.moe_intermediate_size)
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(config.num_key_value_heads)
     w.add_key_length(config.head_dim)
@@ -181,9 +188,10 @@ def _write_metadata(w, gguf, arch, outtype: str, config: ModelConfig, tokenizer,
     w.add_rope_dimension_count(config.head_dim)
     w.add_rope_freq_base(float(config.rope_theta))
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_expert_count(config.num_experts)
-    w.add_expert_used_count(config.num_experts_per_tok)
-    w.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if not config.dense:
+        w.add_expert_count(config.num_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
     if arch == "hy_v3":
         w.add_expert_shared_feed_forward_length(1)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)

@@ -34,6 +34,9 @@ Design choices:
   loaders re-tie from `tie_word_embeddings`).
 - Every file is written atomically (temporary file + os.replace); weight files of an earlier export
   in the same folder that this one does not rewrite are removed, so a folder never mixes two models.
+- Dense models (num_experts = 0, the `*-dense` presets) are Hugging Face's dense Qwen3
+  (`Qwen3ForCausalLM`, model_type qwen3): the same attention and names, `mlp.gate_proj/up_proj/
+  down_proj` per layer; export writes and import reads that folder with the same code.
 - Nothing here downloads anything: import reads a local folder only.
 """
 
@@ -131,7 +134,7 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, so
         if len(shapes) != 1:
             raise PakarError(f"layer {layer} {proj}{where}: the experts' tensors differ in shape ({sorted(shapes)[:2]})")
         state[f"layers.{layer}.mlp.experts.{proj}"] = torch.stack([by_expert[i] for i in range(E)])
-    for layer in range(config.num_hidden_layers):
+    for layer in range(0 if config.dense else config.num_hidden_layers):
         state[f"layers.{layer}.mlp.gate.expert_bias"] = torch.zeros(E, dtype=torch.float32)
     if config.tie_word_embeddings and "embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["embed_tokens.weight"])
@@ -156,11 +159,27 @@ def special_tokens(tokenizer, chat: bool) -> dict[str, tuple[str, int]]:
 
 
 def hf_config(config: ModelConfig, tokenizer, chat: bool, dtype: str = "float32") -> dict:
-    """config.json for Qwen3MoeForCausalLM with every field explicit."""
+    """config.json for Qwen3MoeForCausalLM (Qwen3ForCausalLM for a dense model) with every field explicit."""
     sp = special_tokens(tokenizer, chat)
+    if config.dense:
+        arch = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                "intermediate_size": config.intermediate_size, "max_window_layers": config.num_hidden_layers}
+    else:
+        arch = {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "num_experts": config.num_experts,
+            "num_experts_per_tok": config.num_experts_per_tok,
+            "moe_intermediate_size": config.moe_intermediate_size,
+            "intermediate_size": config.moe_intermediate_size,  # the dense MLP size; unused (no dense layers)
+            "norm_topk_prob": config.norm_topk_prob,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "router_aux_loss_coef": config.router_aux_loss_coef,
+            "output_router_logits": False,
+        }
     return {
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "model_type": "qwen3_moe",
+        **arch,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
@@ -170,13 +189,6 @@ def hf_config(config: ModelConfig, tokenizer, chat: bool, dtype: str = "float32"
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "num_experts": config.num_experts,
-        "num_experts_per_tok": config.num_experts_per_tok,
-        "moe_intermediate_size": config.moe_intermediate_size,
-        "intermediate_size": config.moe_intermediate_size,  # the dense MLP size; unused (no dense layers)
-        "norm_topk_prob": config.norm_topk_prob,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
         "max_position_embeddings": config.max_position_embeddings,
         "rope_theta": config.rope_theta,
         "rope_scaling": None,
@@ -186,8 +198,6 @@ def hf_config(config: ModelConfig, tokenizer, chat: bool, dtype: str = "float32"
         "sliding_window": None,
         "tie_word_embeddings": config.tie_word_embeddings,
         "initializer_range": config.initializer_range,
-        "router_aux_loss_coef": config.router_aux_loss_coef,
-        "output_router_logits": False,
         "use_cache": True,
         "bos_token_id": sp["bos"][1],
         "eos_token_id": sp["eos"][1],
@@ -221,12 +231,14 @@ def tokenizer_config(tokenizer, chat: bool, max_len: int) -> dict:
 
 
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
-    """ModelConfig from a Qwen3-MoE config.json (transformers 4.x or 5.x spelling). Anything pakar's
-    architecture cannot represent is refused by name rather than silently changed."""
+    """ModelConfig from a Qwen3-MoE (or dense Qwen3) config.json (transformers 4.x or 5.x spelling).
+    Anything pakar's architecture cannot represent is refused by name rather than silently changed."""
     if not isinstance(d, dict):
         raise PakarError(f"{source}: expected a JSON object, got a {type(d).__name__}")
-    if d.get("model_type") != "qwen3_moe":
-        raise PakarError(f"{source}: model_type is {d.get('model_type')!r}; pakar imports only 'qwen3_moe'")
+    if d.get("model_type") not in ("qwen3_moe", "qwen3"):
+        raise PakarError(f"{source}: model_type is {d.get('model_type')!r}; pakar imports only 'qwen3_moe' "
+                         f"and 'qwen3' (dense)")
+    dense = d["model_type"] == "qwen3"
 
     def refuse_unless(ok: bool, what: str):
         if not ok:
@@ -243,22 +255,27 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         kind = r.get("rope_type", r.get("type", "default"))
         refuse_unless(kind == "default", f"rope type {kind!r} (rope scaling)")
     theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    n_experts = d.get("num_experts", d.get("num_local_experts"))
+    n_experts = 0 if dense else d.get("num_experts", d.get("num_local_experts"))
     if n_experts is None:
         raise PakarError(f"{source}: neither num_experts nor num_local_experts is set")
     try:
+        if dense:
+            ffn = {"num_experts": 0, "num_experts_per_tok": 0, "moe_intermediate_size": 0,
+                   "intermediate_size": d["intermediate_size"]}
+        else:
+            ffn = {"num_experts": n_experts, "num_experts_per_tok": d["num_experts_per_tok"],
+                   "moe_intermediate_size": d["moe_intermediate_size"],
+                   "norm_topk_prob": bool(d.get("norm_topk_prob", False)),
+                   "router_aux_loss_coef": float(d.get("router_aux_loss_coef", 0.01))}
         return ModelConfig(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=d["num_attention_heads"],
             num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
             head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
-            num_experts=n_experts, num_experts_per_tok=d["num_experts_per_tok"],
-            moe_intermediate_size=d["moe_intermediate_size"], norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-            max_position_embeddings=d["max_position_embeddings"], rope_theta=float(theta),
+            **ffn, max_position_embeddings=d["max_position_embeddings"], rope_theta=float(theta),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             initializer_range=float(d.get("initializer_range", 0.02)),
-            router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.01)),
         )
     except KeyError as e:
         raise PakarError(f"{source}: required field {e.args[0]!r} is missing") from None
@@ -359,6 +376,7 @@ def export_checkpoint(ckpt: dict, out_dir: str | Path, *, dtype: str = "float32"
     if dtype not in DTYPES:
         raise PakarError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
+    # (a dense model has no selection bias, so the bias refusal, which names Qwen3-MoE, never concerns it)
     config, tokenizer, chat, state = export_inputs(ckpt, "Qwen3-MoE", allow_bias_drop, log)
     torch_dtype = DTYPES[dtype]
     tensors = {k: v.to(torch_dtype) for k, v in to_hf_state_dict(state, config).items()}

@@ -6,7 +6,9 @@ once. The conventions, so that the numbers can be checked:
 - Parameters. `total_params` counts every parameter once (a tied lm_head is the embedding).
   `embedding_params` are the vocabulary matrices: embed_tokens, plus lm_head when untied.
   `active_params` are those one token uses: everything except the experts it is not routed to
-  (num_experts_per_tok of num_experts per layer). Norm weights are included in both.
+  (num_experts_per_tok of num_experts per layer). Norm weights are included in both. A dense model
+  (num_experts = 0) is counted as one always-active expert of width intermediate_size and no router,
+  so a preset and its `-dense` twin differ in active parameters only by the MoE's routers.
 - FLOPs. `train_flops_per_token` = forward + backward = 3 x forward, where forward counts 2 FLOPs per
   multiply-add of every matrix a token goes through (attention projections, router, its k experts,
   lm_head; the embedding lookup is free) plus the attention scores and weighted values,
@@ -35,14 +37,21 @@ from __future__ import annotations
 from pakar.config import ModelConfig
 
 
+def ffn_shape(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(experts, experts per token, width) of the feed-forward; a dense MLP is (1, 1, intermediate_size)."""
+    if cfg.dense:
+        return 1, 1, cfg.intermediate_size
+    return cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+
+
 def param_counts(cfg: ModelConfig) -> dict:
     """total / active / embedding / matmul parameter counts (see the module docstring)."""
     D, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    E, k, I = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    E, k, I = ffn_shape(cfg)
     attn = D * H * K + 2 * D * G * K + H * K * D  # q, k, v, o projections
     norms = 2 * D + 2 * K  # input / post-attention layernorms, q_norm, k_norm
-    router = E * D
+    router = 0 if cfg.dense else E * D
     expert = 3 * D * I  # gate, up, down
     embed = V * D
     head = 0 if cfg.tie_word_embeddings else V * D
@@ -55,7 +64,7 @@ def param_counts(cfg: ModelConfig) -> dict:
         "embedding_params": embed + head,
         "non_embedding_params": total - embed - head,
         "active_non_embedding_params": active - embed - head,
-        "expert_params": L * E * expert,
+        "expert_params": 0 if cfg.dense else L * E * expert,
         # matrices a token is multiplied by (2 FLOPs per entry per forward); the lookup is free
         "active_matmul_params": L * (attn + router + k * expert) + V * D,
         # matrices whose bfloat16 autocast copies are kept for backward (all experts; the router stays
@@ -75,22 +84,28 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, bf16: bool
     the experts' row padding (pakar.moe.Experts.row_bucket; only bfloat16 on a CPU pads)."""
     D, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    E, k, I = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    E, k, I = ffn_shape(cfg)
     N = batch_size * seq_len
     M = N * k  # routed rows
     P = M + E * (row_bucket - 1) if row_bucket > 1 else M  # rows the experts run on
     low = 2 if bf16 else 4  # bytes per element of the autocast (matmul) activations
     f32, i64 = 4, 8
-    layer = (
+    attention = (
         f32 * 2 * N * D  # the residual stream at both norms (float32 in both modes)
-        + f32 * N * D  # the router's input (float32 in both modes)
         + low * N * D  # the attention projections' input
         + low * (3 * N * H * K + 3 * N * G * K)  # q, k, v before and after norm/rotary, attention output
         + f32 * (N * H + N * (2 + H + G))  # attention log-sum-exp, 1/rms of the four norms
-        + low * (P * D + M * D + 4 * P * I)  # expert inputs, token-order outputs, SwiGLU
-        + f32 * (N * E + N) + low * N * k  # router probabilities, z-loss; gate values
-        + i64 * (2 * M + N * k + (M if P > M else 0))  # sort order, chosen experts, padded rows
     )
+    if cfg.dense:
+        ffn = low * (N * D + 4 * N * I)  # the MLP's input; gate, silu(gate), up, their product
+    else:
+        ffn = (
+            f32 * N * D  # the router's input (float32 in both modes)
+            + low * (P * D + M * D + 4 * P * I)  # expert inputs, token-order outputs, SwiGLU
+            + f32 * (N * E + N) + low * N * k  # router probabilities, z-loss; gate values
+            + i64 * (2 * M + N * k + (M if P > M else 0))  # sort order, chosen experts, padded rows
+        )
+    layer = attention + ffn
     # fused loss head: the float32 head-weight gradient, the hidden-state gradient, the final norm
     other = f32 * V * D + low * N * D + f32 * N * D + i64 * 2 * N
     checkpointed = L * f32 * N * D + layer + other
@@ -130,13 +145,16 @@ def _gb(x: float) -> str:
 def render(name: str, r: dict) -> str:
     fl = r["train_flops_per_token"]
     attn_fl = 12 * r["num_hidden_layers"] * r["num_attention_heads"] * r["head_dim"] * r["seq_len"]
+    dense = r["num_experts"] == 0
+    ffn = (f"dense MLP {r['intermediate_size']}" if dense else
+           f"{r['num_experts']} experts, top-{r['num_experts_per_tok']}, expert hidden {r['moe_intermediate_size']}")
     lines = [
         f"config {name}: {r['num_hidden_layers']} layers, hidden {r['hidden_size']}, "
         f"{r['num_attention_heads']} heads ({r['num_key_value_heads']} key/value, head_dim {r['head_dim']}), "
-        f"{r['num_experts']} experts, top-{r['num_experts_per_tok']}, expert hidden {r['moe_intermediate_size']}, "
-        f"vocab {r['vocab_size']}{', tied embeddings' if r['tie_word_embeddings'] else ''}",
+        f"{ffn}, vocab {r['vocab_size']}{', tied embeddings' if r['tie_word_embeddings'] else ''}",
         f"parameters: total {r['total_params']:,} ({_n(r['total_params'])}), of which embeddings "
-        f"{r['embedding_params']:,} ({_n(r['embedding_params'])}) and experts {_n(r['expert_params'])}",
+        f"{r['embedding_params']:,} ({_n(r['embedding_params'])})"
+        + ("" if dense else f" and experts {_n(r['expert_params'])}"),
         f"active per token: {r['active_params']:,} ({_n(r['active_params'])}; "
         f"{_n(r['active_non_embedding_params'])} without embeddings)",
         f"training FLOPs per token at seq_len {r['seq_len']}: {fl / 1e9:.3f} GFLOP "

@@ -21,7 +21,7 @@ Design choices:
   dicts with no model and no PEFT; and the expert parametrization is registered once rather than on
   every forward call.
 - Filter-function swap (as nanochat swaps in FP8 layers): the model code knows nothing of LoRA.
-  * Projections (q/k/v/o_proj, nn.Linear): LoRALinear keeps the base Parameter under the same name
+  * Projections (q/k/v/o_proj, and a dense model's mlp.gate/up/down_proj; nn.Linear): LoRALinear keeps the base Parameter under the same name
     `weight` and adds lora_A (r, in) and lora_B (out, r); y = x W^T + scale (x A^T) B^T. The low-rank
     path runs on the activations, so the frozen W never gets a full-size gradient.
   * Experts (mlp.experts.gate_proj/up_proj/down_proj, stacked (E, out, in)): a torch parametrization

@@ -66,9 +66,13 @@ def param_tensors(cfg: ModelConfig) -> list[tuple[str, int, bool, bool]]:
                 (p + "self_attn.o_proj.weight", D * H * K, True, True),
                 (p + "self_attn.q_norm.weight", K, False, False),
                 (p + "self_attn.k_norm.weight", K, False, False),
-                (p + "post_attention_layernorm.weight", D, False, False),
-                (p + "mlp.gate.weight", E * D, True, False)]
-        out += [(p + f"mlp.experts.{w}", E * I * D, True, True) for w in ("gate_proj", "up_proj", "down_proj")]
+                (p + "post_attention_layernorm.weight", D, False, False)]
+        if cfg.dense:  # one SwiGLU MLP (pakar.model.MLP), no router
+            out += [(p + f"mlp.{w}.weight", cfg.intermediate_size * D, True, True)
+                    for w in ("gate_proj", "up_proj", "down_proj")]
+        else:
+            out.append((p + "mlp.gate.weight", E * D, True, False))
+            out += [(p + f"mlp.experts.{w}", E * I * D, True, True) for w in ("gate_proj", "up_proj", "down_proj")]
     out.append(("norm.weight", D, False, False))
     if not cfg.tie_word_embeddings:
         out.append(("lm_head.weight", V * D, True, False))
@@ -263,12 +267,13 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def to_bf16(model) -> None:
-    """Store the matmul weights (param_tensors' matmul=True: attention projections, experts) in bfloat16,
+    """Store the matmul weights (param_tensors' matmul=True: attention projections, experts or the dense
+    MLP) in bfloat16,
     in place; the embedding, lm_head, router and norms stay float32 (autocast keeps them so)."""
     import torch  # lazy: pakar info uses this module without torch
 
     for name, p in model.named_parameters():
-        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) or ".experts." in name:
+        if name.endswith(("_proj.weight", "_proj")) and not name.startswith("lm_head"):  # attention, experts, MLP
             p.data = p.data.to(torch.bfloat16)
 
 

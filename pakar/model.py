@@ -2,9 +2,13 @@
 
 embed_tokens -> num_hidden_layers x [x + attn(RMSNorm(x)); x + moe(RMSNorm(x))] -> norm -> lm_head
 
+With num_experts = 0 (the `*-dense` presets) each `moe` is a plain SwiGLU MLP instead, and the model
+is Hugging Face's dense Qwen3 (Qwen3ForCausalLM: the same attention and names); the dense baseline
+for the MoE, sharing every other line of code.
+
 - Attention: grouped-query attention with Qwen3's per-head RMSNorm on queries and keys (before the
   rotary embedding), rotary embeddings in the rotate-half layout, causal scaled-dot-product attention.
-- The feed-forward is the sparse MoE block in pakar/moe.py.
+- The feed-forward is the sparse MoE block in pakar/moe.py, or the dense MLP below.
 - Parameter names are Qwen3-MoE's minus the leading "model." (pakar/hf.py adds it), so export is a rename.
   In float32 the logits equal transformers' Qwen3MoeForCausalLM to ~1e-7 (tests/test_model.py).
 - Single-device code: no torch.distributed, no tokenizer. Parallelism wraps this module from outside.
@@ -142,16 +146,47 @@ class Attention(nn.Module):
         return torch.addmv(x_D, wo, s.att)
 
 
+class MLP(nn.Module):
+    """Qwen3's dense feed-forward, down(silu(gate(x)) * up(x)), of width I = config.intermediate_size:
+    the dense baseline's layer (one expert that every token goes through, without a router)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, I = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(D, I, bias=False)
+        self.up_proj = nn.Linear(D, I, bias=False)
+        self.down_proj = nn.Linear(I, D, bias=False)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        x_ND = x_ND.to(compute_dtype(x_ND))  # cast once for both input projections (as the experts do)
+        return self.down_proj(F.silu(self.gate_proj(x_ND)) * self.up_proj(x_ND))
+
+    def row_views(self):
+        """What decode_row reads (see MoE.row_views)."""
+        return self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+
+    def decode_row(self, x_D, h_D, r: float, views, probs_E, gate_I):
+        """x + forward(RMSNorm(x)) for one float32 decode row (see MoE.decode_row, whose signature it
+        shares: `probs_E` is unused)."""
+        gate, up, down = views
+        a = torch.addmv(gate_I, gate, h_D, beta=0, alpha=r, out=gate_I)
+        a = F.silu(a, inplace=True).mul_(torch.mv(up, h_D))
+        return torch.addmv(x_D, down, a, alpha=r)  # (the up product still lacks its r)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config)
+        self.mlp = MLP(config) if config.dense else MoE(config)
 
     def forward(self, x_BTD, cos, sin, kv_cache=None, mask=None, is_causal=True):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, kv_cache, mask, is_causal)
+        if isinstance(self.mlp, MLP):  # no router, so no balancing losses
+            zero = x_BTD.new_zeros((), dtype=torch.float32)
+            return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)).to(x_BTD.dtype), zero, zero
         h_BTD, balance_loss, z_loss = self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD + h_BTD, balance_loss, z_loss
 
@@ -160,12 +195,13 @@ class Block(nn.Module):
         place of the sort-based dispatch, no losses or counts (see Transformer.decode_step)."""
         B, _, D = x_B1D.shape
         x_B1D = x_B1D + self.self_attn(self.input_layernorm(x_B1D), cos, sin, kv_cache, mask, False)
-        y_BD = self.mlp.forward_chosen(self.post_attention_layernorm(x_B1D).view(B, D))
+        h_BD = self.post_attention_layernorm(x_B1D).view(B, D)
+        y_BD = self.mlp(h_BD) if isinstance(self.mlp, MLP) else self.mlp.forward_chosen(h_BD)
         return x_B1D + y_BD.view(B, 1, D).to(x_B1D.dtype)
 
     def row_views(self):
         """What decode_row reads, taken once per decoder (RowScratch): the norms' weights and the
-        attention's and MoE's own row_views."""
+        attention's and the feed-forward's (MoE or MLP) own row_views."""
         return (self.input_layernorm.weight, self.self_attn, self.self_attn.row_views(),
                 self.post_attention_layernorm.weight, self.mlp, self.mlp.row_views())
 
@@ -206,7 +242,8 @@ class RowScratch:
         self.att = self.att_GJK.view(HK)
         self.eps_X1 = torch.full((H + G, 1), cfg.rms_norm_eps)
         self.zero = torch.zeros(1, 1, 1)  # baddbmm's ignored input
-        self.probs_E, self.gate_I = torch.empty(cfg.num_experts), torch.empty(cfg.moe_intermediate_size)
+        self.probs_E = torch.empty(cfg.num_experts)
+        self.gate_I = torch.empty(cfg.intermediate_size if cfg.dense else cfg.moe_intermediate_size)
         self.layers = [layer.row_views() for layer in model.layers]
         self.rope_KK = self.new_keys = self.new_values = self.keys_T = self.values = None  # set per step
 
@@ -228,9 +265,9 @@ class ModelOutput:
     logits: torch.Tensor | None  # (B, T, V), or (B, 1, V) with last_only; None with return_logits=False
     loss: torch.Tensor | None  # cross-entropy over targets != -100 ("mean" or "sum" per loss_reduction)
     aux_loss: torch.Tensor  # coefficient-weighted load-balancing + z-loss, averaged over layers: add it to loss
-    balance_loss: torch.Tensor  # unweighted Switch loss, mean over layers (1.0 = perfectly uniform)
-    z_loss: torch.Tensor  # unweighted router z-loss, mean over layers
-    expert_counts: torch.Tensor  # (L, E) tokens routed to each expert in this call (detached)
+    balance_loss: torch.Tensor  # unweighted Switch loss, mean over layers (1.0 = perfectly uniform; 0 dense)
+    z_loss: torch.Tensor  # unweighted router z-loss, mean over layers (0 dense)
+    expert_counts: torch.Tensor  # (L, E) tokens routed to each expert in this call (detached); (0, 0) dense
 
 
 class Transformer(nn.Module):
@@ -268,9 +305,9 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """The whole initialisation scheme, in one place:
-        - embeddings, attention projections, router and expert input projections (gate/up):
-          normal(0, initializer_range)
-        - residual-branch outputs (attention o_proj, expert down_proj): normal(0, initializer_range /
+        - embeddings, attention projections, router and expert (or dense MLP) input projections
+          (gate/up): normal(0, initializer_range)
+        - residual-branch outputs (attention o_proj, expert or MLP down_proj): normal(0, initializer_range /
           sqrt(2 * num_hidden_layers)), GPT-2 style, so the residual stream's variance does not grow
           with depth
         - lm_head (when untied): normal(0, initializer_range)
@@ -281,15 +318,16 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj")):
+            elif name.endswith(("o_proj.weight", "down_proj", "down_proj.weight")):
                 p.normal_(0.0, out_std, generator=generator)
             else:
                 p.normal_(0.0, std, generator=generator)
-        for layer in self.layers:
-            layer.mlp.gate.expert_bias.zero_()
+        for moe in self.moe_layers():
+            moe.gate.expert_bias.zero_()
 
     def moe_layers(self) -> list[MoE]:
-        return [layer.mlp for layer in self.layers]
+        """The MoE blocks, one per layer; none in a dense model."""
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
     def forward(
         self,
@@ -353,7 +391,9 @@ class Transformer(nn.Module):
                                        ignore_index=-100, reduction=loss_reduction)
         balance_loss, z_loss = torch.stack(balance).mean(), torch.stack(zl).mean()
         aux_loss = self.config.router_aux_loss_coef * balance_loss + self.config.router_z_loss_coef * z_loss
-        counts = torch.stack([layer.mlp.last_counts for layer in self.layers])
+        moes = self.moe_layers()
+        counts = (torch.stack([moe.last_counts for moe in moes]) if moes
+                  else torch.zeros((0, 0), dtype=torch.int64, device=x.device))
         return ModelOutput(logits, loss, aux_loss, balance_loss, z_loss, counts)
 
     def decode_step(self, tok_B1: torch.Tensor, kv_cache: KVCache, position_ids_B1: torch.Tensor | None,

@@ -283,6 +283,9 @@ def expert_load_stats(counts_LE) -> dict:
     c = torch.as_tensor(counts_LE).detach().to("cpu", torch.float64)
     if c.dim() != 2:
         raise ValueError(f"counts_LE must be (layers, experts), got shape {tuple(c.shape)}")
+    if c.numel() == 0:  # a dense model: no MoE layers (0, 0)
+        return {"fraction": [[] for _ in range(c.shape[0])], "imbalance": [0.0] * c.shape[0],
+                "imbalance_max": 0.0, "imbalance_mean": 0.0, "idle_experts": [0] * c.shape[0]}
     total_L = c.sum(dim=1, keepdim=True)
     frac_LE = torch.where(total_L > 0, c / total_L.clamp(min=1), torch.zeros_like(c))
     mean_L = c.mean(dim=1)

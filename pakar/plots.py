@@ -149,6 +149,8 @@ def _heatmap(fig, ax, fraction, title: str) -> None:
 
 def plot_experts(res: dict, path: Path, title: str) -> Path:
     """`pakar eval --plot`: the expert load per layer of one evaluation (res["expert_fraction"])."""
+    if not res["expert_fraction"] or not res["expert_fraction"][0]:
+        raise PakarError("--plot draws the expert load per layer, and a dense model has no experts")
     L, E = len(res["expert_fraction"]), len(res["expert_fraction"][0])
     fig, ax = _figure(max(6.0, 0.5 * E + 2.5), max(3.0, 0.35 * L + 1.8))
     _heatmap(fig, ax, res["expert_fraction"], title)

@@ -1,7 +1,8 @@
 """`--quantize int8`: 8-bit weights for CPU inference (chat, chat-batch, serve, eval).
 
 quantize_int8(model) swaps modules in place (STYLE 13): the attention projections and the output head
-(nn.Linear) become Int8Linear, each layer's stacked experts become Int8Experts. The embedding (a row
+(nn.Linear) become Int8Linear, each layer's stacked experts become Int8Experts (a dense model's MLP
+projections become Int8Linear). The embedding (a row
 lookup), the norms and the router (tiny, and it decides which experts run) stay float32.
 
 Design choices:
@@ -104,7 +105,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         a = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(a, name, Int8Linear(getattr(a, name)))
-        layer.mlp.experts = Int8Experts(layer.mlp.experts)
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp.experts = Int8Experts(layer.mlp.experts)
+        else:  # a dense model's MLP (pakar.model.MLP): three plain Linears
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                setattr(layer.mlp, name, Int8Linear(getattr(layer.mlp, name)))
     model.lm_head = Int8Linear(model.lm_head)  # tied embeddings: the lookup keeps the float32 table
     for q in model.parameters():
         q.requires_grad_(False)

@@ -689,10 +689,12 @@ def log_step(run: Run, loop: Loop, res: StepResult) -> None:
     aux, bal, z = (ctx.all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float32)
                                                    for v in (res.aux, res.balance, res.z)])) / ctx.world_size).tolist()
     pbar = loop.pbar
+    moe = not run.model_cfg.dense  # a dense model has no auxiliary losses or experts to report
     run.log.say(f"epoch {loop.epoch + 1}/{args.epochs} | step {step}/{run.total_steps} | loss {res.loss:.4f} | "
-                f"aux {aux:.4f} (balance {bal:.3f}, z {z:.3f}) | lr {res.lr:.2e} | grad norm {res.grad_norm:.3f} | "
+                + (f"aux {aux:.4f} (balance {bal:.3f}, z {z:.3f}) | " if moe else "")
+                + f"lr {res.lr:.2e} | grad norm {res.grad_norm:.3f} | "
                 f"{tps:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                + f" | expert imbalance {imbalance:.2f}", console=pbar is None or pbar.disable)
+                + (f" | expert imbalance {imbalance:.2f}" if moe else ""), console=pbar is None or pbar.disable)
     run.log.record(kind="train", step=step, epoch=loop.epoch + 1, loss=res.loss, aux=aux, balance=bal, z=z,
                    lr=res.lr, grad_norm=res.grad_norm, tokens_per_s=tps, mfu=mfu, imbalance=imbalance,
                    tokens_seen=loop.tokens_seen, elapsed=now - loop.t_start)
@@ -818,9 +820,11 @@ def validate(run: Run, loop: Loop, tag: str) -> dict:
     run.log.say(f"validation ({tag}) | loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
                 f"bpb {bpb:.4f} | {res['tokens']:,} tokens" if bpb is not None else
                 f"validation ({tag}) | loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | {res['tokens']:,} tokens")
+    # elapsed: seconds since the run started, on --time-limit's clock; eval_seconds: this evaluation's share of it
     run.log.record(kind="val", step=loop.step, epoch=loop.epoch + 1, loss=res["loss"], perplexity=res["perplexity"],
                    bits_per_byte=bpb, tokens=res["tokens"], bytes=res.get("bytes"),
-                   elapsed=time.perf_counter() - loop.t_start,
+                   elapsed=round(time.perf_counter() - loop.t_start, 3), eval_seconds=round(res["seconds"], 3),
+                   tokens_seen=loop.tokens_seen,
                    expert_fraction=[[round(x, 6) for x in row] for row in res.get("expert_fraction") or []])
     run.log.refresh_curves()
     return res

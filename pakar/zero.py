@@ -75,7 +75,8 @@ class DeepSpeedMode:
             if self.settings.compile:
                 raise PakarError("--compile does not work with DeepSpeed ZeRO-3 (its parameter hooks run inside "
                                  "each block); use ZeRO-1/2 or --fsdp with --compile")
-            deepspeed.utils.set_z3_leaf_modules(model, [MoE])
+            if any(isinstance(m, MoE) for m in model.modules()):  # a dense model has none (DeepSpeed raises)
+                deepspeed.utils.set_z3_leaf_modules(model, [MoE])
         self.group_names = group_names
         # DeepSpeed casts the whole module to bf16, buffers included; the rotary tables and the expert
         # selection biases must stay float32 (positions and tiny bias updates would round away)

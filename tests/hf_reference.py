@@ -1,5 +1,5 @@
-"""The independent reference for model tests: Hugging Face's Qwen3MoeForCausalLM with a pakar model's
-config and weights.
+"""The independent reference for model tests: Hugging Face's Qwen3MoeForCausalLM (Qwen3ForCausalLM for
+a dense model, num_experts = 0) with a pakar model's config and weights.
 
 `hf_model_from_pakar(model)` works with both expert layouts transformers has used:
 - transformers 4.x: a ModuleList of per-expert MLPs, `mlp.experts.{i}.gate_proj.weight` (I, D), ...;
@@ -15,8 +15,20 @@ import torch
 
 
 def hf_config_from_pakar(config, attn_implementation: str = "eager"):
-    from transformers import Qwen3MoeConfig
+    from transformers import Qwen3Config, Qwen3MoeConfig
 
+    if config.num_experts == 0:  # dense: Qwen3's own config, the same attention fields
+        hc = Qwen3Config(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+            max_position_embeddings=config.max_position_embeddings, rope_theta=config.rope_theta,
+            rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings,
+            initializer_range=config.initializer_range, attention_bias=False, attention_dropout=0.0,
+            hidden_act="silu", use_sliding_window=False, sliding_window=None,
+        )
+        hc._attn_implementation = attn_implementation
+        return hc
     hc = Qwen3MoeConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
@@ -36,14 +48,16 @@ def hf_config_from_pakar(config, attn_implementation: str = "eager"):
 
 @torch.no_grad()
 def hf_model_from_pakar(model, attn_implementation: str = "eager"):
-    """A float32 Qwen3MoeForCausalLM (eval mode, on the CPU) holding `model`'s weights."""
-    from transformers import Qwen3MoeForCausalLM
+    """A float32 Qwen3MoeForCausalLM (Qwen3ForCausalLM if dense; eval mode, on the CPU) holding
+    `model`'s weights."""
+    from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
-    for layer in model.layers:
-        if layer.mlp.gate.expert_bias.abs().max() > 0:
-            raise ValueError("the model has a non-zero expert selection bias, which Qwen3-MoE cannot represent")
     config = model.config
-    hf = Qwen3MoeForCausalLM(hf_config_from_pakar(config, attn_implementation)).float().eval()
+    for layer in model.layers:
+        if config.num_experts and layer.mlp.gate.expert_bias.abs().max() > 0:
+            raise ValueError("the model has a non-zero expert selection bias, which Qwen3-MoE cannot represent")
+    cls = Qwen3ForCausalLM if config.num_experts == 0 else Qwen3MoeForCausalLM
+    hf = cls(hf_config_from_pakar(config, attn_implementation)).float().eval()
     target = hf.state_dict()
     fused = any(k.endswith("mlp.experts.gate_up_proj") for k in target)
     sd = {}

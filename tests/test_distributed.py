@@ -340,6 +340,17 @@ def test_fsdp_two_ranks_equal_one_process_and_resume(runs):
     assert_epoch_checkpoint(fsdp)
 
 
+def test_dense_model_fsdp_two_ranks_equal_one_process(runs):
+    """The dense twin (tiny-dense) through FSDP2's per-block wrapping: blocks of a dense MLP shard and
+    train like the MoE's."""
+    ref = runs("dense-ref", 1, "--config", "tiny-dense", "--batch", "2", "--grad-accum", "4")
+    noise = runs("dense-noise", 0, "--config", "tiny-dense", "--batch", "2", "--grad-accum", "4")
+    fsdp = runs("dense-fsdp", 2, "--config", "tiny-dense", "--batch", "2", "--grad-accum", "2", "--fsdp")
+    assert "training tiny-dense" in (fsdp / "training.log").read_text(encoding="utf-8")
+    assert_same_training(ref, fsdp, noise)
+    assert_epoch_checkpoint(fsdp)
+
+
 # ---- LoRA chat fine-tuning ------------------------------------------------------------------------
 def finetune(out: Path, nproc: int, base: Path, chats: Path, *flags: str) -> Path:
     """`pakar finetune` with LoRA on the chats, in one process or nproc ranks under torchrun (0: the noise

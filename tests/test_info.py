@@ -31,9 +31,15 @@ def test_parameter_counts_match_real_models(name, tied):
     transformers = pytest.importorskip("transformers")
     from hf_reference import hf_config_from_pakar
 
+    cls = transformers.Qwen3ForCausalLM if cfg.dense else transformers.Qwen3MoeForCausalLM
     with torch.device("meta"):
-        hf = transformers.Qwen3MoeForCausalLM(hf_config_from_pakar(cfg))
+        hf = cls(hf_config_from_pakar(cfg))
     assert counts["total_params"] == hf.num_parameters()
+    if cfg.dense:  # every parameter is active, and the twin's active count is the MoE's minus its routers
+        moe = get_config(name.removesuffix("-dense"), tie_word_embeddings=tied)
+        assert counts["active_params"] == counts["total_params"]
+        assert param_counts(moe)["active_params"] - counts["active_params"] == \
+            moe.num_hidden_layers * moe.num_experts * moe.hidden_size
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -51,12 +57,16 @@ def test_active_parameters_are_what_one_token_touches(k):
     assert param_counts(cfg)["active_params"] == sum(p.numel() for p in model.parameters()) - unused
 
 
-@pytest.mark.parametrize("k,tied", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("k,tied", [(1, False), (2, False), (2, True), (0, False), (0, True)])
 def test_train_flops_match_flop_counter(k, tied):
-    cfg = get_config("tiny", vocab_size=300, num_experts_per_tok=k, tie_word_embeddings=tied)
+    """k = 0: the dense twin (tiny-dense)."""
+    if k == 0:
+        cfg = get_config("tiny-dense", vocab_size=300, tie_word_embeddings=tied)
+    else:
+        cfg = get_config("tiny", vocab_size=300, num_experts_per_tok=k, tie_word_embeddings=tied)
     model = Transformer(cfg)
-    for layer in model.layers:  # the loop's plain matmuls are what FlopCounterMode counts
-        layer.mlp.experts.use_grouped_mm = False
+    for moe in model.moe_layers():  # the loop's plain matmuls are what FlopCounterMode counts
+        moe.experts.use_grouped_mm = False
     B, T = 2, 48
     x = torch.randint(0, 300, (B, T))
     # the math attention backend spells attention out as counted matmuls over the full T x T square
@@ -87,6 +97,7 @@ def saved_bytes(model, x, bf16: bool) -> int:
     dict(num_experts_per_tok=2),
     dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8, num_experts=5,
          num_experts_per_tok=3, moe_intermediate_size=40, num_hidden_layers=3),
+    dict(num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0, intermediate_size=96),  # dense
 ])
 def test_activation_memory_matches_saved_tensors(bf16, overrides):
     cfg = get_config("tiny", vocab_size=500, **overrides)
@@ -95,7 +106,7 @@ def test_activation_memory_matches_saved_tensors(bf16, overrides):
     measured = saved_bytes(model, torch.randint(0, 500, (B, T)), bf16)
     p = param_counts(cfg)
     # the CPU pads each expert's rows in bfloat16 (a GPU does not): count the padding as it happens here
-    rows = torch.empty(B * T * cfg.num_experts_per_tok, 0, dtype=torch.bfloat16 if bf16 else torch.float32)
+    rows = torch.empty(B * T * max(cfg.num_experts_per_tok, 1), 0, dtype=torch.bfloat16 if bf16 else torch.float32)
     bucket = Experts.row_bucket(rows)
     predicted = activation_bytes(cfg, B, T, bf16, row_bucket=bucket)["total"] + \
         (2 * p["autocast_matmul_params"] if bf16 else 0)

@@ -15,7 +15,7 @@ import torch
 from pakar import PakarError, cli
 from pakar.args import TrainArgs
 from pakar.checkpoint import safe_load
-from pakar.config import get_config
+from pakar.config import dense_variant, get_config
 from pakar.memory import (PLANS, adam8bit_state_bytes, choose, make_optimizer, param_tensors, predict,
                           resolve_plan, to_bf16)
 from pakar.model import Transformer
@@ -36,11 +36,15 @@ def one_step(plan: str, seed: int = 0):
     return model, opt
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_param_tensors_match_the_model(tied):
-    cfg = TINY.replace(tie_word_embeddings=tied)
-    real = [(n, p.numel()) for n, p in Transformer(cfg).named_parameters()]
+@pytest.mark.parametrize("tied,dense", [(False, False), (True, False), (False, True)])
+def test_param_tensors_match_the_model(tied, dense):
+    cfg = (dense_variant(TINY) if dense else TINY).replace(tie_word_embeddings=tied)
+    model = Transformer(cfg)
+    real = [(n, p.numel()) for n, p in model.named_parameters()]
     assert [(n, k) for n, k, _, _ in param_tensors(cfg)] == real
+    to_bf16(model)  # exactly the tensors param_tensors calls matmul weights
+    assert [n for n, _, _, mm in param_tensors(cfg) if mm] == [
+        n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
 
 
 def state_bytes(opt, keys) -> int:

@@ -14,14 +14,14 @@ from pakar.info import param_counts
 
 
 def main_export(argv: list[str], prog: str = "pakar export") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Write a Hugging Face Qwen3-MoE model folder "
+    p = argparse.ArgumentParser(prog=prog, description="Write a Hugging Face Qwen3-MoE model folder (Qwen3 for a dense model) "
                                 "(config.json, safetensors weights, tokenizer) from a pakar checkpoint.")
     p.add_argument("--checkpoint", help="pakar model checkpoint (.pt) (default: the newest "
                    "checkpoints/model_epoch*.pt in the current folder)")
     p.add_argument("--out", help="output folder, created; files of an earlier export there are replaced "
                    "(default: export/<checkpoint name>, e.g. export/model_epoch2)")
     p.add_argument("--format", choices=("hf", "gguf"), default="hf",
-                   help="hf: Hugging Face Qwen3-MoE folder; gguf: one file for llama.cpp, Ollama and LM Studio, "
+                   help="hf: Hugging Face Qwen3-MoE (dense: Qwen3) folder; gguf: one file for llama.cpp, Ollama and LM Studio, "
                         "written to --out (default export/<checkpoint name>.gguf) with an Ollama Modelfile beside "
                         "it (needs pip install 'pakar[gguf]') (default: hf)")
     p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f32",
@@ -53,7 +53,7 @@ def main_export(argv: list[str], prog: str = "pakar export") -> int:
 
 
 def main_import(argv: list[str], prog: str = "pakar import") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Read a local Hugging Face Qwen3-MoE folder (safetensors, "
+    p = argparse.ArgumentParser(prog=prog, description="Read a local Hugging Face Qwen3-MoE or dense Qwen3 folder (safetensors, "
                                 "tokenizer.json) into a self-contained pakar checkpoint (float32 weights).")
     p.add_argument("--from", dest="src", required=True, help="Hugging Face model folder (local; nothing is downloaded)")
     p.add_argument("--out", required=True, help="pakar checkpoint to write, e.g. checkpoints/imported.pt")

@@ -131,7 +131,7 @@ def finetune_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    "alpha/rank (default 2 x rank)")
     p.add_argument("--lora-targets", nargs="+", default=["attention"], help="tensors to adapt: q_proj k_proj v_proj "
                    "o_proj gate_proj up_proj down_proj, or the groups attention, experts (every expert's "
-                   "gate/up/down_proj), all (default: attention)")
+                   "gate/up/down_proj; a dense model's MLP), all (default: attention)")
     p.add_argument("--merge", action="store_true", help="LoRA: also write merged, self-contained "
                    "checkpoints/model_epoch{N}.pt next to the adapters")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object at the end")
