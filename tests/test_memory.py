@@ -21,7 +21,7 @@ from pakar.memory import (PLANS, adam8bit_state_bytes, choose, make_optimizer, p
 from pakar.model import Transformer
 from pakar.optim import Adam8bit, _Codes, dynamic_map, stochastic_round_bf16
 from pakar.train import train
-from test_train_safety import assert_same_weights, small_args
+from test_train_safety import assert_same_weights, sigint_after_step, small_args
 
 TINY = get_config("tiny", vocab_size=512)
 
@@ -187,25 +187,11 @@ def test_offload_on_a_cpu_equals_full_bit_for_bit(tmp_path):
 def test_resume_within_a_plan_is_exact(tmp_path, monkeypatch, plan):
     """Stopped by SIGINT after step 4 of 8 (as tests/test_train_safety.py does) and resumed with the
     same flags: bit-identical to the uninterrupted run. Resuming with another plan: one line."""
-    import pakar.train as T
-
     train(small_args(tmp_path / "ref", max_steps=8, memory_plan=plan))
-    real_make, stepped = T.make_optimizer, [0]
-
-    def make_optimizer(*a, **kw):
-        opt = real_make(*a, **kw)
-
-        def interrupt(*_):
-            stepped[0] += 1
-            if stepped[0] == 4:
-                os.kill(os.getpid(), signal.SIGINT)
-        opt.register_step_post_hook(interrupt)
-        return opt
-
-    monkeypatch.setattr(T, "make_optimizer", make_optimizer)
+    restore = sigint_after_step(monkeypatch, 4)
     out = tmp_path / "run"
     assert train(small_args(out, max_steps=8, memory_plan=plan))["steps"] == 4
-    monkeypatch.setattr(T, "make_optimizer", real_make)
+    restore()
     # resumed with --memory-plan auto: auto keeps the plan the state was trained with
     assert train(small_args(out, max_steps=8, memory_plan="auto", resume=True))["steps"] == 8
     assert f"memory plan {plan}: the plan the resumed state was trained with" in (out / "training.log").read_text()

@@ -228,27 +228,32 @@ def test_read_only_run_folder_is_one_line(tmp_path):
 
 # --- signals -----------------------------------------------------------------------------------------
 
-def test_sigint_right_after_the_optimizer_step_resumes_exactly(tmp_path, monkeypatch):
-    """SIGINT delivered just after optimizer.step() of step 4, before the loop counts the step: the
-    run finishes step 4, saves state.pt labelled step 4 and returns; resumed, it ends bit-identical to
-    an uninterrupted run. The caller's SIGINT handler is back afterwards."""
+def sigint_after_step(monkeypatch, step: int):
+    """Make the next train() send itself SIGINT right after optimizer.step() of optimizer step `step`
+    (a hook on the optimizer pakar.train builds). Returns the function that undoes the patch."""
     import pakar.train as T
 
-    ref = train(small_args(tmp_path / "ref", max_steps=8))
-    real_make = T.make_optimizer
-    stepped = [0]
+    real_make, stepped = T.make_optimizer, [0]
 
     def make_optimizer(*a, **kw):
         opt = real_make(*a, **kw)
 
         def interrupt(*_):
             stepped[0] += 1
-            if stepped[0] == 4:
+            if stepped[0] == step:
                 os.kill(os.getpid(), signal.SIGINT)
         opt.register_step_post_hook(interrupt)
         return opt
 
     monkeypatch.setattr(T, "make_optimizer", make_optimizer)
+    return lambda: monkeypatch.setattr(T, "make_optimizer", real_make)
+
+def test_sigint_right_after_the_optimizer_step_resumes_exactly(tmp_path, monkeypatch):
+    """SIGINT delivered just after optimizer.step() of step 4, before the loop counts the step: the
+    run finishes step 4, saves state.pt labelled step 4 and returns; resumed, it ends bit-identical to
+    an uninterrupted run. The caller's SIGINT handler is back afterwards."""
+    ref = train(small_args(tmp_path / "ref", max_steps=8))
+    restore = sigint_after_step(monkeypatch, 4)
     handler = signal.getsignal(signal.SIGINT)
     out = tmp_path / "run"
     stopped = train(small_args(out, max_steps=8))
@@ -256,7 +261,7 @@ def test_sigint_right_after_the_optimizer_step_resumes_exactly(tmp_path, monkeyp
     assert stopped["signal"] == signal.SIGINT and stopped["steps"] == 4
     assert safe_load(out / "checkpoints" / "state.pt")["loop"]["step"] == 4
     assert "continue with: " in (out / "training.log").read_text()
-    monkeypatch.setattr(T, "make_optimizer", real_make)
+    restore()
     assert train(small_args(out, max_steps=8, resume=True))["steps"] == ref["steps"] == 8
     assert_same_weights(tmp_path / "ref" / "checkpoints" / "state.pt", out / "checkpoints" / "state.pt")
 
