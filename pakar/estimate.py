@@ -25,8 +25,10 @@ estimate(args) -> dict, for the same TrainArgs `pakar train` takes. Choices:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from pakar import PakarError
 from pakar.args import TrainArgs
 from pakar.corpus import embedded_sample_path, resolve_sources
 from pakar.data import BatchLoader, TokenData, find_cached, prepare
+from pakar.memory import choose, free_memory, predict
 from pakar.info import ASSUMED_MFU, flop_seconds, human_duration
 from pakar.runtime import GPU_PEAK_FLOPS, PeakMemory
 from pakar.train import (Loop, TokenStreamData, make_model, open_run, plan_run, step_start_sync, train_step,
@@ -48,9 +51,9 @@ from pakar.train import (Loop, TokenStreamData, make_model, open_run, plan_run, 
 SAMPLE_BYTES = 2_000_000  # corpus text read for a sampled count (~1 s to tokenize, a few to train a BPE on)
 STEP_BUDGET_S = 12.0  # seconds of timed steps to aim for
 MAX_STEPS = 8
-# card -> memory in GB as sold (A100 and H100: the 80 GB models); peaks from GPU_PEAK_FLOPS
+# card -> its memory in GiB (A100 and H100: the 80 GB models); peaks from GPU_PEAK_FLOPS. The memory
+# plan is the one pakar.memory.choose picks with the whole card free (its prediction counts the CUDA context).
 REFERENCE_GPUS = {"RTX 3060": 12, "RTX 4090": 24, "A100": 80, "H100": 80}
-CUDA_CONTEXT_BYTES = 1 << 30  # what the CUDA context and cuBLAS workspaces take before pakar allocates
 
 
 @dataclass
@@ -140,8 +143,17 @@ def _text_size(path: Path) -> int:
 
 # --- speed and memory --------------------------------------------------------------------------------
 
-def measure_steps(args: TrainArgs, corpus: CorpusCount, run_dir: Path, steps: int | None, log) -> dict:
-    """Real optimizer steps through pakar.train's machinery in a temporary run folder."""
+def measure_steps(args: TrainArgs, corpus: CorpusCount, run_dir: Path, steps: int | None, log,
+                  warmup: int = 1) -> dict:
+    """Real optimizer steps through pakar.train's machinery in a temporary run folder: `warmup` steps,
+    then `steps` timed (None: as many as fit in STEP_BUDGET_S). The run's own log lines (the memory
+    plan and why) go to stderr, as train would print them, so that stdout stays the report."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return _measure_steps(args, corpus, run_dir, steps, log, warmup)
+
+
+def _measure_steps(args: TrainArgs, corpus: CorpusCount, run_dir: Path, steps: int | None, log,
+                   warmup: int) -> dict:
     targs = dataclasses.replace(args, out=str(run_dir), resume=False, overwrite=False, init_from=None,
                                 max_steps=None, save_every=0, eval_every=0)
     ctx = dist_ctx.setup(targs)
@@ -165,12 +177,13 @@ def measure_steps(args: TrainArgs, corpus: CorpusCount, run_dir: Path, steps: in
 
         run.model.train()
         t0 = time.perf_counter()
-        one_step(0)  # warm-up
-        warm_s = time.perf_counter() - t0
+        for i in range(warmup):
+            one_step(i)
+        warm_s = (time.perf_counter() - t0) / max(warmup, 1)
         n = steps if steps is not None else max(1, min(MAX_STEPS, int(STEP_BUDGET_S / max(warm_s, 1e-6))))
-        log(f"warm-up step {warm_s:.2f} s; timing {n} step(s)")
+        log(f"warm-up {warm_s:.2f} s per step; timing {n} step(s)")
         t0, tokens = time.perf_counter(), 0
-        for i in range(1, n + 1):
+        for i in range(warmup, warmup + n):
             tokens += one_step(i)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -180,7 +193,7 @@ def measure_steps(args: TrainArgs, corpus: CorpusCount, run_dir: Path, steps: in
                     "device": str(device), "amp": amp, "model_cfg": model_cfg, "n_params": run.n_params,
                     "tokens_per_step": args.batch * args.seq_len * args.grad_accum,
                     "flops_per_token": run.flops_per_token, "peak_flops": run.peak_flops,
-                    "memory_plan": run.memory_plan, "memory_plan_why": run.memory_plan_why}
+                    "memory_plan": run.memory_plan}
         del run, model, data
         return measured
     finally:
@@ -197,8 +210,6 @@ def steps_per_epoch(train_tokens: int, args: TrainArgs) -> int:
 
 
 def summarise(args: TrainArgs, corpus: CorpusCount, m: dict) -> dict:
-    from pakar.memory import choose, predict
-
     cfg = m["model_cfg"]
     bf16 = m["amp"] is not None
     device_type = m["device"].split(":")[0]
@@ -214,13 +225,14 @@ def summarise(args: TrainArgs, corpus: CorpusCount, m: dict) -> dict:
     predicted = predict(cfg, m["memory_plan"], args.batch, args.seq_len, device_type=device_type, bf16=bf16,
                         activation_checkpointing=args.activation_checkpointing)
     flops = m["flops_per_token"]
+    host_free = free_memory(torch.device("cpu"))[1]  # the offload plan on a reference card: this machine's RAM
     refs = []
     for name, gb in REFERENCE_GPUS.items():
         peak = GPU_PEAK_FLOPS[name]
         try:
             plan, _ = choose(cfg, args.batch, args.seq_len, device_type="cuda", bf16=True,
                              activation_checkpointing=args.activation_checkpointing,
-                             free_bytes=gb * 10**9 - CUDA_CONTEXT_BYTES, host_free_bytes=_host_free_bytes())
+                             free_bytes=gb * 2**30, host_free_bytes=host_free)
         except PakarError:
             plan = None  # no plan fits that card
         refs.append({"gpu": name, "memory_gb": gb, "peak_tflops": peak / 1e12, "mfu": ASSUMED_MFU,
@@ -236,18 +248,11 @@ def summarise(args: TrainArgs, corpus: CorpusCount, m: dict) -> dict:
         "timed_steps": m["timed_steps"], "warmup_seconds": m["warmup_seconds"], "build_seconds": m["build_seconds"],
         "peak_memory_bytes": m["peak_memory_bytes"], "predicted_peak_bytes": predicted["peak_bytes"],
         "predicted_host_bytes": predicted["host_bytes"], "memory_plan": m["memory_plan"],
-        "memory_plan_why": m["memory_plan_why"], "device": m["device"], "dtype": "bfloat16" if bf16 else "float32",
+        "device": m["device"], "dtype": "bfloat16" if bf16 else "float32",
         "train_flops_per_token": flops, "device_peak_flops": m["peak_flops"],
         "mfu": tps * flops / m["peak_flops"] if m["peak_flops"] else None,
         "reference_mfu": ASSUMED_MFU, "reference_gpus": refs,
     }
-
-
-def _host_free_bytes() -> int:
-    """RAM available to a new allocation (for the offload plan on the reference cards: this machine's)."""
-    from pakar.memory import host_free_bytes
-
-    return host_free_bytes()
 
 
 def render(r: dict) -> str:
@@ -258,7 +263,7 @@ def render(r: dict) -> str:
         + (f", --max-steps {r['max_steps']}" if r["max_steps"] else ""),
         f"tokens: {r['corpus_tokens']:,} in the corpus, {r['tokens_per_epoch']:,} trained per epoch "
         f"({r['steps_per_epoch']:,} optimizer steps) [{r['tokens_method']}]",
-        f"this device: {r['device']} {r['dtype']}, memory plan {r['memory_plan']} ({r['memory_plan_why']})",
+        f"this device: {r['device']} {r['dtype']}, memory plan {r['memory_plan']}",
         f"  speed: {r['tokens_per_second']:,.0f} tokens/s over {r['timed_steps']} step(s) after a warm-up step"
         + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""),
         f"  time: ≈ {human_duration(r['seconds_per_epoch'])} per epoch, ≈ {human_duration(r['seconds_total'])} "
