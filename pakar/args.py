@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pakar import PakarError
 from pakar.config import PRESETS
+from pakar.memory import PLAN_CHOICES  # light too: no torch
 
 # --- defaults shown in help (the library modules import theirs from here) ---------------------------
 
@@ -183,6 +184,7 @@ class TrainArgs:
     deepspeed: bool = False
     deepspeed_config: str | None = None
     fsdp: bool = False
+    memory_plan: str = "auto"  # auto | full | lowmem | offload (pakar.memory)
 
     def __post_init__(self):
         for flag, low in (("epochs", 1), ("batch", 1), ("seq-len", 8), ("grad-accum", 1), ("log-every", 1),
@@ -203,6 +205,11 @@ class TrainArgs:
             raise PakarError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise PakarError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.memory_plan not in PLAN_CHOICES:
+            raise PakarError(f"--memory-plan must be one of {', '.join(PLAN_CHOICES)}, got {self.memory_plan!r}")
+        if self.memory_plan in ("lowmem", "offload") and (self.fsdp or self.deepspeed):
+            raise PakarError(f"--memory-plan {self.memory_plan} keeps its own optimizer state; with --fsdp or "
+                             f"--deepspeed (which shard or offload it themselves) use --memory-plan full or auto")
 
     # Fields that change what the next step computes: a resumed run must keep them.
     RESUME_KEYS = ("config", "batch", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup", "schedule",

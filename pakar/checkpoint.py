@@ -189,11 +189,13 @@ def safe_load(path: str | Path, map_location="cpu", fmt: str = FORMAT, what: str
     return obj
 
 
-def memory_bytes(device: torch.device | str = "cpu") -> int | None:
-    """Total memory of `device` (physical RAM for the CPU, the GPU's memory for CUDA); None if unknown."""
+def memory_bytes(device: torch.device | str = "cpu", available: bool = False) -> int | None:
+    """Total memory of `device` (physical RAM for the CPU, the GPU's memory for CUDA), or with `available`
+    what is free now (the OS's available RAM: MemAvailable on Linux, ullAvailPhys on Windows; the
+    GPU's free memory); None if unknown."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+        return torch.cuda.mem_get_info(device)[0] if available else torch.cuda.get_device_properties(device).total_memory
     if device.type != "cpu":
         return None
     try:
@@ -207,10 +209,24 @@ def memory_bytes(device: torch.device | str = "cpu") -> int | None:
 
             status = MemoryStatus(dwLength=ctypes.sizeof(MemoryStatus))
             ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status))
-            return int(status.ullTotalPhys)
+            return int(status.ullAvailPhys if available else status.ullTotalPhys)
+        if available:
+            return _available_ram()
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, OSError, ValueError):
         return None
+
+
+def _available_ram() -> int:
+    """Linux's MemAvailable (free plus reclaimable cache), else free pages (macOS, other Unixes)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def model_bytes(config: ModelConfig, bytes_per_param: int = 4) -> int:

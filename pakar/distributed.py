@@ -233,7 +233,11 @@ class Context:
                     "optimizer": (get_optimizer_state_dict(model, optimizer, options=opts)
                                   if optimizer is not None else None)}
         raw = self.unwrap(model)  # single and DDP: every rank has everything
-        return {"model": raw.state_dict(),
+        # bfloat16 weights of a lowmem/offload plan: float32 copies on the host (on the GPU they could
+        # exceed the memory the plan saved), so that checkpoints stay float32 whatever the plan
+        model_state = {k: v.to("cpu", torch.float32) if v.is_floating_point() and v.dtype != torch.float32 else v
+                       for k, v in raw.state_dict().items()}
+        return {"model": model_state,
                 "optimizer": (get_optimizer_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True))
                               if optimizer is not None else None)}
 

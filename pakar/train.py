@@ -85,6 +85,7 @@ from pakar.data import BatchLoader, prepare
 from pakar.engine import Engine, SamplingParams
 from pakar.evaluate import evaluate_tokens
 from pakar.info import ASSUMED_MFU, flop_seconds, human_duration, train_flops_per_token
+from pakar.memory import check_resume_plan, make_optimizer, resolve_plan
 from pakar.model import Transformer
 from pakar.moe import expert_load_stats, update_expert_bias
 from pakar.runtime import autocast_dtype, peak_flops, resolve_device, thread_summary
@@ -131,16 +132,6 @@ def check_compiler() -> None:
                          f"install one (Windows: Visual Studio Build Tools, then run from the Developer PowerShell; "
                          f"Linux: g++; macOS: xcode-select --install) or train without --compile")
 
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 class RunLog:
@@ -320,6 +311,7 @@ class Run:
     ctx: dist_ctx.Context
     device: torch.device
     amp: torch.dtype | None  # autocast dtype, None = float32
+    memory_plan: str  # full | lowmem | offload (pakar.memory)
     log: RunLog
     run_dir: Path
     data: object  # TokenStreamData or pakar.finetune's ChatData (see train()'s docstring)
@@ -518,8 +510,8 @@ def make_model(args: TrainArgs, device: torch.device, tokenizer, init_ckpt: dict
 def plan_run(args: TrainArgs, ctx: dist_ctx.Context, device, amp, log: RunLog, data, tokenizer,
                     model_cfg: ModelConfig, model, init_ckpt: dict | None, meta: dict,
                     customize_model: Callable | None, save_epoch: Callable | None) -> Run:
-    """The step plan (steps per epoch, total, warmup, peak lr), AdamW, and the model and optimizer
-    wrapped for the mode: the finished `Run`."""
+    """The step plan (steps per epoch, total, warmup, peak lr), the memory plan's optimizer
+    (pakar.memory), and the model and optimizer wrapped for the mode: the finished `Run`."""
     n_params = sum(p.numel() for p in model.parameters())  # counted before FSDP/ZeRO-3 partition them
     steps_per_epoch = data.steps_per_epoch // args.grad_accum
     if steps_per_epoch < 1:
@@ -531,12 +523,14 @@ def plan_run(args: TrainArgs, ctx: dist_ctx.Context, device, amp, log: RunLog, d
     warmup = args.warmup if args.warmup is not None else max(1, min(200, total_steps // 20))
     preset = init_ckpt["meta"].get("config_name", args.config) if init_ckpt is not None else args.config
     peak_lr = args.lr if args.lr is not None else default_lr(preset, finetune=init_ckpt is not None)
-    optimizer = make_optimizer(model, peak_lr, args.weight_decay, device)
+    plan, why = resolve_plan(args, model_cfg, model, device, bf16=amp is not None, world_size=ctx.world_size)
+    log.say(why)
+    optimizer = make_optimizer(model, plan, peak_lr, args.weight_decay, device, bf16=amp is not None)
     wrapped, optimizer = ctx.wrap(model, optimizer)
     # The fused head + loss reads lm_head.weight inside the model's forward, without calling lm_head:
     # ZeRO-3 gathers a partitioned weight only in its own module's forward, so it keeps the plain head.
-    return Run(args=args, ctx=ctx, device=device, amp=amp, log=log, run_dir=Path(args.out), data=data,
-               tokenizer=tokenizer, model_cfg=model_cfg, model=wrapped, raw_model=model, optimizer=optimizer,
+    return Run(args=args, ctx=ctx, device=device, amp=amp, memory_plan=plan, log=log, run_dir=Path(args.out),
+               data=data, tokenizer=tokenizer, model_cfg=model_cfg, model=wrapped, raw_model=model, optimizer=optimizer,
                n_params=n_params, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup,
                peak_lr=peak_lr, fused_head=ctx.zero_stage != 3, meta=meta, customize_model=customize_model,
                save_epoch=save_epoch, token_bytes=tokenizer.token_byte_lengths(),
@@ -549,6 +543,7 @@ def resume(run: Run) -> Loop:
     args = run.args
     state = load_training_state(run.state_path, dataclasses.asdict(args), type(args).RESUME_KEYS,
                                 run.ctx.world_size, run.model_cfg, run.data.key)
+    check_resume_plan(state["optimizer"], run.memory_plan)
     run.ctx.load_state(run.model, run.optimizer, state)
     saved = state["loop"]
     loop = Loop(epoch=saved["epoch"], step_in_epoch=saved["step_in_epoch"], step=saved["step"],
@@ -860,8 +855,10 @@ def sample_text(model: Transformer, tokenizer, prompt: str, device, max_new_toke
     was_training = model.training
     model.eval()
     ids = tokenizer.encode(prompt)
-    out = Engine(model).generate([ids], SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                                                       stop_token_ids=(tokenizer.eot_id,)))[0]
+    low = any(p.dtype == torch.bfloat16 for p in model.parameters())  # a lowmem/offload plan's bf16 weights
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low):
+        out = Engine(model).generate([ids], SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                           stop_token_ids=(tokenizer.eot_id,)))[0]
     model.train(was_training)
     return prompt + tokenizer.decode(out)
 

@@ -16,6 +16,7 @@ from pakar import PakarError
 from pakar.args import CHAT_VAL_FRACTION, DEFAULT_LR, FinetuneArgs, TrainArgs, check_number
 from pakar.config import PRESETS
 from pakar.corpus import VAL_FRACTION, detect_kind
+from pakar.memory import PLAN_CHOICES
 
 
 def add_train_args(p: argparse.ArgumentParser, defaults: TrainArgs = TrainArgs()) -> None:
@@ -54,6 +55,10 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainArgs = TrainArgs()
                    "validation (default 0.01, or 0.05 for the embedded sample corpus)")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"BPE vocabulary when a tokenizer is trained (default {d.vocab_size})")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
+    p.add_argument("--memory-plan", default=d.memory_plan, choices=list(PLAN_CHOICES),
+                   help="where weights and optimizer state live: full (float32 AdamW, fastest), lowmem (8-bit AdamW "
+                   "moments; bf16 matmul weights on a bf16 GPU), offload (optimizer state and float32 master "
+                   "weights in CPU RAM), auto (the fastest that fits the free memory; default)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--init-from", default=d.init_from, help="start from this checkpoint's weights and tokenizer (fine-tuning)")
     p.add_argument("--sample-prompt", default=d.sample_prompt, help=f"prompt for the greedy sample at each epoch end (default {d.sample_prompt!r})")
