@@ -110,7 +110,7 @@ def pakar_run(a, device: torch.device, batch: int, seq_len: int, plan: str, step
     free_device_memory(device)
     return {"tokens_per_s": m["tokens_per_second"], "peak_memory_bytes": m["peak_memory_bytes"],
             "memory_plan": m["memory_plan"], "flops_per_token": m["flops_per_token"], "bf16": m["amp"] is not None,
-            "step_s": m["timed_seconds"] / m["timed_steps"]}
+            "step_s": m["step_seconds"]}
 
 
 def hf_run(a, device: torch.device, batch: int, seq_len: int, steps: int, warmup: int) -> dict:

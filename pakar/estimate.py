@@ -42,15 +42,17 @@ from pakar import PakarError
 from pakar.args import TrainArgs
 from pakar.corpus import embedded_sample_path, resolve_sources
 from pakar.data import BatchLoader, TokenData, find_cached, prepare
-from pakar.memory import choose, free_memory, predict
-from pakar.info import ASSUMED_MFU, flop_seconds, human_duration
-from pakar.runtime import GPU_PEAK_FLOPS, PeakMemory
-from pakar.train import (Loop, TokenStreamData, make_model, open_run, plan_run, step_start_sync, train_step,
-                         val_fraction_of)
+from pakar.info import ASSUMED_MFU, flop_seconds, human_duration, param_counts, train_flops_per_token
+from pakar.memory import CUDA_CONTEXT_BYTES, choose, free_memory, predict
+from pakar.runtime import GPU_PEAK_FLOPS, PeakMemory, autocast_dtype, resolve_device
+from pakar.train import (Loop, TokenStreamData, make_model, model_config, open_run, plan_run, step_start_sync,
+                         train_step, val_fraction_of)
 
 SAMPLE_BYTES = 2_000_000  # corpus text read for a sampled count (~1 s to tokenize, a few to train a BPE on)
 STEP_BUDGET_S = 12.0  # seconds of timed steps to aim for
 MAX_STEPS = 8
+PROBE_PARAMS = 200_000_000  # from this size on, a 1-layer probe first says whether the full model is affordable
+FULL_BUDGET_S = 25.0  # a full-model measurement predicted longer than this is replaced by extrapolation
 # card -> its memory in GiB (A100 and H100: the 80 GB models); peaks from GPU_PEAK_FLOPS. The memory
 # plan is the one pakar.memory.choose picks with the whole card free (its prediction counts the CUDA context).
 REFERENCE_GPUS = {"RTX 3060": 12, "RTX 4090": 24, "A100": 80, "H100": 80}
@@ -69,7 +71,7 @@ def estimate(args: TrainArgs, steps: int | None = None, log=lambda m: None) -> d
     """The figures of the module docstring, as one dict (the --json object)."""
     with tempfile.TemporaryDirectory(prefix="pakar-estimate-", ignore_cleanup_errors=True) as tmp:
         corpus = count_tokens(args, Path(tmp) / "sample", log)
-        measured = measure_steps(args, corpus, Path(tmp) / "run", steps, log)
+        measured = measure(args, corpus, Path(tmp), steps, log)
         del corpus.tokens  # unmap the sample's shards before the folder goes (Windows refuses otherwise)
     return summarise(args, corpus, measured)
 
@@ -143,17 +145,61 @@ def _text_size(path: Path) -> int:
 
 # --- speed and memory --------------------------------------------------------------------------------
 
+def measure(args: TrainArgs, corpus: CorpusCount, tmp: Path, steps: int | None, log) -> dict:
+    """The full model's steps when they fit the time budget, else the same model with 1 and 2 layers
+    (probes with the plan the full model gets) and a straight line through their step times and peak
+    memories to the full depth: every layer is the same computation on the same shapes, so time and
+    memory are linear in the layer count (the embedding, head and loss are the intercept)."""
+    cfg = model_config(args, corpus.tokenizer, None)
+    layers = cfg.num_hidden_layers
+    if param_counts(cfg)["total_params"] < PROBE_PARAMS or layers <= 2:
+        return {**measure_steps(args, corpus, tmp / "full", steps, log), "speed_method": "measured"}
+    fixed = dataclasses.replace(args, memory_plan=full_model_plan(args, cfg))
+    one = measure_steps(fixed, corpus, tmp / "layers1", steps, log, layers=1, budget=STEP_BUDGET_S / 4)
+    full_cost = layers * (one["build_seconds"] + 2 * one["step_seconds"])  # build, warm-up, one timed step
+    if full_cost <= FULL_BUDGET_S:
+        return {**measure_steps(args, corpus, tmp / "full", steps, log), "speed_method": "measured"}
+    log(f"the full {layers}-layer model would take about {full_cost:.0f} s to time here: extrapolating "
+        f"from 1 and 2 layers")
+    two = measure_steps(fixed, corpus, tmp / "layers2", steps, log, layers=2, budget=STEP_BUDGET_S / 2)
+    line = lambda a, b: a + (layers - 1) * max(b - a, 0.0)  # noqa: E731  (a noisy negative slope: flat)
+    step_s = line(one["step_seconds"], two["step_seconds"])
+    return {**two, "model_cfg": cfg, "n_params": param_counts(cfg)["total_params"],
+            "flops_per_token": train_flops_per_token(cfg, args.seq_len), "step_seconds": step_s,
+            "tokens_per_second": two["tokens_per_step"] / step_s,
+            "peak_memory_bytes": round(line(one["peak_memory_bytes"], two["peak_memory_bytes"])),
+            "timed_steps": one["timed_steps"] + two["timed_steps"],
+            "speed_method": f"time and memory extrapolated to {layers} layers from the same model with 1 and 2 layers "
+                            f"({one['step_seconds']:.2f} and {two['step_seconds']:.2f} s per step)"}
+
+
+def full_model_plan(args: TrainArgs, cfg) -> str:
+    """--memory-plan, or what auto would choose for the full model on this device now (as
+    pakar.memory.resolve_plan does, before this process holds a model): the plan the probes use."""
+    if args.memory_plan != "auto":
+        return args.memory_plan
+    device = resolve_device(args.device)
+    free, host_free = free_memory(device)
+    if device.type == "cuda":
+        free += CUDA_CONTEXT_BYTES  # mem_get_info made the context, which the prediction counts
+    plan, _ = choose(cfg, args.batch, args.seq_len, device_type=device.type,
+                     bf16=autocast_dtype(args.dtype, device) is not None,
+                     activation_checkpointing=args.activation_checkpointing, free_bytes=free, host_free_bytes=host_free)
+    return plan
+
+
 def measure_steps(args: TrainArgs, corpus: CorpusCount, run_dir: Path, steps: int | None, log,
-                  warmup: int = 1) -> dict:
+                  warmup: int = 1, layers: int | None = None, budget: float = STEP_BUDGET_S) -> dict:
     """Real optimizer steps through pakar.train's machinery in a temporary run folder: `warmup` steps,
-    then `steps` timed (None: as many as fit in STEP_BUDGET_S). The run's own log lines (the memory
-    plan and why) go to stderr, as train would print them, so that stdout stays the report."""
+    then `steps` timed (None: as many as the warm-up says fit in `budget` seconds), with the model cut
+    to `layers` layers if given. The run's own log lines (the memory plan and why) go to stderr, as
+    train would print them, so that stdout stays the report."""
     with contextlib.redirect_stdout(sys.stderr):
-        return _measure_steps(args, corpus, run_dir, steps, log, warmup)
+        return _measure_steps(args, corpus, run_dir, steps, log, warmup, layers, budget)
 
 
 def _measure_steps(args: TrainArgs, corpus: CorpusCount, run_dir: Path, steps: int | None, log,
-                   warmup: int) -> dict:
+                   warmup: int, layers: int | None, budget: float) -> dict:
     targs = dataclasses.replace(args, out=str(run_dir), resume=False, overwrite=False, init_from=None,
                                 max_steps=None, save_every=0, eval_every=0)
     ctx = dist_ctx.setup(targs)
@@ -164,7 +210,10 @@ def _measure_steps(args: TrainArgs, corpus: CorpusCount, run_dir: Path, steps: i
         peak = PeakMemory(device)
         peak.start()
         t_build = time.perf_counter()
-        model_cfg, model = make_model(targs, device, corpus.tokenizer, None, None)
+        model_cfg = model_config(targs, corpus.tokenizer, None)
+        if layers is not None:
+            model_cfg = model_cfg.replace(num_hidden_layers=layers)
+        model_cfg, model = make_model(targs, device, corpus.tokenizer, None, None, model_cfg)
         run = plan_run(targs, ctx, device, amp, run_log, data, corpus.tokenizer, model_cfg, model, None, {},
                        None, None)
         build_s = time.perf_counter() - t_build
@@ -180,15 +229,15 @@ def _measure_steps(args: TrainArgs, corpus: CorpusCount, run_dir: Path, steps: i
         for i in range(warmup):
             one_step(i)
         warm_s = (time.perf_counter() - t0) / max(warmup, 1)
-        n = steps if steps is not None else max(1, min(MAX_STEPS, int(STEP_BUDGET_S / max(warm_s, 1e-6))))
-        log(f"warm-up {warm_s:.2f} s per step; timing {n} step(s)")
+        n = steps if steps is not None else max(1, min(MAX_STEPS, int(budget / max(warm_s, 1e-6))))
+        log(f"{model_cfg.num_hidden_layers} layer(s): warm-up {warm_s:.2f} s per step; timing {n} step(s)")
         t0, tokens = time.perf_counter(), 0
         for i in range(warmup, warmup + n):
             tokens += one_step(i)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-        measured = {"tokens_per_second": tokens / seconds, "timed_steps": n, "timed_seconds": seconds,
+        measured = {"tokens_per_second": tokens / seconds, "timed_steps": n, "step_seconds": seconds / n,
                     "warmup_seconds": warm_s, "build_seconds": build_s, "peak_memory_bytes": peak.increase(),
                     "device": str(device), "amp": amp, "model_cfg": model_cfg, "n_params": run.n_params,
                     "tokens_per_step": args.batch * args.seq_len * args.grad_accum,
@@ -245,7 +294,7 @@ def summarise(args: TrainArgs, corpus: CorpusCount, m: dict) -> dict:
         "tokens_method": corpus.method, "steps_per_epoch": per_epoch_steps, "total_steps": total_steps,
         "tokens_per_second": tps, "seconds_per_epoch": tokens_per_epoch / tps,
         "seconds_total": total_steps * m["tokens_per_step"] / tps,
-        "timed_steps": m["timed_steps"], "warmup_seconds": m["warmup_seconds"], "build_seconds": m["build_seconds"],
+        "timed_steps": m["timed_steps"], "speed_method": m["speed_method"], "warmup_seconds": m["warmup_seconds"],
         "peak_memory_bytes": m["peak_memory_bytes"], "predicted_peak_bytes": predicted["peak_bytes"],
         "predicted_host_bytes": predicted["host_bytes"], "memory_plan": m["memory_plan"],
         "device": m["device"], "dtype": "bfloat16" if bf16 else "float32",
@@ -264,11 +313,13 @@ def render(r: dict) -> str:
         f"tokens: {r['corpus_tokens']:,} in the corpus, {r['tokens_per_epoch']:,} trained per epoch "
         f"({r['steps_per_epoch']:,} optimizer steps) [{r['tokens_method']}]",
         f"this device: {r['device']} {r['dtype']}, memory plan {r['memory_plan']}",
-        f"  speed: {r['tokens_per_second']:,.0f} tokens/s over {r['timed_steps']} step(s) after a warm-up step"
-        + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""),
+        f"  speed: {r['tokens_per_second']:,.0f} tokens/s"
+        + (f" over {r['timed_steps']} step(s) after a warm-up step" if r["speed_method"] == "measured"
+           else f" ({r['speed_method']})") + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""),
         f"  time: ≈ {human_duration(r['seconds_per_epoch'])} per epoch, ≈ {human_duration(r['seconds_total'])} "
         f"for the run's {r['total_steps']:,} steps (training steps only: no evaluation or saving)",
-        f"  peak memory: predicted {gib(r['predicted_peak_bytes'])}, measured {gib(r['peak_memory_bytes'])}"
+        f"  peak memory: predicted {gib(r['predicted_peak_bytes'])}, "
+        f"{'measured' if r['speed_method'] == 'measured' else 'extrapolated'} {gib(r['peak_memory_bytes'])}"
         + (f" (+ {gib(r['predicted_host_bytes'])} in host RAM)" if r["predicted_host_bytes"] and
            not r["device"].startswith("cpu") else ""),
         f"reference GPUs (this run's FLOPs at {100 * r['reference_mfu']:.0f}% of the dense bf16 peak):",

@@ -168,6 +168,8 @@ def flop_seconds(tokens: float, flops_per_token: float, peak_flops: float, mfu: 
 def human_duration(seconds: float) -> str:
     """'45 s', '12 min', '3 h 10 min', '4 d 6 h': two units at most, for estimates that are not exact."""
     seconds = max(0.0, float(seconds))
+    if seconds < 1:
+        return "< 1 s"
     if seconds < 60:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)

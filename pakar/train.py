@@ -480,19 +480,28 @@ def val_fraction_of(args: TrainArgs) -> float:
     return args.val_fraction or (VAL_FRACTION if args.data else 0.05)
 
 
-def make_model(args: TrainArgs, device: torch.device, tokenizer, init_ckpt: dict | None,
-                customize_model: Callable | None) -> tuple[ModelConfig, torch.nn.Module]:
-    """The model (--init-from's weights or a fresh --config preset), customized, on the device, with
-    activation checkpointing and per-block compilation as asked."""
+def model_config(args: TrainArgs, tokenizer, init_ckpt: dict | None) -> ModelConfig:
+    """The run's architecture: --init-from's, or the --config preset with the tokenizer's vocabulary
+    (and a context of at least --seq-len)."""
     if init_ckpt is not None:
         model_cfg = ModelConfig.from_dict(init_ckpt["config"])
         if args.seq_len > model_cfg.max_position_embeddings:
             raise PakarError(f"--seq-len {args.seq_len} exceeds the checkpoint's context of "
                              f"{model_cfg.max_position_embeddings} tokens")
-    else:
-        model_cfg = get_config(args.config, vocab_size=tokenizer.vocab_size)
-        if args.seq_len > model_cfg.max_position_embeddings:
-            model_cfg = model_cfg.replace(max_position_embeddings=args.seq_len)
+        return model_cfg
+    model_cfg = get_config(args.config, vocab_size=tokenizer.vocab_size)
+    if args.seq_len > model_cfg.max_position_embeddings:
+        model_cfg = model_cfg.replace(max_position_embeddings=args.seq_len)
+    return model_cfg
+
+
+def make_model(args: TrainArgs, device: torch.device, tokenizer, init_ckpt: dict | None,
+               customize_model: Callable | None, model_cfg: ModelConfig | None = None
+               ) -> tuple[ModelConfig, torch.nn.Module]:
+    """The model (--init-from's weights or a fresh --config preset), customized, on the device, with
+    activation checkpointing and per-block compilation as asked. `model_cfg` replaces model_config's
+    architecture (pakar.estimate times a model with fewer layers)."""
+    model_cfg = model_cfg or model_config(args, tokenizer, init_ckpt)
     torch.manual_seed(args.seed)
     model = Transformer(model_cfg)
     if init_ckpt is not None:
