@@ -15,6 +15,12 @@ estimate(args) -> dict, for the same TrainArgs `pakar train` takes. Choices:
   then timed steps: as many as fit in STEP_BUDGET_S judged by the warm-up step, 1 to MAX_STEPS, or
   `--steps N`. Batches come from the real data (cached shards, or the sample's). Epoch time = trained
   tokens per epoch / measured tokens per second; evaluation and checkpoint saves are not counted.
+- Big models (PROBE_PARAMS and up): a 1-layer copy of the model is timed first; when the full model
+  would take longer than FULL_BUDGET_S to build and time (`default` on a CPU: minutes per step), a
+  2-layer copy is timed too and step time and peak memory are extrapolated along the line through the
+  two to the full depth (every layer is the same computation on the same shapes; the embedding, head
+  and loss are the intercept), with the memory plan the full model would get. `speed_method` says
+  which was done.
 - Memory. Predicted: pakar.memory.predict for the plan. Measured: pakar.runtime.PeakMemory over the
   model build and the steps (CUDA allocator peak; on a CPU the peak resident-set increase).
 - MFU from pakar.info.train_flops_per_token and the device's peak (pakar.runtime.peak_flops; none on
@@ -37,7 +43,6 @@ from pathlib import Path
 import torch
 
 import pakar.distributed as dist_ctx
-
 from pakar import PakarError
 from pakar.args import TrainArgs
 from pakar.corpus import embedded_sample_path, resolve_sources
@@ -45,6 +50,7 @@ from pakar.data import BatchLoader, TokenData, find_cached, prepare
 from pakar.info import ASSUMED_MFU, flop_seconds, human_duration, param_counts, train_flops_per_token
 from pakar.memory import CUDA_CONTEXT_BYTES, choose, free_memory, predict
 from pakar.runtime import GPU_PEAK_FLOPS, PeakMemory, autocast_dtype, resolve_device
+from pakar.tokenizer import Tokenizer
 from pakar.train import (Loop, TokenStreamData, make_model, model_config, open_run, plan_run, step_start_sync,
                          train_step, val_fraction_of)
 
@@ -87,11 +93,7 @@ def count_tokens(args: TrainArgs, sample_dir: Path, log) -> CorpusCount:
                            tokenizer, tokens)
     sources = resolve_sources(args.data if args.data is not None else [str(embedded_sample_path())])
     tok_path = Path(args.out) / "tokenizer.json"
-    tokenizer = None
-    if tok_path.exists():
-        from pakar.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(tok_path)
+    tokenizer = Tokenizer.load(tok_path) if tok_path.exists() else None
     files, total, sampled = sample_corpus(sources, sample_dir, SAMPLE_BYTES)
     tokenizer, tokens = prepare([str(f) for f in files], sample_dir, vocab_size=args.vocab_size,
                                 tokenizer=tokenizer, val_fraction=val_fraction, log=log)
@@ -169,6 +171,7 @@ def measure(args: TrainArgs, corpus: CorpusCount, tmp: Path, steps: int | None, 
             "tokens_per_second": two["tokens_per_step"] / step_s,
             "peak_memory_bytes": round(line(one["peak_memory_bytes"], two["peak_memory_bytes"])),
             "timed_steps": one["timed_steps"] + two["timed_steps"],
+            "probe_step_seconds": [one["step_seconds"], two["step_seconds"]],
             "speed_method": f"time and memory extrapolated to {layers} layers from the same model with 1 and 2 layers "
                             f"({one['step_seconds']:.2f} and {two['step_seconds']:.2f} s per step)"}
 
@@ -289,12 +292,13 @@ def summarise(args: TrainArgs, corpus: CorpusCount, m: dict) -> dict:
                      "seconds_total": flop_seconds(total_steps * m["tokens_per_step"], flops, peak)})
     return {
         "config": args.config, "batch": args.batch, "seq_len": args.seq_len, "grad_accum": args.grad_accum,
-        "epochs": args.epochs, "max_steps": args.max_steps, "parameters": m["n_params"],
+        "epochs": args.epochs, "max_steps": args.max_steps, "parameters": m["n_params"], "vocab_size": cfg.vocab_size,
         "corpus_tokens": corpus.train_tokens + corpus.val_tokens, "tokens_per_epoch": tokens_per_epoch,
         "tokens_method": corpus.method, "steps_per_epoch": per_epoch_steps, "total_steps": total_steps,
         "tokens_per_second": tps, "seconds_per_epoch": tokens_per_epoch / tps,
         "seconds_total": total_steps * m["tokens_per_step"] / tps,
-        "timed_steps": m["timed_steps"], "speed_method": m["speed_method"], "warmup_seconds": m["warmup_seconds"],
+        "timed_steps": m["timed_steps"], "speed_method": m["speed_method"],
+        "probe_step_seconds": m.get("probe_step_seconds"), "warmup_seconds": m["warmup_seconds"],
         "peak_memory_bytes": m["peak_memory_bytes"], "predicted_peak_bytes": predicted["peak_bytes"],
         "predicted_host_bytes": predicted["host_bytes"], "memory_plan": m["memory_plan"],
         "device": m["device"], "dtype": "bfloat16" if bf16 else "float32",

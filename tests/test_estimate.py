@@ -163,3 +163,24 @@ def test_bench_gpu_says_why_without_cuda(capsys):
 
     assert bench_gpu.main([]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_big_models_are_extrapolated_from_one_and_two_layers(tmp_path, capsys, monkeypatch):
+    """With the thresholds lowered, small (6 layers) takes the probe path: the report says so, its
+    speed is the line through the 1- and 2-layer probes' step times, and its parameter count is the
+    full model's (counted on a real one)."""
+    monkeypatch.setattr(pakar.estimate, "PROBE_PARAMS", 0)
+    monkeypatch.setattr(pakar.estimate, "FULL_BUDGET_S", 0.0)
+    rc, stdout, err = run_cli(capsys, "estimate", "--config", "small", "--seq-len", "32", "--batch", "2",
+                              "--vocab-size", "512", "--out", str(tmp_path), "--device", "cpu", "--steps", "1",
+                              "--json")
+    r = json.loads(stdout)
+    from pakar.config import get_config
+    from pakar.model import Transformer
+
+    assert rc == 0 and r["speed_method"].startswith("time and memory extrapolated to 6 layers")
+    assert "extrapolating from 1 and 2 layers" in err
+    t1, t2 = r["probe_step_seconds"]
+    assert math.isclose(r["tokens_per_second"], 64 / (t1 + 5 * max(t2 - t1, 0.0)), rel_tol=1e-9)
+    full = Transformer(get_config("small", vocab_size=r["vocab_size"]))
+    assert r["parameters"] == sum(p.numel() for p in full.parameters())
