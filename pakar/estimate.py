@@ -166,8 +166,10 @@ def measure(args: TrainArgs, corpus: CorpusCount, tmp: Path, steps: int | None, 
     two = measure_steps(fixed, corpus, tmp / "layers2", steps, log, layers=2, budget=STEP_BUDGET_S / 2)
     line = lambda a, b: a + (layers - 1) * max(b - a, 0.0)  # noqa: E731  (a noisy negative slope: flat)
     step_s = line(one["step_seconds"], two["step_seconds"])
+    overhead = line(one["first_step_overhead"], two["first_step_overhead"])
     return {**two, "model_cfg": cfg, "n_params": param_counts(cfg)["total_params"],
             "flops_per_token": train_flops_per_token(cfg, args.seq_len), "step_seconds": step_s,
+            "first_step_overhead": overhead,
             "tokens_per_second": two["tokens_per_step"] / step_s,
             "peak_memory_bytes": round(line(one["peak_memory_bytes"], two["peak_memory_bytes"])),
             "timed_steps": one["timed_steps"] + two["timed_steps"],
@@ -241,7 +243,8 @@ def _measure_steps(args: TrainArgs, corpus: CorpusCount, run_dir: Path, steps: i
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         measured = {"tokens_per_second": tokens / seconds, "timed_steps": n, "step_seconds": seconds / n,
-                    "warmup_seconds": warm_s, "build_seconds": build_s, "peak_memory_bytes": peak.increase(),
+                    "first_step_overhead": max(0.0, warm_s - seconds / n) if warmup == 1 else 0.0,
+                    "build_seconds": build_s, "peak_memory_bytes": peak.increase(),
                     "device": str(device), "amp": amp, "model_cfg": model_cfg, "n_params": run.n_params,
                     "tokens_per_step": args.batch * args.seq_len * args.grad_accum,
                     "flops_per_token": run.flops_per_token, "peak_flops": run.peak_flops,
@@ -296,9 +299,11 @@ def summarise(args: TrainArgs, corpus: CorpusCount, m: dict) -> dict:
         "corpus_tokens": corpus.train_tokens + corpus.val_tokens, "tokens_per_epoch": tokens_per_epoch,
         "tokens_method": corpus.method, "steps_per_epoch": per_epoch_steps, "total_steps": total_steps,
         "tokens_per_second": tps, "seconds_per_epoch": tokens_per_epoch / tps,
-        "seconds_total": total_steps * m["tokens_per_step"] / tps,
+        # the run's first step costs more (allocation, first-touch pages, autotuning): once, in the total
+        "first_step_overhead_seconds": m["first_step_overhead"],
+        "seconds_total": total_steps * m["tokens_per_step"] / tps + m["first_step_overhead"],
         "timed_steps": m["timed_steps"], "speed_method": m["speed_method"],
-        "probe_step_seconds": m.get("probe_step_seconds"), "warmup_seconds": m["warmup_seconds"],
+        "probe_step_seconds": m.get("probe_step_seconds"),
         "peak_memory_bytes": m["peak_memory_bytes"], "predicted_peak_bytes": predicted["peak_bytes"],
         "predicted_host_bytes": predicted["host_bytes"], "memory_plan": m["memory_plan"],
         "device": m["device"], "dtype": "bfloat16" if bf16 else "float32",
