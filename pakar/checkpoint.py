@@ -39,14 +39,12 @@ also works wherever a model checkpoint is expected.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import os
 import pickle
 import random
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +54,7 @@ from pakar import PakarError, __version__, what_is_there
 from pakar.config import ModelConfig
 from pakar.info import param_counts
 from pakar.model import Transformer
+from pakar.runtime import memory_bytes
 from pakar.tokenizer import Tokenizer
 
 FORMAT = "pakar-model-v1"
@@ -187,46 +186,6 @@ def safe_load(path: str | Path, map_location="cpu", fmt: str = FORMAT, what: str
     if fmt == FORMAT:
         check_model_checkpoint(obj, path)
     return obj
-
-
-def memory_bytes(device: torch.device | str = "cpu", available: bool = False) -> int | None:
-    """Total memory of `device` (physical RAM for the CPU, the GPU's memory for CUDA), or with `available`
-    what is free now (the OS's available RAM: MemAvailable on Linux, ullAvailPhys on Windows; the
-    GPU's free memory); None if unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] if available else torch.cuda.get_device_properties(device).total_memory
-    if device.type != "cpu":
-        return None
-    try:
-        if sys.platform == "win32":
-            class MemoryStatus(ctypes.Structure):
-                _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
-                            ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
-                            ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
-                            ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
-                            ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
-
-            status = MemoryStatus(dwLength=ctypes.sizeof(MemoryStatus))
-            ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status))
-            return int(status.ullAvailPhys if available else status.ullTotalPhys)
-        if available:
-            return _available_ram()
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def _available_ram() -> int:
-    """Linux's MemAvailable (free plus reclaimable cache), else free pages (macOS, other Unixes)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def model_bytes(config: ModelConfig, bytes_per_param: int = 4) -> int:

@@ -7,16 +7,18 @@ that keeps it so (`--memory-plan auto|full|lowmem|offload`).
   (pakar.runtime.bf16_auto with bf16 autocast), the matmul weights (attention projections, experts)
   and their gradients are also bfloat16, updated in float32 and stochastically rounded back, so the
   update stays float32-accurate in expectation: about 6 bytes per parameter.
-- offload: the float32 master weights and AdamW moments live in CPU memory (pinned on CUDA); the
-  accelerator holds only the weights, gradients and activations forward/backward need (bfloat16
+- offload: the float32 master weights and AdamW moments live in CPU memory (pinned transfer buffers
+  on CUDA); the accelerator holds only the weights, gradients and activations forward/backward need (bfloat16
   matmul weights on a bf16 CUDA run). On a CPU device the same code runs and saves nothing (it costs
   a second float32 copy of the weights): it is there so the path is tested.
 - auto: the fastest plan (full, then lowmem, then offload) whose predicted peak fits the device's
   free memory (and, for offload, the host's available RAM).
 
-A CPU never gets bfloat16 weights from a plan: pakar's bf16 training on a CPU measured about 20x
-slower than float32 (`small`: 68 tokens/s against 1,486), even on this AVX512-BF16 machine, so the
-plans follow pakar.runtime's one rule (bfloat16 on a CUDA GPU that supports it, float32 elsewhere).
+A CPU never gets bfloat16 weights from a plan: the plans follow pakar.runtime's one rule (bfloat16
+on a CUDA GPU that supports it, float32 elsewhere), so they never move CPU compute to bf16. On a CPU
+without native bf16 (no AVX512-BF16/AMX) bf16 training is about 20x slower than float32 (`small`: 68
+tokens/s against 1,486), and `--dtype bfloat16` there warns (pakar.runtime.cpu_bf16_warning); on a CPU
+with native bf16, `--dtype bfloat16` stays the user's choice (autocast, float32 weights).
 
 The predictions (`predict`) add up, per part: weights, gradients, optimizer state, bf16 autocast
 copies (pakar.info's convention), activations (pakar.info.activation_bytes, a census of what autograd
@@ -39,8 +41,8 @@ PLANS = ("full", "lowmem", "offload")  # fastest first; --memory-plan also accep
 PLAN_CHOICES = ("auto",) + PLANS
 BLOCK = 256  # elements per 8-bit block (one float32 scale each), as bitsandbytes and torchao
 MIN_8BIT = 4096  # smaller tensors (norms) keep float32 moments: the scales would outweigh the saving
-CHUNK = 1 << 20  # elements the 8-bit step dequantizes at a time (bounds its float32 temporaries)
-CHUNK_TEMPS = 6  # float32 temporaries of that size alive at once in the 8-bit step (m, v, p, g, two results)
+CHUNK = 1 << 22  # elements the 8-bit step dequantizes at a time (bounds its float32 temporaries; few launches on a GPU)
+CHUNK_TEMPS = 8  # 4-byte temporaries of that size alive at once in the 8-bit step (m, v, w, g, denominator, codes...)
 CUDA_CONTEXT_BYTES = 2**30  # the CUDA context and kernels' workspace (about 0.5-1 GiB)
 
 
@@ -163,22 +165,18 @@ def plan_table(cfg: ModelConfig, batch_size: int, seq_len: int, *, device_type: 
 
 
 def free_memory(device) -> tuple[int, int]:
-    """(free bytes on `device`, available host RAM): torch.cuda.mem_get_info on CUDA, the OS's
-    available memory for the CPU (pakar.checkpoint.memory_bytes)."""
-    import torch  # lazy: pakar info uses this module without torch
-
-    from pakar.checkpoint import memory_bytes  # lazy: it imports torch
+    """(free bytes on `device`, available host RAM): torch.cuda.mem_get_info on CUDA, the OS's available
+    memory for the CPU (pakar.runtime.memory_bytes; 0 where unknown)."""
+    from pakar.runtime import memory_bytes
 
     host = memory_bytes("cpu", available=True) or 0
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0], host
-    return host, host
+    return (memory_bytes(device, available=True) or 0) if device.type == "cuda" else host, host
 
 
 def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_size: int = 1) -> tuple[str, str]:
     """(plan, the line training.log says about it) for a TrainArgs: --memory-plan as given, or auto's
     choice against the free memory measured now, with what this process already holds for the built
-    model added back (the prediction counts it)."""
+    model added back (the prediction counts it); under torchrun the least free memory of all ranks."""
     shards = world_size if args.fsdp else 1
     kw = dict(device_type=device.type, bf16=bf16, activation_checkpointing=args.activation_checkpointing)
     cpu_note = (" (on a CPU device offload saves nothing: the host and the device are the same RAM; it runs "
@@ -191,13 +189,17 @@ def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_siz
                       + (cpu_note if plan == "offload" and device.type == "cpu" else ""))
     if args.fsdp or args.deepspeed:
         return "full", "memory plan full: --fsdp/--deepspeed shard (or offload) the optimizer state themselves"
+    import torch  # lazy: pakar info uses this module without torch
+
     free, host_free = free_memory(device)
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     if device.type == "cuda":
-        import torch  # lazy: pakar info uses this module without torch
-
         held = torch.cuda.memory_allocated(device) + CUDA_CONTEXT_BYTES  # the context exists already
-    plan, why = choose(cfg, args.batch, args.seq_len, free_bytes=free + held, host_free_bytes=host_free, **kw)
+    budget = torch.tensor([free + held, host_free], dtype=torch.int64, device=device)
+    if world_size > 1 and torch.distributed.is_initialized():  # every rank must take the same plan: the tightest's
+        torch.distributed.all_reduce(budget, op=torch.distributed.ReduceOp.MIN)
+    free, host_free = budget.tolist()
+    plan, why = choose(cfg, args.batch, args.seq_len, free_bytes=free, host_free_bytes=host_free, **kw)
     return plan, "auto: " + why + (cpu_note if plan == "offload" and device.type == "cpu" else "")
 
 

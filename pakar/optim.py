@@ -17,7 +17,8 @@ only where they mean to:
   (add 16 random low bits, truncate): unbiased, so small updates are not lost to rounding. The noise
   comes from a generator seeded by (step, tensor index), so a resumed run replays it exactly.
 - OffloadAdamW keeps a float32 master copy of every weight and the two float32 moments in CPU memory
-  (pinned on CUDA); per step the gradients come to the host (non_blocking copies into pinned buffers,
+  (pageable: only the transfer buffers, one per weight in the weight's dtype, are pinned, so a
+  default-size run does not lock 20 GB of the host's RAM); per step the gradients come to the host (non_blocking copies into pinned buffers,
   one synchronisation), torch's fused CPU AdamW updates the masters, and the weights go back to the
   device (non_blocking, rounded to the device weights' dtype). On a CPU device the update is the full
   plan's own fused AdamW on an identical copy: the same numbers.
@@ -61,16 +62,17 @@ class _Codes:
         """x (1-D float32) -> (uint8 codes of x's length, float32 absmax per block)."""
         n = x.numel()
         pad = -n % block
-        xb = torch.nn.functional.pad(x, (0, pad)).view(-1, block)
+        xb = (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(-1, block)
         scale = xb.abs().amax(dim=1)
         normed = xb / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
-        codes = torch.bucketize(normed, self.mids).to(torch.uint8).view(-1)[:n]
+        codes = torch.bucketize(normed, self.mids, out_int32=True).to(torch.uint8).view(-1)[:n]
         return codes, scale
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
         n = codes.numel()
-        vals = self.values[codes.long()]
-        vals = torch.nn.functional.pad(vals, (0, -n % block)).view(-1, block) * scale[:, None]
+        vals = self.values.index_select(0, codes.int())
+        pad = -n % block
+        vals = (torch.nn.functional.pad(vals, (0, pad)) if pad else vals).view(-1, block) * scale[:, None]
         return vals.view(-1)[:n]
 
 
@@ -96,19 +98,15 @@ class _KeepStateDtypes(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, saved in state_dict["state"].items():
-            p = params[int(index)]
+        # the saved groups name their parameters by index or, through torch.distributed.checkpoint, by name
+        keys = [k for g in state_dict["param_groups"] for k in g["params"]]
+        params = dict(zip(keys, (p for g in self.param_groups for p in g["params"])))
+        for key, saved in state_dict["state"].items():
+            p = params[key]
             self.state[p] = {k: self._place(v, p) for k, v in saved.items()}
 
     def _place(self, v, p):
-        if not isinstance(v, torch.Tensor):
-            return v
-        device = self._state_device(p)
-        if device.type == "cpu" and p.device.type == "cuda":
-            out = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
-            return out.copy_(v)
-        return v.to(device, copy=True)
+        return v.to(self._state_device(p), copy=True) if isinstance(v, torch.Tensor) else v
 
 
 class Adam8bit(_KeepStateDtypes):
@@ -163,7 +161,7 @@ class Adam8bit(_KeepStateDtypes):
         b1, b2 = group["betas"]
         step = st["step"]
         bc1, bc2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
-        p_flat, g_flat = p.view(-1), p.grad.view(-1)
+        p_flat, g_flat = p.view(-1), p.grad.reshape(-1)  # (parameters are contiguous; a gradient may not be)
         low = p.dtype != torch.float32
         gen = _seeded(p.device, step, index) if low else None
         eight = "exp_avg_codes" in st
@@ -200,9 +198,9 @@ class OffloadAdamW(_KeepStateDtypes):
         return torch.device("cpu")
 
     def _init_state(self, p) -> dict:
-        master = self._place(p.detach().float().cpu(), p)
-        zeros = lambda: self._place(torch.zeros(p.shape), p)  # noqa: E731
-        return {"step": torch.tensor(0.0), "master": master, "exp_avg": zeros(), "exp_avg_sq": zeros()}
+        master = p.detach().to("cpu", torch.float32, copy=True)
+        return {"step": torch.tensor(0.0), "master": master, "exp_avg": torch.zeros(p.shape),
+                "exp_avg_sq": torch.zeros(p.shape)}
 
     def _buffer(self, p) -> torch.Tensor:
         if p not in self._buffers:

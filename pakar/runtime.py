@@ -33,6 +33,7 @@ one busy-loop beside it. Choices:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from dataclasses import dataclass
@@ -170,6 +171,24 @@ def autocast_dtype(dtype: str, device):
     return None
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), from torch's cpuinfo probes."""
+    import torch  # lazy: this module runs before torch loads (configure_threads)
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def cpu_bf16_warning(dtype: str, device) -> str | None:
+    """The line `--dtype bfloat16` on a CPU without native bfloat16 gets (None otherwise): such a CPU
+    emulates bf16 matmuls, and training runs many times slower than in float32."""
+    if dtype != "bfloat16" or device.type != "cpu" or cpu_bf16_native():
+        return None
+    return ("warning: --dtype bfloat16 on a CPU without native bfloat16 (no AVX512-BF16 or AMX): bf16 matmuls are "
+            "emulated there, about 20x slower than float32 (measured: `small` trained at 68 tokens/s in bf16 "
+            "against 1,486 in float32); use --dtype float32 (the default on a CPU) unless memory forces bf16")
+
+
 def inference_dtype(name: str, device):
     """Generation: the weights and cache dtype; auto follows bf16_auto, else the named torch dtype."""
     import torch  # lazy: this module runs before torch loads (configure_threads)
@@ -187,6 +206,48 @@ def peak_flops(device) -> float | None:
 
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+def memory_bytes(device: torch.device | str = "cpu", available: bool = False) -> int | None:
+    """Total memory of `device` (physical RAM for the CPU, the GPU's memory for CUDA), or with `available`
+    what is free now (the OS's available RAM: MemAvailable on Linux, ullAvailPhys on Windows; the
+    GPU's free memory); None if unknown."""
+    import torch  # lazy: this module runs before torch loads (configure_threads)
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] if available else torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        if sys.platform == "win32":
+            class MemoryStatus(ctypes.Structure):
+                _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                            ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                            ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                            ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                            ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+            status = MemoryStatus(dwLength=ctypes.sizeof(MemoryStatus))
+            ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status))
+            return int(status.ullAvailPhys if available else status.ullTotalPhys)
+        if available:
+            return _available_ram()
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _available_ram() -> int:
+    """Linux's MemAvailable (free plus reclaimable cache), else free pages (macOS, other Unixes)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 # --- peak memory of a stretch of work ----------------------------------------------------------------
@@ -236,8 +297,7 @@ def _rss_now_and_peak() -> tuple[int, int]:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
         return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
     if os.name == "nt":
-        import ctypes  # lazy: Windows only
-        from ctypes import wintypes
+        from ctypes import wintypes  # Windows only
 
         class Counters(ctypes.Structure):
             _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [

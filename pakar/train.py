@@ -88,7 +88,7 @@ from pakar.info import ASSUMED_MFU, flop_seconds, human_duration, train_flops_pe
 from pakar.memory import check_resume_plan, make_optimizer, resolve_plan
 from pakar.model import Transformer
 from pakar.moe import expert_load_stats, update_expert_bias
-from pakar.runtime import autocast_dtype, peak_flops, resolve_device, thread_summary
+from pakar.runtime import autocast_dtype, cpu_bf16_warning, peak_flops, resolve_device, thread_summary
 from pakar.tokenizer import Tokenizer
 
 # The time estimate in the first lines: optimizer steps of warm-up (the allocator, first-touch pages,
@@ -453,6 +453,8 @@ def open_run(args: TrainArgs, ctx: dist_ctx.Context) -> tuple[torch.device, torc
     log = RunLog(Path(args.out), ctx.is_main)
     claim_run_dir(args, log.say, ctx.is_main)
     amp = autocast_dtype(args.dtype, device)
+    if warning := cpu_bf16_warning(args.dtype, device):
+        log.say(warning)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain run on tensor cores
         torch.backends.cudnn.allow_tf32 = True
