@@ -282,15 +282,15 @@ def summarise(args: TrainArgs, corpus: CorpusCount, m: dict) -> dict:
     flops = m["flops_per_token"]
     host_free = free_memory(torch.device("cpu"))[1]  # the offload plan on a reference card: this machine's RAM
     refs = []
-    for name, gb in REFERENCE_GPUS.items():
+    for name, card_gib in REFERENCE_GPUS.items():
         peak = GPU_PEAK_FLOPS[name]
         try:
             plan, _ = choose(cfg, args.batch, args.seq_len, device_type="cuda", bf16=True,
                              activation_checkpointing=args.activation_checkpointing,
-                             free_bytes=gb * 2**30, host_free_bytes=host_free)
+                             free_bytes=card_gib * 2**30, host_free_bytes=host_free)
         except PakarError:
             plan = None  # no plan fits that card
-        refs.append({"gpu": name, "memory_gb": gb, "peak_tflops": peak / 1e12, "mfu": ASSUMED_MFU,
+        refs.append({"gpu": name, "memory_gib": card_gib, "peak_tflops": peak / 1e12, "mfu": ASSUMED_MFU,
                      "memory_plan": plan, "seconds_per_epoch": flop_seconds(tokens_per_epoch, flops, peak),
                      "seconds_total": flop_seconds(total_steps * m["tokens_per_step"], flops, peak)})
     return {
@@ -335,7 +335,7 @@ def render(r: dict) -> str:
     ]
     for g in r["reference_gpus"]:
         plan = g["memory_plan"] or "no plan fits"
-        lines.append(f"  {g['gpu']:<9} {g['memory_gb']:>3} GB {g['peak_tflops']:>6.1f} TFLOP/s  "
+        lines.append(f"  {g['gpu']:<9} {g['memory_gib']:>3} GiB {g['peak_tflops']:>6.1f} TFLOP/s  "
                      f"≈ {human_duration(g['seconds_per_epoch']):>10} per epoch, "
                      f"≈ {human_duration(g['seconds_total']):>10} in all  (plan: {plan})")
     return "\n".join(lines)
