@@ -56,7 +56,7 @@ from pakar.train import (Loop, TokenStreamData, make_model, model_config, open_r
 
 SAMPLE_BYTES = 2_000_000  # corpus text read for a sampled count (~1 s to tokenize, a few to train a BPE on)
 STEP_BUDGET_S = 12.0  # seconds of timed steps to aim for
-MAX_STEPS = 8
+MAX_STEPS = 50  # fast steps (tiny, a GPU) are timed over more of them, still within the budget
 PROBE_PARAMS = 200_000_000  # from this size on, a 1-layer probe first says whether the full model is affordable
 FULL_BUDGET_S = 25.0  # a full-model measurement predicted longer than this is replaced by extrapolation
 # card -> its memory in GiB (A100 and H100: the 80 GB models); peaks from GPU_PEAK_FLOPS. The memory

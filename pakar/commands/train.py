@@ -184,7 +184,7 @@ def main_estimate(argv: list[str] | None = None, prog: str | None = None) -> int
                                 "run's time on reference GPUs. Takes `pakar train`'s flags.")
     add_train_args(p)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps to time after one warm-up step "
-                   "(default: as many as fit in about 12 s, 1 to 8)")
+                   "(default: as many as fit in about 12 s, 1 to 50)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ns = p.parse_args(argv)
     for flag in ("resume", "init_from", "deepspeed", "fsdp"):
