@@ -38,27 +38,27 @@ def run_plan(plan: str, out: Path, a) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    stdout = proc.communicate()[0]
-    wall = time.perf_counter() - t
     peak_rss = None
-    try:
-        import resource  # Unix: the largest child's peak RSS so far (children run one at a time)
-
-        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    except ImportError:
-        pass
+    if hasattr(os, "wait4"):  # POSIX: this process's own peak RSS from its rusage
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak_rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    else:
+        stdout = proc.communicate()[0]
+    wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"{plan}: training failed (exit {proc.returncode}):\n{stdout[-3000:]}")
     summary = json.loads(stdout.strip().splitlines()[-1])
+    plan_line = next((ln for ln in (out / "training.log").read_text().splitlines() if "memory plan" in ln), "")
     return {"val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"], "seconds": round(wall, 1),
-            "tokens_per_s": round(summary["tokens_per_s"], 1), "peak_rss_bytes_max_so_far": peak_rss,
-            "plan_line": next((ln for ln in (out / "training.log").read_text().splitlines() if "memory plan" in ln), "")}
+            "tokens_per_s": round(summary["tokens_per_s"], 1), "peak_rss_bytes": peak_rss, "plan_line": plan_line}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="small")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300)  # optimizer steps of --batch x --seq-len tokens
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=1337)
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
         if ref is not None:
             r["bpb_vs_full"] = r["val_bpb"] / ref["val_bpb"] - 1
             r["within_1pct"] = abs(r["bpb_vs_full"]) <= 0.01
-            print(f"{plan:8s} bpb vs full: {100 * r['bpb_vs_full']:+.2f}% ({'within' if r['within_1pct'] else 'NOT within'} 1%)")
+            verdict = "within" if r["within_1pct"] else "NOT within"
+            print(f"{plan:8s} bpb vs full: {100 * r['bpb_vs_full']:+.2f}% ({verdict} 1%)")
     print(json.dumps({"config": a.config, "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len, "plans": results}))
     return 0
 

@@ -32,6 +32,8 @@ without it); pakar.optim holds the optimizers.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 from pakar import PakarError
 from pakar.config import ModelConfig
@@ -141,11 +143,13 @@ def choose(cfg: ModelConfig, batch_size: int, seq_len: int, *, device_type: str,
     for i, pr in enumerate(preds):
         if pr["peak_bytes"] <= free_bytes and pr["host_bytes"] <= host_free_bytes:
             faster = "".join(f"; {q['name']} would need {gib(q['peak_bytes'])}" for q in preds[:i])
-            host = f" + {gib(pr['host_bytes'])} of host RAM ({gib(host_free_bytes)} available)" if pr["host_bytes"] else ""
+            host = (f" + {gib(pr['host_bytes'])} of host RAM ({gib(host_free_bytes)} available)"
+                    if pr["host_bytes"] else "")
             return pr["name"], (f"memory plan {pr['name']}: predicted peak {gib(pr['peak_bytes'])}{host}, "
                                 f"{gib(free_bytes)} {where}{faster}")
     smallest = min(preds, key=lambda q: q["peak_bytes"])
-    host = f" and {gib(smallest['host_bytes'])} of host RAM ({gib(host_free_bytes)} available)" if smallest["host_bytes"] else ""
+    host = (f" and {gib(smallest['host_bytes'])} of host RAM ({gib(host_free_bytes)} available)"
+            if smallest["host_bytes"] else "")
     ac = "" if activation_checkpointing else ", --activation-checkpointing"
     raise PakarError(f"no memory plan fits: the smallest, {smallest['name']}, needs {gib(smallest['peak_bytes'])} "
                      f"({gib(free_bytes)} {where}){host}. Remedies: a smaller --batch (keep the global batch "
@@ -176,7 +180,8 @@ def free_memory(device) -> tuple[int, int]:
 def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_size: int = 1) -> tuple[str, str]:
     """(plan, the line training.log says about it) for a TrainArgs: --memory-plan as given, or auto's
     choice against the free memory measured now, with what this process already holds for the built
-    model added back (the prediction counts it); under torchrun the least free memory of all ranks."""
+    model added back (the prediction counts it); under torchrun the least free memory of all ranks, the
+    node's RAM divided among its processes."""
     shards = world_size if args.fsdp else 1
     kw = dict(device_type=device.type, bf16=bf16, activation_checkpointing=args.activation_checkpointing)
     cpu_note = (" (on a CPU device offload saves nothing: the host and the device are the same RAM; it runs "
@@ -189,9 +194,17 @@ def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_siz
                       + (cpu_note if plan == "offload" and device.type == "cpu" else ""))
     if args.fsdp or args.deepspeed:
         return "full", "memory plan full: --fsdp/--deepspeed shard (or offload) the optimizer state themselves"
+    if args.resume and (saved := saved_plan(Path(args.out) / "checkpoints" / "state.pt")):
+        return saved, f"memory plan {saved}: the plan the resumed state was trained with (auto keeps it)"
     import torch  # lazy: pakar info uses this module without torch
 
     free, host_free = free_memory(device)
+    # the processes a launcher started on this node share its RAM (each its own GPU)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    local = int(local) if local.isdigit() and int(local) >= 1 else 1
+    host_free //= local
+    if device.type == "cpu":
+        free //= local
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     if device.type == "cuda":
         held = torch.cuda.memory_allocated(device) + CUDA_CONTEXT_BYTES  # the context exists already
@@ -201,6 +214,19 @@ def resolve_plan(args, cfg: ModelConfig, model, device, *, bf16: bool, world_siz
     free, host_free = budget.tolist()
     plan, why = choose(cfg, args.batch, args.seq_len, free_bytes=free, host_free_bytes=host_free, **kw)
     return plan, "auto: " + why + (cpu_note if plan == "offload" and device.type == "cpu" else "")
+
+
+def saved_plan(path: Path) -> str | None:
+    """The plan a state.pt's optimizer was trained with ("full" for states from before plans existed),
+    None when it cannot be read (resume's own checks then name the problem). Memory-mapped: the tensors
+    are not read."""
+    import torch  # lazy: pakar info uses this module without torch
+
+    try:
+        groups = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["optimizer"]["param_groups"]
+        return groups[0].get("memory_plan", "full")
+    except Exception:  # noqa: BLE001 (any unreadable file: resume() reports it properly)
+        return None
 
 
 def make_optimizer(model, plan: str, lr: float, weight_decay: float, device, *, bf16: bool = False):
@@ -249,6 +275,8 @@ def to_bf16(model) -> None:
 def check_resume_plan(optimizer_state: dict, plan: str) -> None:
     """PakarError when state.pt's optimizer was trained with another plan (its moments and master
     weights are kept differently; no conversion: resume with the plan it names)."""
+    if not isinstance(optimizer_state, dict):  # (DeepSpeed's own state: always the full plan)
+        return
     saved = next((g.get("memory_plan") for g in optimizer_state.get("param_groups", ())), None) or "full"
     if saved != plan:
         raise PakarError(f"cannot resume: the saved state was trained with --memory-plan {saved}, this run "

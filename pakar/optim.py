@@ -18,9 +18,10 @@ only where they mean to:
   comes from a generator seeded by (step, tensor index), so a resumed run replays it exactly.
 - OffloadAdamW keeps a float32 master copy of every weight and the two float32 moments in CPU memory
   (pageable: only the transfer buffers, one per weight in the weight's dtype, are pinned, so a
-  default-size run does not lock 20 GB of the host's RAM); per step the gradients come to the host (non_blocking copies into pinned buffers,
-  one synchronisation), torch's fused CPU AdamW updates the masters, and the weights go back to the
-  device (non_blocking, rounded to the device weights' dtype). On a CPU device the update is the full
+  default-size run does not lock 20 GB of the host's RAM); per step the gradients come to the host
+  (non_blocking copies into the pinned buffers, one synchronisation), torch's fused CPU AdamW updates
+  the masters, and the weights go back to the device (non_blocking, rounded to the device weights'
+  dtype). On a CPU device the update is the full
   plan's own fused AdamW on an identical copy: the same numbers.
 
 Both keep their state tensors' own dtypes and devices when a state is loaded (torch's
@@ -129,7 +130,8 @@ class Adam8bit(_KeepStateDtypes):
     def _init_state(self, p) -> dict:
         n = p.numel()
         if n < self.min_8bit:
-            return {"step": 0, "exp_avg": torch.zeros(n, device=p.device), "exp_avg_sq": torch.zeros(n, device=p.device)}
+            return {"step": 0, "exp_avg": torch.zeros(n, device=p.device),
+                    "exp_avg_sq": torch.zeros(n, device=p.device)}
         blocks = math.ceil(n / self.block)
         st = {"step": 0}
         for name in ("exp_avg", "exp_avg_sq"):
@@ -168,7 +170,8 @@ class Adam8bit(_KeepStateDtypes):
         signed, unsigned = self._map(True, p.device), self._map(False, p.device)
         n, B = p.numel(), self.block
         for start in range(0, n, self.chunk):
-            sl, bsl = slice(start, min(n, start + self.chunk)), slice(start // B, math.ceil(min(n, start + self.chunk) / B))
+            end = min(n, start + self.chunk)
+            sl, bsl = slice(start, end), slice(start // B, math.ceil(end / B))  # elements, their blocks
             g = g_flat[sl].float()
             if eight:
                 m = signed.dequantize(st["exp_avg_codes"][sl], st["exp_avg_scale"][bsl], B)

@@ -216,7 +216,9 @@ def memory_bytes(device: torch.device | str = "cpu", available: bool = False) ->
 
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] if available else torch.cuda.get_device_properties(device).total_memory
+        if available:
+            return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.get_device_properties(device).total_memory
     if device.type != "cpu":
         return None
     try:

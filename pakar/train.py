@@ -541,8 +541,8 @@ def plan_run(args: TrainArgs, ctx: dist_ctx.Context, device, amp, log: RunLog, d
     # The fused head + loss reads lm_head.weight inside the model's forward, without calling lm_head:
     # ZeRO-3 gathers a partitioned weight only in its own module's forward, so it keeps the plain head.
     return Run(args=args, ctx=ctx, device=device, amp=amp, memory_plan=plan, log=log, run_dir=Path(args.out),
-               data=data, tokenizer=tokenizer, model_cfg=model_cfg, model=wrapped, raw_model=model, optimizer=optimizer,
-               n_params=n_params, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup,
+               data=data, tokenizer=tokenizer, model_cfg=model_cfg, model=wrapped, raw_model=model,
+               optimizer=optimizer, n_params=n_params, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup,
                peak_lr=peak_lr, fused_head=ctx.zero_stage != 3, meta=meta, customize_model=customize_model,
                save_epoch=save_epoch, token_bytes=tokenizer.token_byte_lengths(),
                flops_per_token=train_flops_per_token(model_cfg, args.seq_len), peak_flops=peak_flops(device))

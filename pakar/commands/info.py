@@ -54,5 +54,6 @@ def render_plans(plans: list[dict], gpu_gib: float, checkpointing: bool) -> str:
              f"of CUDA context):"]
     for pl in plans:
         host = f", + {gib(pl['host_bytes'])} host RAM" if pl["host_bytes"] else ""
-        lines.append(f"  {pl['name']:8s} peak {gib(pl['peak_bytes']):>11s}{host}: {'fits' if pl['fits'] else 'does not fit'}")
+        fits = "fits" if pl["fits"] else "does not fit"
+        lines.append(f"  {pl['name']:8s} peak {gib(pl['peak_bytes']):>11s}{host}: {fits}")
     return "\n".join(lines)
