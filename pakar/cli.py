@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenizer": ("pakar.commands.data", "main_tokenizer", "train a byte-level BPE tokenizer on a corpus"),
     "prepare": ("pakar.commands.data", "main_prepare", "tokenize a corpus into cached token shards"),
     "info": ("pakar.commands.info", "main", "parameters, FLOPs and training memory of a config"),
+    "estimate": ("pakar.commands.train", "main_estimate", "time and memory of a training run, from a few real steps"),
     "train": ("pakar.commands.train", "main", "train a model (the seed's train.py)"),
     "finetune": ("pakar.commands.train", "main_finetune", "continue training or chat-SFT a checkpoint, optionally with LoRA"),
     "lora-merge": ("pakar.commands.train", "main_merge", "fold a LoRA adapter into a full checkpoint"),

@@ -251,6 +251,38 @@ def _tokenize(sources: list[Path], tokenizer: Tokenizer, directory: Path, val_fr
     return {**writer.counts, "seconds": time.time() - t0}
 
 
+def describe_sources(sources: list[Path]) -> list[dict]:
+    """The manifest's record of each source file; its sha256 goes into the cache key."""
+    from pakar.checkpoint import file_sha256  # lazy: it imports torch, which `pakar prepare` never needs
+
+    return [{"path": str(p), "bytes": p.stat().st_size, "mtime": p.stat().st_mtime, "sha256": file_sha256(p)}
+            for p in sources]
+
+
+def cache_key(source_info: list[dict], tokenizer_sha256: str, val_fraction: float) -> str:
+    """The token cache's folder name: shard format, tokenizer, split and every source's content."""
+    material = json.dumps([FORMAT_VERSION, tokenizer_sha256, val_fraction, [s["sha256"] for s in source_info]])
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def find_cached(specs: list[str] | None, out_dir: str | os.PathLike,
+                val_fraction: float = VAL_FRACTION) -> tuple[Tokenizer, TokenData] | None:
+    """What prepare would reuse without reading the corpus: out_dir's tokenizer and the token shards
+    it made of these sources; None when either is missing (prepare would tokenize)."""
+    tok_path = Path(out_dir) / "tokenizer.json"
+    if not tok_path.exists():
+        return None
+    tokenizer = Tokenizer.load(tok_path)
+    sources = resolve_sources(specs if specs is not None else [str(embedded_sample_path())])
+    directory = Path(out_dir) / "data" / cache_key(describe_sources(sources), tokenizer.sha256(), val_fraction)
+    if not (directory / "manifest.json").exists():
+        return None
+    try:
+        return tokenizer, TokenData.load(directory)
+    except PakarError:
+        return None  # damaged shards: prepare rebuilds them
+
+
 def prepare(specs: list[str] | None, out_dir: str | os.PathLike = ".", vocab_size: int = DEFAULT_VOCAB,
             val_fraction: float = VAL_FRACTION, tokenizer: Tokenizer | None = None,
             log=print) -> tuple[Tokenizer, TokenData]:
@@ -258,8 +290,6 @@ def prepare(specs: list[str] | None, out_dir: str | os.PathLike = ".", vocab_siz
 
     specs None uses the embedded sample corpus. The tokenizer is, in order: the one passed in (nothing
     is written), out_dir/tokenizer.json, or a new one trained with `vocab_size` and saved there."""
-    from pakar.checkpoint import file_sha256  # lazy: it imports torch, which `pakar prepare` never needs
-
     check_number("--val-fraction", val_fraction, 0, 0.5, low_open=True)
     if specs is None:
         log(f"no --data given: using the embedded sample corpus {embedded_sample_path()}")
@@ -277,11 +307,9 @@ def prepare(specs: list[str] | None, out_dir: str | os.PathLike = ".", vocab_siz
             tokenizer.save(tok_path)
             log(f"wrote {tok_path}")
 
-    source_info = [{"path": str(p), "bytes": p.stat().st_size, "mtime": p.stat().st_mtime,
-                    "sha256": file_sha256(p)} for p in sources]
+    source_info = describe_sources(sources)
     tok_sha = tokenizer.sha256()
-    key_material = json.dumps([FORMAT_VERSION, tok_sha, val_fraction, [s["sha256"] for s in source_info]])
-    key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
+    key = cache_key(source_info, tok_sha, val_fraction)
     directory = out_dir / "data" / key
     if (directory / "manifest.json").exists():
         try:

@@ -172,3 +172,30 @@ def render(name: str, r: dict) -> str:
     return "\n".join(lines)
 
 
+# The utilisation assumed where a time is computed from FLOPs alone (the reference GPUs of `pakar
+# estimate`, train's first estimate line on a GPU): a well-fed MoE training run reaches 30-45% of
+# the dense bf16 peak, a small batch less; 30% is the round figure at the low end of that.
+ASSUMED_MFU = 0.30
+
+
+def flop_seconds(tokens: float, flops_per_token: float, peak_flops: float, mfu: float = ASSUMED_MFU) -> float:
+    """Seconds to train `tokens` at `mfu` of a device's `peak_flops`."""
+    return tokens * flops_per_token / (peak_flops * mfu)
+
+
+def human_duration(seconds: float) -> str:
+    """'45 s', '12 min', '3 h 10 min', '4 d 6 h': two units at most, for estimates that are not exact."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 1:
+        return "< 1 s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+

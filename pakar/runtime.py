@@ -117,10 +117,17 @@ def thread_summary() -> str:
 
 # --- devices and dtypes ---------------------------------------------------------------------------
 
-# Peak dense bf16 tensor throughput (FLOP/s) of common accelerators, for MFU in the log.
-# First match wins, so "H100 PCIe" (756 TFLOP/s) must come before the SXM "H100".
+# Peak dense bf16 tensor throughput (FLOP/s) of common accelerators, for MFU in the log and the
+# reference table of `pakar estimate`. First match wins, so "H100 PCIe" (756 TFLOP/s) must come before
+# the SXM "H100". Sources: NVIDIA's H100/H200, A100 and L4/L40S datasheets (dense, without sparsity);
+# GeForce cards from the Ampere GA102 and Ada whitepapers' "BF16 Tensor TFLOPS with FP32 accumulate"
+# (GeForce tensor cores run bf16 at half their fp16-accumulate rate): RTX 3090 71, RTX 4090 165.2.
+# The RTX 3060 is not in the whitepaper table; scaled the same way from its 28 SMs x 4 tensor cores
+# x 128 bf16 FMA per clock x 2 FLOP x 1.777 GHz boost = 25.5 TFLOP/s (51 is its fp16-accumulate rate,
+# which bf16 training does not get).
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                  "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
+                  "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+                  "RTX 3060": 25.5e12}
 
 
 def resolve_device(name: str):
@@ -243,3 +250,69 @@ def _available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+# --- peak memory of a stretch of work ----------------------------------------------------------------
+
+class PeakMemory:
+    """The peak memory a stretch of work adds: `start()`, do the work, `increase()` -> bytes.
+
+    CUDA: torch's allocator peak (max_memory_allocated) over what was allocated at start. CPU: the
+    peak resident set size over the one at start, read without extra dependencies (psutil is not a
+    pakar dependency, and its peak is not resettable on Linux either): Linux resets the kernel's
+    high-water mark (/proc/self/clear_refs "5") and reads VmHWM from /proc/self/status; Windows reads
+    PeakWorkingSetSize (not resettable: an earlier higher peak in the same process hides the increase);
+    macOS/BSD have only getrusage's lifetime peak, the same caveat."""
+
+    def __init__(self, device):
+        self.device, self.base = device, 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            import torch  # lazy: this module runs before torch loads (configure_threads)
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        if sys.platform.startswith("linux"):
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:  # a kernel or sandbox without it: the lifetime peak is the fallback
+                pass
+        self.base = _rss_now_and_peak()[0]
+
+    def increase(self) -> int:
+        if self.device.type == "cuda":
+            import torch  # lazy: this module runs before torch loads (configure_threads)
+
+            torch.cuda.synchronize(self.device)
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+        return max(0, _rss_now_and_peak()[1] - self.base)
+
+
+def _rss_now_and_peak() -> tuple[int, int]:
+    """This process's (resident set size now, its peak) in bytes."""
+    if sys.platform.startswith("linux"):
+        with open("/proc/self/status", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    if os.name == "nt":
+        from ctypes import wintypes  # Windows only
+
+        class Counters(ctypes.Structure):
+            _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+                (name, ctypes.c_size_t) for name in (
+                    "PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
+                    "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")]
+
+        c = Counters(cb=ctypes.sizeof(Counters))
+        kernel32 = ctypes.windll.kernel32
+        kernel32.K32GetProcessMemoryInfo(kernel32.GetCurrentProcess(), ctypes.byref(c), c.cb)
+        return c.WorkingSetSize, c.PeakWorkingSetSize
+    import resource  # lazy: POSIX only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB on the BSDs
+    peak *= 1 if sys.platform == "darwin" else 1024
+    return peak, peak

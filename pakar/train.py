@@ -86,13 +86,17 @@ from pakar.corpus import VAL_FRACTION
 from pakar.data import BatchLoader, prepare
 from pakar.engine import Engine, SamplingParams
 from pakar.evaluate import evaluate_tokens
-from pakar.info import param_counts, train_flops_per_token
+from pakar.info import ASSUMED_MFU, flop_seconds, human_duration, param_counts, train_flops_per_token
 from pakar.memory import check_resume_plan, make_optimizer, resolve_plan
 from pakar.model import Transformer
 from pakar.moe import expert_load_stats, update_expert_bias
 from pakar.report import LiveCurves, tensorboard_writer, to_tensorboard, write_report
 from pakar.runtime import autocast_dtype, cpu_bf16_warning, peak_flops, resolve_device, thread_summary
 from pakar.tokenizer import Tokenizer
+
+# The time estimate in the first lines: optimizer steps of warm-up (the allocator, first-touch pages,
+# autotuning make the first step slow), then steps timed; a few, so the line comes early.
+ESTIMATE_WARMUP_STEPS, ESTIMATE_STEPS = 1, 3
 
 # Non-finite steps in a row that stop the run. One bad batch (an overflow spike) is skipped and
 # training goes on; when the weights or the learning rate are broken every step is non-finite, and
@@ -374,6 +378,7 @@ class Loop:
     by_signal: bool = False
     bad_steps: BadSteps | None = None
     pbar: object = None  # tqdm progress bar on rank 0
+    estimate_mark: tuple[float, int] | None = None  # (perf_counter, tokens_seen) after the warm-up steps
 
     def saved(self, total_steps: int) -> dict:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
@@ -477,9 +482,8 @@ def load_data(args: TrainArgs, ctx: dist_ctx.Context, log: RunLog, data, tokeniz
     if data is None:
         if init_ckpt is not None and tokenizer is None:
             tokenizer = Tokenizer.from_json(init_ckpt["tokenizer"])
-        val_fraction = args.val_fraction or (VAL_FRACTION if args.data else 0.05)
         tokenizer, tokens = dist_ctx.run_on_main_first(ctx, lambda: prepare(
-            args.data, args.out, vocab_size=args.vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
+            args.data, args.out, vocab_size=args.vocab_size, tokenizer=tokenizer, val_fraction=val_fraction_of(args),
             log=(lambda m: log.say(m)) if ctx.is_main else (lambda m: None)))
         data = TokenStreamData(tokens, BatchLoader(tokens.train, args.batch, args.seq_len, args.seed,
                                                    ctx.rank, ctx.world_size), tokenizer, args)
@@ -487,19 +491,34 @@ def load_data(args: TrainArgs, ctx: dist_ctx.Context, log: RunLog, data, tokeniz
     return data, tokenizer
 
 
-def make_model(args: TrainArgs, device: torch.device, tokenizer, init_ckpt: dict | None,
-                customize_model: Callable | None) -> tuple[ModelConfig, torch.nn.Module]:
-    """The model (--init-from's weights or a fresh --config preset), customized, on the device, with
-    activation checkpointing and per-block compilation as asked."""
+def val_fraction_of(args: TrainArgs) -> float:
+    """The held-out share of the documents: --val-fraction, else 1% of a corpus, 5% of the small
+    embedded sample corpus (so that its validation loss means something)."""
+    return args.val_fraction or (VAL_FRACTION if args.data else 0.05)
+
+
+def model_config(args: TrainArgs, tokenizer, init_ckpt: dict | None) -> ModelConfig:
+    """The run's architecture: --init-from's, or the --config preset with the tokenizer's vocabulary
+    (and a context of at least --seq-len)."""
     if init_ckpt is not None:
         model_cfg = ModelConfig.from_dict(init_ckpt["config"])
         if args.seq_len > model_cfg.max_position_embeddings:
             raise PakarError(f"--seq-len {args.seq_len} exceeds the checkpoint's context of "
                              f"{model_cfg.max_position_embeddings} tokens")
-    else:
-        model_cfg = get_config(args.config, vocab_size=tokenizer.vocab_size)
-        if args.seq_len > model_cfg.max_position_embeddings:
-            model_cfg = model_cfg.replace(max_position_embeddings=args.seq_len)
+        return model_cfg
+    model_cfg = get_config(args.config, vocab_size=tokenizer.vocab_size)
+    if args.seq_len > model_cfg.max_position_embeddings:
+        model_cfg = model_cfg.replace(max_position_embeddings=args.seq_len)
+    return model_cfg
+
+
+def make_model(args: TrainArgs, device: torch.device, tokenizer, init_ckpt: dict | None,
+               customize_model: Callable | None, model_cfg: ModelConfig | None = None
+               ) -> tuple[ModelConfig, torch.nn.Module]:
+    """The model (--init-from's weights or a fresh --config preset), customized, on the device, with
+    activation checkpointing and per-block compilation as asked. `model_cfg` replaces model_config's
+    architecture (pakar.estimate times a model with fewer layers)."""
+    model_cfg = model_cfg or model_config(args, tokenizer, init_ckpt)
     torch.manual_seed(args.seed)
     model = Transformer(model_cfg)
     if init_ckpt is not None:
@@ -581,6 +600,8 @@ def start_loop(run: Run, loop: Loop) -> None:
     loop.t_window, loop.tok_window, loop.first_step = time.perf_counter(), 0, loop.step
     loop.bad_steps = BadSteps(run.log, f"now {run.peak_lr:g}")
     run.log.record(**start_record(run, loop, tokens_per_step))
+    if run.peak_flops and loop.step < run.total_steps:
+        say_flop_estimate(run, loop)
     run.model.train()
 
 
@@ -631,11 +652,46 @@ def run_epoch(run: Run, loop: Loop, signals: StopSignals) -> None:
             loop.bad_steps.ok()
             loop.history.append(res.loss)
             log_step(run, loop, res)
+        say_measured_estimate(run, loop)
         if loop.pbar is not None:
             if res.finite:
                 loop.pbar.set_postfix_str(f"epoch {loop.epoch + 1}/{args.epochs} loss {res.loss:.3f} "
                                           f"{res.tokens * (loop.pbar.format_dict.get('rate') or 0):,.0f} tok/s")
             loop.pbar.update(1)
+
+
+def tokens_per_epoch(run: Run) -> int:
+    """Targets one epoch trains on (every window is full; a loss mask would make this an upper bound)."""
+    return run.steps_per_epoch * run.args.batch * run.args.seq_len * run.args.grad_accum * run.ctx.world_size
+
+
+def say_flop_estimate(run: Run, loop: Loop) -> None:
+    """Before step 1 on a GPU whose peak is known: the epoch's time from its FLOPs at ASSUMED_MFU."""
+    remaining = (run.total_steps - loop.step) * tokens_per_epoch(run) / run.steps_per_epoch
+    peak = run.peak_flops * run.ctx.world_size
+    run.log.say(f"estimate from FLOPs at {100 * ASSUMED_MFU:.0f}% MFU: ≈ "
+                f"{human_duration(flop_seconds(tokens_per_epoch(run), run.flops_per_token, peak))} per epoch, ≈ "
+                f"{human_duration(flop_seconds(remaining, run.flops_per_token, peak))} for the run "
+                f"(measured after step {loop.first_step + ESTIMATE_WARMUP_STEPS + ESTIMATE_STEPS})")
+
+
+def say_measured_estimate(run: Run, loop: Loop) -> None:
+    """After ESTIMATE_WARMUP_STEPS + ESTIMATE_STEPS steps of this process: the epoch's and the rest of
+    the run's time at the speed of the last ESTIMATE_STEPS (the steps the loop runs anyway; their
+    throughput is read at step boundaries, where train_step has already synchronised)."""
+    done = loop.step - loop.first_step
+    if done == ESTIMATE_WARMUP_STEPS:
+        loop.estimate_mark = (time.perf_counter(), loop.tokens_seen)
+    elif done == ESTIMATE_WARMUP_STEPS + ESTIMATE_STEPS and loop.estimate_mark is not None:
+        t0, tokens0 = loop.estimate_mark
+        tps = (loop.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
+        remaining = (run.total_steps - loop.step) * tokens_per_epoch(run) / run.steps_per_epoch
+        run.log.say(f"estimate: ≈ {human_duration(tokens_per_epoch(run) / tps)} per epoch on this device, ≈ "
+                    f"{human_duration(remaining / tps)} for the remaining {run.total_steps - loop.step:,} steps "
+                    f"({tps:,.0f} tokens/s over steps {loop.first_step + ESTIMATE_WARMUP_STEPS + 1}-{loop.step}; "
+                    f"evaluation and saving not counted)")
+        run.log.record(kind="estimate", step=loop.step, tokens_per_s=tps,
+                       seconds_per_epoch=tokens_per_epoch(run) / tps, seconds_remaining=remaining / tps)
 
 
 def train_step(run: Run, micro: list, n_targets: torch.Tensor, lr: float, loop: Loop) -> StepResult:

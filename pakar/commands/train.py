@@ -1,4 +1,4 @@
-"""`pakar train`, `pakar finetune`, `pakar lora-merge` (and the seed's `python train.py`).
+"""`pakar train`, `pakar finetune`, `pakar lora-merge`, `pakar estimate` (and the seed's `python train.py`).
 
 Each main builds its parser from pakar.args (no torch), parses and checks the flags, and only then
 imports the training modules, so `--help` and a usage error answer at once.
@@ -10,9 +10,10 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 
 from pakar import PakarError
-from pakar.args import CHAT_VAL_FRACTION, DEFAULT_LR, FinetuneArgs, TrainArgs
+from pakar.args import CHAT_VAL_FRACTION, DEFAULT_LR, FinetuneArgs, TrainArgs, check_number
 from pakar.config import PRESETS
 from pakar.corpus import VAL_FRACTION, detect_kind
 from pakar.memory import PLAN_CHOICES
@@ -174,4 +175,31 @@ def main_merge(argv: list[str] | None = None, prog: str | None = None) -> int:
     out = merge_adapter_file(args.adapter, args.base, args.out)
     if args.json:
         print(json.dumps({"merged": str(out), "bytes": out.stat().st_size}))
+    return 0
+
+
+def main_estimate(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`pakar estimate`: train's flags (the same command line with `estimate` for `train`), answered
+    with the run's token count, time and memory before it runs."""
+    p = argparse.ArgumentParser(prog=prog, description="Estimate a training run before running it: tokens in "
+                                "the corpus, tokens/s measured over a few real training steps on this device, "
+                                "time per epoch and in total, predicted and measured peak memory, and the same "
+                                "run's time on reference GPUs. Takes `pakar train`'s flags.")
+    add_train_args(p)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps to time after one warm-up step "
+                   "(default: as many as fit in about 12 s, 1 to 50)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ns = p.parse_args(argv)
+    for flag in ("resume", "init_from", "deepspeed", "fsdp"):
+        if getattr(ns, flag):
+            raise PakarError(f"--{flag.replace('_', '-')} does not apply to pakar estimate (it estimates a "
+                             "fresh single-process run)")
+    check_number("--steps", ns.steps, 1)
+    args = args_from_namespace(ns)
+    if args.data and detect_kind(args.data) == "chat":
+        raise PakarError("pakar estimate takes plain-text --data (chat JSONL is fine-tuning: pakar finetune)")
+    from pakar.estimate import estimate, render  # lazy: torch, after the flags are checked
+
+    r = estimate(args, ns.steps, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(r) if ns.json else render(r))
     return 0
