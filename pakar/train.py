@@ -443,8 +443,8 @@ def train(args: TrainArgs, *, ctx: dist_ctx.Context | None = None, data=None, to
         raise
     except torch.OutOfMemoryError:
         raise PakarError("out of GPU memory. Remedies: a smaller --batch (keep the global batch with "
-                         "--grad-accum), a shorter --seq-len, --activation-checkpointing, --dtype bfloat16, "
-                         "or more GPUs with --fsdp/--deepspeed. Nothing was saved from this step; the last "
+                         "--grad-accum), a shorter --seq-len, --activation-checkpointing, --memory-plan lowmem or "
+                         "offload (`pakar info --gpu-memory GIB` predicts each), or more GPUs with --fsdp/--deepspeed. Nothing was saved from this step; the last "
                          "good checkpoint is untouched.") from None
     finally:
         signals.__exit__()
