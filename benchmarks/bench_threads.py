@@ -1,7 +1,7 @@
 """Training speed with and without a competing CPU-bound process: torch's default threads against
 pakar's choice (pakar.runtime), in the same run.
 
-    python benchmarks/bench_threads.py [--steps 40] [--rounds 1] [--busy 1]
+    python benchmarks/bench_threads.py [--steps 40] [--rounds 1] [--busy 1] [--config tiny] [--spin N ...]
 
 Each measurement is a fresh `tiny` training process (threads and the OpenMP wait policy are fixed when
 torch loads, so they cannot change inside one process) on the embedded sample corpus, tokenized once
@@ -10,6 +10,9 @@ beforehand into a template folder that every run copies. Variants:
   OMP_WAIT_POLICY is set: torch's default of one thread per core, libgomp's default spin-waiting.
 - after:  `python -m pakar train`: pakar's choice of threads and wait policy (printed).
 - 1 thread: `python -m pakar train --threads 1`, the reference the tests use.
+- spin N (with --spin N ...): `python -m pakar train` with GOMP_SPINCOUNT=N in the environment (pakar
+  then leaves the wait policy alone): libgomp spins N times before it sleeps, a middle way between
+  its default (300,000 spins) and PASSIVE (none).
 each alone and beside --busy processes that spin on a core (`while True: pass`) for the whole run.
 The figure is the median tokens/s of the logged intervals after the first (metrics.jsonl), so
 start-up, tokenization and the final validation do not count. Figures are only comparable within
@@ -41,21 +44,23 @@ def clean_env() -> dict:
     return env
 
 
-def train_flags(steps: int, out: Path) -> list[str]:
-    return ["--config", "tiny", "--seq-len", "64", "--batch", "4", "--max-steps", str(steps), "--log-every", "5",
+def train_flags(steps: int, out: Path, config: str) -> list[str]:
+    return ["--config", config, "--seq-len", "64", "--batch", "4", "--max-steps", str(steps), "--log-every", "5",
             "--vocab-size", "512", "--device", "cpu", "--eval-tokens", "256", "--save-every", "0", "--out", str(out)]
 
 
-def run(variant: str, steps: int, template: Path, work: Path) -> tuple[float, str]:
+def run(variant: str, steps: int, template: Path, work: Path, config: str) -> tuple[float, str]:
     """(median tokens/s over the logged intervals, the first training log line's thread part)."""
     out = work / variant.replace(" ", "-")
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(template, out)  # tokenizer.json and the token cache, no run files
-    flags = train_flags(steps, out)
+    flags, env = train_flags(steps, out, config), clean_env()
+    if variant.startswith("spin "):
+        env["GOMP_SPINCOUNT"] = variant.split()[1]
     cmd = {"before": [sys.executable, "-c", OLD_START, *flags],
-           "after": [sys.executable, "-m", "pakar", "train", *flags],
-           "1 thread": [sys.executable, "-m", "pakar", "train", "--threads", "1", *flags]}[variant]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=3600)
+           "1 thread": [sys.executable, "-m", "pakar", "train", "--threads", "1", *flags]}.get(
+        variant, [sys.executable, "-m", "pakar", "train", *flags])  # after, spin N
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=3600)
     if res.returncode != 0:
         sys.exit(f"{variant}: training failed\n{res.stderr[-3000:]}")
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -71,9 +76,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="optimizer steps of 4 x 64 tokens per run (default 40)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved repeats; the best of each variant is kept")
     p.add_argument("--busy", type=int, default=1, help="competing busy-loop processes (default 1)")
+    p.add_argument("--config", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--spin", type=int, nargs="*", default=[], help="also GOMP_SPINCOUNT=N variants")
     args = p.parse_args()
+    variants = ["before", "after", "1 thread"] + [f"spin {n}" for n in args.spin]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"{cores} usable cores; tiny, 4 x 64 tokens per step, {args.steps} steps; {args.busy} busy process(es)")
+    print(f"{cores} usable cores; {args.config}, 4 x 64 tokens per step, {args.steps} steps; {args.busy} busy process(es)")
 
     with tempfile.TemporaryDirectory(prefix="bench_threads_") as tmp:
         work, template = Path(tmp), Path(tmp) / "template"
@@ -87,8 +95,8 @@ def main() -> None:
                 hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                         for _ in range(args.busy if busy else 0)]
                 try:
-                    for variant in ("before", "after", "1 thread"):
-                        tps, labels[variant] = run(variant, args.steps, template, work)
+                    for variant in variants:
+                        tps, labels[variant] = run(variant, args.steps, template, work, args.config)
                         best[variant, busy] = max(tps, best.get((variant, busy), 0.0))
                 finally:
                     for h in hogs:
@@ -96,7 +104,7 @@ def main() -> None:
                         h.wait()
 
     print(f"{'variant':<10} {'threads':<44} {'alone tok/s':>12} {'busy tok/s':>12} {'busy/alone':>10}")
-    for v in ("before", "after", "1 thread"):
+    for v in variants:
         a, b = best[v, False], best[v, True]
         print(f"{v:<10} {labels[v]:<44} {a:>12,.0f} {b:>12,.0f} {b / a:>10.2f}")
     after_vs_before_busy = best["after", True] / best["before", True]
