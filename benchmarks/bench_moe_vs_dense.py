@@ -86,14 +86,14 @@ def step_seconds(configs: list[str], vocab: int, batch: int, seq_len: int, reps:
 
     from pakar.config import get_config
     from pakar.model import Transformer
-    from pakar.train import make_optimizer
+    from pakar.memory import make_optimizer
 
     torch.manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq_len))
     runs = {}
     for name in configs:
         model = Transformer(get_config(name, vocab_size=vocab, max_position_embeddings=max(seq_len, 1024)))
-        runs[name] = (model, make_optimizer(model, 1e-4, 0.1, torch.device("cpu")))
+        runs[name] = (model, make_optimizer(model, "full", 1e-4, 0.1, torch.device("cpu")))
 
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
