@@ -31,8 +31,8 @@ needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not imp
 quiet = {"verbose": False, "n_threads": 1, "n_threads_batch": 1}
 
 
-def random_checkpoint(tokenizer, path: Path, seed: int = 0, **overrides) -> dict:
-    cfg = get_config("tiny", vocab_size=tokenizer.vocab_size, **overrides)
+def random_checkpoint(tokenizer, path: Path, seed: int = 0, preset: str = "tiny", **overrides) -> dict:
+    cfg = get_config(preset, vocab_size=tokenizer.vocab_size, **overrides)
     torch.manual_seed(seed)
     model = Transformer(cfg)
     save_model(path, model.state_dict(), cfg, tokenizer.to_json())
@@ -179,14 +179,17 @@ def test_greedy_generation_matches_pakar_token_for_token(chat_model):
 
 
 @needs_llama
-@pytest.mark.parametrize("norm_topk_prob", [False, True])
-def test_llama_cpp_logits_equal_pakar(sample_tokenizer, tmp_path, norm_topk_prob):
-    """Both architectures (hy_v3 for norm_topk_prob=False, qwen3moe for True) compute pakar's logits
-    at every position of a prompt, to the rounding of llama.cpp's default float16 KV cache (2^-11
-    relative per key/value element): measured ~2e-4 of the largest logit, bound 2e-3."""
-    ckpt = random_checkpoint(sample_tokenizer, tmp_path / "m.pt", seed=1, norm_topk_prob=norm_topk_prob)
+@pytest.mark.parametrize("preset,overrides", [("tiny", {"norm_topk_prob": False}), ("tiny", {"norm_topk_prob": True}),
+                                              ("tiny-dense", {})])
+def test_llama_cpp_logits_equal_pakar(sample_tokenizer, tmp_path, preset, overrides):
+    """Every architecture pakar writes (hy_v3 for norm_topk_prob=False, qwen3moe for True, qwen3 for a
+    dense twin) computes pakar's logits at every position of a prompt, to the rounding of llama.cpp's
+    default float16 KV cache (2^-11 relative per key/value element): measured ~2e-4 of the largest
+    logit, bound 2e-3."""
+    ckpt = random_checkpoint(sample_tokenizer, tmp_path / "m.pt", seed=1, preset=preset, **overrides)
     f = export_gguf(ckpt, tmp_path / "m.gguf", log=lambda *a: None)
-    cfg = get_config("tiny", vocab_size=sample_tokenizer.vocab_size, norm_topk_prob=norm_topk_prob)
+    cfg = get_config(preset, vocab_size=sample_tokenizer.vocab_size, **overrides)
+    assert architecture(cfg) == ("qwen3" if cfg.dense else "qwen3moe" if cfg.norm_topk_prob else "hy_v3")
     model = Transformer(cfg)
     model.load_state_dict(ckpt["model"])
     model.eval()
