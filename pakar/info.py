@@ -187,7 +187,7 @@ def human_duration(seconds: float) -> str:
     """'45 s', '12 min', '3 h 10 min', '4 d 6 h': two units at most, for estimates that are not exact."""
     seconds = max(0.0, float(seconds))
     if seconds < 1:
-        return "< 1 s"
+        return f"{seconds:.1f} s"
     if seconds < 60:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
