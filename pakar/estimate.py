@@ -51,8 +51,8 @@ from pakar.info import ASSUMED_MFU, flop_seconds, human_duration, param_counts, 
 from pakar.memory import CUDA_CONTEXT_BYTES, choose, free_memory, predict
 from pakar.runtime import GPU_PEAK_FLOPS, PeakMemory, autocast_dtype, resolve_device
 from pakar.tokenizer import Tokenizer
-from pakar.train import (Loop, TokenStreamData, make_model, model_config, open_run, plan_run, step_start_sync,
-                         train_step, val_fraction_of)
+from pakar.train import (Loop, TokenStreamData, make_model, model_config, open_run, plan_run, run_steps,
+                         step_start_sync, train_step, val_fraction_of)
 
 SAMPLE_BYTES = 2_000_000  # corpus text read for a sampled count (~1 s to tokenize, a few to train a BPE on)
 STEP_BUDGET_S = 12.0  # seconds of timed steps to aim for
@@ -272,9 +272,7 @@ def summarise(args: TrainArgs, corpus: CorpusCount, m: dict) -> dict:
     if per_epoch_steps < 1:
         raise PakarError(f"the corpus gives about {corpus.train_tokens:,} training tokens, fewer than one "
                          f"optimizer step of {m['tokens_per_step']:,}: use more data or a smaller --batch/--seq-len")
-    total_steps = per_epoch_steps * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = run_steps(per_epoch_steps, args)
     tokens_per_epoch = per_epoch_steps * m["tokens_per_step"]
     tps = m["tokens_per_second"]
     predicted = predict(cfg, m["memory_plan"], args.batch, args.seq_len, device_type=device_type, bf16=bf16,

@@ -157,7 +157,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(D, I, bias=False)
         self.down_proj = nn.Linear(I, D, bias=False)
 
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor):
+        """MoE.forward's contract: (output in the input's dtype, balance loss, z-loss); no router, so
+        both losses are zero."""
+        zero = x_BTD.new_zeros((), dtype=torch.float32)
+        return self.forward_chosen(x_BTD).to(x_BTD.dtype), zero, zero
+
+    def forward_chosen(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """MoE.forward_chosen's contract (the decode step's feed-forward): every token takes the MLP."""
         x_ND = x_ND.to(compute_dtype(x_ND))  # cast once for both input projections (as the experts do)
         return self.down_proj(F.silu(self.gate_proj(x_ND)) * self.up_proj(x_ND))
 
@@ -184,19 +191,17 @@ class Block(nn.Module):
 
     def forward(self, x_BTD, cos, sin, kv_cache=None, mask=None, is_causal=True):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, kv_cache, mask, is_causal)
-        if isinstance(self.mlp, MLP):  # no router, so no balancing losses
-            zero = x_BTD.new_zeros((), dtype=torch.float32)
-            return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)).to(x_BTD.dtype), zero, zero
         h_BTD, balance_loss, z_loss = self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD + h_BTD, balance_loss, z_loss
 
     def decode(self, x_B1D, cos, sin, kv_cache: KVCache, mask):
-        """forward() for one new token per row at inference: the same attention, MoE.forward_chosen in
-        place of the sort-based dispatch, no losses or counts (see Transformer.decode_step)."""
+        """forward() for one new token per row at inference: the same attention, the feed-forward's
+        forward_chosen (an MoE's in place of its sort-based dispatch), no losses or counts (see
+        Transformer.decode_step)."""
         B, _, D = x_B1D.shape
         x_B1D = x_B1D + self.self_attn(self.input_layernorm(x_B1D), cos, sin, kv_cache, mask, False)
         h_BD = self.post_attention_layernorm(x_B1D).view(B, D)
-        y_BD = self.mlp(h_BD) if isinstance(self.mlp, MLP) else self.mlp.forward_chosen(h_BD)
+        y_BD = self.mlp.forward_chosen(h_BD)
         return x_B1D + y_BD.view(B, 1, D).to(x_B1D.dtype)
 
     def row_views(self):

@@ -533,6 +533,12 @@ def make_model(args: TrainArgs, device: torch.device, tokenizer, init_ckpt: dict
     return model_cfg, model
 
 
+def run_steps(steps_per_epoch: int, args: TrainArgs) -> int:
+    """Optimizer steps of the whole run: every epoch's, capped by --max-steps."""
+    total = steps_per_epoch * args.epochs
+    return total if args.max_steps is None else min(total, args.max_steps)
+
+
 def plan_run(args: TrainArgs, ctx: dist_ctx.Context, device, amp, log: RunLog, data, tokenizer,
                     model_cfg: ModelConfig, model, init_ckpt: dict | None, meta: dict,
                     customize_model: Callable | None, save_epoch: Callable | None) -> Run:
@@ -543,9 +549,7 @@ def plan_run(args: TrainArgs, ctx: dist_ctx.Context, device, amp, log: RunLog, d
     if steps_per_epoch < 1:
         raise PakarError(f"the corpus gives {data.steps_per_epoch} micro-batches per epoch, fewer than "
                          f"--grad-accum {args.grad_accum}; use more data or a smaller --batch/--grad-accum")
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = run_steps(steps_per_epoch, args)
     warmup = args.warmup if args.warmup is not None else max(1, min(200, total_steps // 20))
     preset = init_ckpt["meta"].get("config_name", args.config) if init_ckpt is not None else args.config
     peak_lr = args.lr if args.lr is not None else default_lr(preset, finetune=init_ckpt is not None)

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -243,8 +242,8 @@ def test_repl_through_a_pseudo_terminal(run_dir):
         child.expect(r"max_new_tokens = 2000")
         child.sendline("Tulis cerita yang sangat panjang.")
         child.expect("model> ")
-        time.sleep(0.5)  # let some of the answer stream (2000 tokens take several seconds)
-        child.sendintr()
+        child.expect(r"\S")  # the answer has started streaming: interrupt it now (a fast CPU makes the
+        child.sendintr()     # 2000 tokens in under half a second, so no fixed wait can be trusted)
         child.expect(r"tokens/s, stopped\]")
         child.expect("you> ")
         child.sendintr()  # at the prompt: a hint, not an exit
