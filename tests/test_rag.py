@@ -113,6 +113,41 @@ def test_search_finds_exact_phrase_and_paraphrase(index_dir):
     assert index.search("xyzzy tidakada", k=5) == []
 
 
+def test_query_path_matches_full_analysis_bm25s_scores_and_a_full_sort(index_dir):
+    """Index.term_ids / scores / rank take shortcuts for speed; each must equal the slow path:
+    unicodedata NFKC + casefold, analyze() with stems.json looked up word by word, bm25s's own
+    get_scores_from_ids, and a full sort of all scores (score descending, passage id ascending)."""
+    import unicodedata
+
+    import numpy as np
+
+    from pakar.retrieval import analyze, normalize, top_k
+
+    ascii_chars = "".join(map(chr, range(128)))
+    for text in (ascii_chars, "Ｊａｋａｒｔａ ﬁlm Straße İstanbul ÉCOLE", "JEMBATAN Suramadu? 2009!"):
+        assert normalize(text) == unicodedata.normalize("NFKC", text).casefold()
+    index = Index(index_dir)
+    stems = json.loads((index_dir / "stems.json").read_text(encoding="utf-8"))
+    vocab = json.loads((index_dir / "bm25" / "vocab.index.json").read_text(encoding="utf-8"))
+    for query in ("KAPAN Jembatan ke Madura selesai DIBANGUN?", "Ｐｅｍｂａｎｇｕｎａｎ jembatan Suramadu",
+                  "siapa yang membangun candi Buddha terbesar di dunia", "xyzzy", "", "rendang rendang pedas"):
+        terms = [stems.get(w, w) for w in analyze(query, stem=False, query=True)]
+        expected = [vocab[t] for t in terms if t in vocab]
+        assert index.term_ids(query) == expected
+        reference = index.bm25.get_scores_from_ids(expected) if expected else np.zeros(len(index), np.float32)
+        assert np.array_equal(index.scores(query), reference)
+    assert index.term_ids("kapan dibangun") == [vocab["bangun"]]  # a corpus word reaches its stem
+    # top_k against a full sort, on zero-heavy vectors with many tied scores (the benchmark's shape)
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 40, 300, 2000):
+        scores = (rng.integers(0, 4, n) * (rng.random(n) < 0.3)).astype(np.float32)
+        full = np.lexsort((np.arange(n), -scores))
+        for k in (1, 5, 20, 50, n, n + 3):
+            expected = full[:k][scores[full[:k]] > 0]
+            assert top_k(scores, k).tolist() == expected.tolist(), (n, k)
+    assert top_k(np.zeros(100, np.float32), 5).tolist() == []
+
+
 def test_passages_never_cross_documents_and_keep_sources(index_dir):
     index = Index(index_dir)
     rows = [(h.text, h.source, h.doc, h.word) for h in index.passages(range(len(index)))]
