@@ -71,7 +71,7 @@ import torch
 from pakar import PakarError
 from pakar.model import MLP, Attention, Block, KVCache, RMSNorm, RowScratch, Transformer
 from pakar.moe import Experts, MoE, Router
-from pakar.quant import Int8Experts
+from pakar.quant import Int8Experts, Int8Linear, Int8Row
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 
@@ -229,15 +229,22 @@ class RowDecoder:
 
     def __init__(self, model):
         self.model = model
-        self.scratch = RowScratch(model)
+        if Int8Row.applies(model):
+            int8 = Int8Row(model)
+            self.scratch = RowScratch(model, int8.layers, int8.head)
+        else:
+            self.scratch = RowScratch(model)
 
     @staticmethod
     def applies(model) -> bool:
-        """A stock pakar Transformer (no LoRA or other wrapped modules), float32, eval mode, CPU."""
+        """A stock pakar Transformer (no LoRA or other wrapped modules), float32 (an int8 MoE model's
+        int8 modules included: pakar.quant.Int8Row), eval mode, CPU."""
         stock = (Transformer, torch.nn.ModuleList, Block, Attention, RMSNorm, torch.nn.Linear,
                  torch.nn.Embedding, MoE, Router, Experts, MLP)
-        return (lean_decode_ok(model) and all(type(m) in stock for m in model.modules())
-                and all(p.dtype == torch.float32 for p in model.parameters()))
+        return (lean_decode_ok(model) and all(p.dtype == torch.float32 for p in model.parameters())
+                and (all(type(m) in stock for m in model.modules())
+                     or (Int8Row.applies(model)
+                         and all(type(m) in stock + (Int8Linear, Int8Experts) for m in model.modules()))))
 
     def __call__(self, token: int, cache: KVCache, n: int) -> torch.Tensor:
         """Feed `token` as the n-th token of the only row in `cache` (its earlier n - 1 tokens fill the
