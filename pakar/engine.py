@@ -28,18 +28,19 @@ live in pakar/generate.py). Design choices:
   model's forward. Then, per step:
   - on a GPU (or a model that is not a plain pakar Transformer, or in training mode): the model's
     forward with the KV cache (`last_only`);
-  - on a CPU, batch > 1, or a bfloat16, LoRA-wrapped or int8 model: `Transformer.decode_step`, the
+  - on a CPU, batch > 1, or a bfloat16 or LoRA-wrapped model (or a dense int8 one): `Transformer.decode_step`, the
     model's modules called as modules (so wrappers and int8 modules run as they are), minus the
     losses and expert-count bookkeeping, and with `MoE.forward_chosen` (three small matmuls per
     expert actually chosen, read back to the host: free on a CPU, a sync on a GPU) in place of the
     sort-by-expert grouped matmul that suits thousands of tokens;
-  - on a CPU, one row, a stock float32 model: `RowDecoder`, i.e. `Transformer.decode_row`, the same
+  - on a CPU, one row, a stock float32 model or an int8 MoE model: `RowDecoder`, i.e. `Transformer.decode_row`, the same
     weights and arithmetic as float32 vectors and matrix-vector products (Attention.decode_row,
     MoE.decode_row), in ~41 torch calls per layer of `small` where the model's forward makes ~158
     (at batch 1 each call's fixed cost, not its arithmetic, is most of what a step spends beyond
-    reading the weights).
+    reading the weights). For an int8 model the same step runs with pakar.quant.Int8Row's attention,
+    experts and head, one `torch._int_mm` per weight product.
   Why two CPU paths and not one: the row path is ~2x faster per token at batch 1 than decode_step
-  but reads the stock modules' weights directly, so it cannot run LoRA wrappers, int8 modules or
+  but reads the stock (or int8) modules' weights directly, so it cannot run LoRA wrappers or
   several rows. benchmarks/bench_generate.py measures the paths against transformers; the tests
   hold both to the model's own logits and cache.
 
@@ -223,8 +224,10 @@ class RowDecoder:
     beside each module's forward (Attention.decode_row, MoE.decode_row, Block.decode_row).
     Float32 only: at these sizes a bfloat16 matrix-vector product on a CPU (oneDNN) costs more than the
     float32 one (BLAS), so bfloat16 models take Transformer.decode_step. Stock modules only: it reads
-    the weights of the model's modules directly, which a LoRA wrapper or an int8 module would bypass.
-    The tests hold it to the model's own forward; `Engine` uses it when `applies(model)`.
+    the weights of the model's modules directly, which a LoRA wrapper would bypass.
+    An int8 MoE model (pakar.quant) runs the same step with Int8Row's products in place of the float32
+    ones. The tests hold it to the model's own forward (int8: to its module step); `Engine` uses it
+    when `applies(model)`.
     """
 
     def __init__(self, model):

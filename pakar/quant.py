@@ -8,19 +8,23 @@ lookup), the norms and the router (tiny, and it decides which experts run) stay 
 Design choices:
 - Weights: symmetric int8 with one float scale per output channel (per row of each (out, in)
   matrix, per expert): scale = max|w_row| / 127, so each weight is off by at most scale / 2.
-- Kernel, chosen by measured speed (benchmarks/bench_generate.py; the figures are in its output):
-  PyTorch's fbgemm int8 GEMM, `torch.ops.quantized.linear_dynamic`. The weight-only kernel
-  `torch._weight_int8pack_mm` measured slower than the float32 matrix-vector product at every
-  shape of `small` on this project's CPU (1 thread), so it buys nothing here. fbgemm also
-  quantises each call's input activations, per tensor, to 8 bits (with reduce_range, 7 bits, which
-  avoids the int16 saturation of its AVX2 kernels); that is the accuracy cost measured by
-  `pakar eval --quantize int8` (bits per byte against float32) and bounded in tests/test_quant.py.
-- CPU and float32 only: fbgemm is a CPU library. On a GPU `--quantize int8` stops with one line
-  (use --dtype bfloat16 there; a GPU is not bound by reading weights at these sizes the same way).
-- Decoding: the engine's CPU step for int8 models (Transformer.decode_step, at any batch size) calls
-  the model's modules, so it runs the int8 modules as they are (Int8Experts.swiglu is
-  MoE.forward_chosen's per-expert product); prefill runs the model's forward, where Int8Experts loops
-  over the experts that received rows.
+- Kernel, chosen by measured speed (1 thread, this project's CPU; interleaved against float32
+  `torch.mv`, per product of `small`): `torch._int_mm` (int8 x int8 -> exact int32) with the weight
+  passed as a transposed view of its (O, I) storage: ~3-5 µs for a 384x256 product from cache, ~5-11
+  µs when the weights come from memory (float32 gemv: ~8 / ~40 µs; the 8192x256 head: ~40-80 µs
+  against ~260-920 µs). Measured slower: fbgemm's `quantized.linear_dynamic` (~30 µs a call at one
+  row, fixed overhead, and 7-bit per-tensor activations), `torch._weight_int8pack_mm` (slower than
+  float32 at every shape), bfloat16 matrix-vector products (slower than float32 here), dequantising
+  to float32 per call (float16 `torch.mv` comes close from memory but is not 8-bit). The activation each product reads is quantised per row, symmetric, to 8 bits
+  (step max|x_row| / 127; int8_matmul): the accuracy cost measured by `pakar eval --quantize int8`
+  (bits per byte against float32) and bounded in tests/test_quant.py.
+- CPU and float32 only (measured and tested on the CPU). On a GPU `--quantize int8` stops with one line (use --dtype bfloat16 there; a GPU
+  is not bound by reading weights at these sizes the same way).
+- Decoding: one row at a time through Int8Row on the engine's RowDecoder (the float32 row step's
+  arithmetic, with one `torch._int_mm` per weight product, each input quantised once for all the
+  products that read it); several rows through Transformer.decode_step, which calls the int8
+  modules as modules (Int8Experts.swiglu is MoE.forward_chosen's per-expert product); prefill runs
+  the model's forward, where Int8Experts loops over the experts that received rows.
 - Training on a quantised model is refused (no gradients through packed weights).
 """
 
