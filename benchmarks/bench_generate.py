@@ -109,14 +109,14 @@ def measure(engine, hf, prompts, n_new, repeats):
 
 
 def matvec_floor(model: Transformer, tokens: int = 64, int8: bool = False):
-    """A function that measures the seconds per token of nothing but the matrix-vector products of a batch-1 decode step: q, k, v,
-    o, router, three per chosen expert (chosen at random per layer and token, so that, as in real
-    routing, all experts' weights take turns in the caches) and the head, on the model's own float32
-    weights. Any batch-1 engine reads these weights once per token, so transformers' step time over
-    this floor is the most any engine could gain over it here. With `int8`: the same products as
-    pakar's int8 row step runs them (pakar.quant.Int8Row: one `torch._int_mm` each for [q; k; v],
-    o, each chosen expert's [gate; up] and down, and the head; the router in float32), on int8
-    copies of the weights and an int8 input, without the quantisation of the inputs or anything
+    """A function that measures the seconds per token of nothing but the matrix-vector products of a
+    batch-1 decode step: q, k, v, o, router, three per chosen expert (chosen at random per layer and
+    token, so that, as in real routing, all experts' weights take turns in the caches) and the head, on
+    the model's own float32 weights. Any batch-1 engine reads these weights once per token, so
+    transformers' step time over this floor is the most any engine could gain over it here. With `int8`:
+    the same products as pakar's int8 row step runs them (pakar.quant.Int8Row: one `torch._int_mm` each
+    for [q; k; v], o, each chosen expert's [gate; up] and down, and the head; the router in float32), on
+    int8 copies of the weights and an int8 input, without the quantisation of the inputs or anything
     else: the int8 kernels' share of a token."""
     from pakar.quant import quantize_weight
 

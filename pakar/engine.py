@@ -28,17 +28,17 @@ live in pakar/generate.py). Design choices:
   model's forward. Then, per step:
   - on a GPU (or a model that is not a plain pakar Transformer, or in training mode): the model's
     forward with the KV cache (`last_only`);
-  - on a CPU, batch > 1, or a bfloat16 or LoRA-wrapped model (or a dense int8 one): `Transformer.decode_step`, the
-    model's modules called as modules (so wrappers and int8 modules run as they are), minus the
-    losses and expert-count bookkeeping, and with `MoE.forward_chosen` (three small matmuls per
-    expert actually chosen, read back to the host: free on a CPU, a sync on a GPU) in place of the
-    sort-by-expert grouped matmul that suits thousands of tokens;
-  - on a CPU, one row, a stock float32 model or an int8 MoE model: `RowDecoder`, i.e. `Transformer.decode_row`, the same
-    weights and arithmetic as float32 vectors and matrix-vector products (Attention.decode_row,
-    MoE.decode_row), in ~41 torch calls per layer of `small` where the model's forward makes ~158
-    (at batch 1 each call's fixed cost, not its arithmetic, is most of what a step spends beyond
-    reading the weights). For an int8 model the same step runs with pakar.quant.Int8Row's attention,
-    experts and head, one `torch._int_mm` per weight product.
+  - on a CPU, batch > 1, or a bfloat16 or LoRA-wrapped model (or a dense int8 one):
+    `Transformer.decode_step`, the model's modules called as modules (so wrappers and int8 modules run as
+    they are), minus the losses and expert-count bookkeeping, and with `MoE.forward_chosen` (three small
+    matmuls per expert actually chosen, read back to the host: free on a CPU, a sync on a GPU) in place
+    of the sort-by-expert grouped matmul that suits thousands of tokens;
+  - on a CPU, one row, a stock float32 model or an int8 MoE model: `RowDecoder`, i.e.
+    `Transformer.decode_row`, the same weights and arithmetic as float32 vectors and matrix-vector
+    products (Attention.decode_row, MoE.decode_row), in ~41 torch calls per layer of `small` where the
+    model's forward makes ~158 (at batch 1 each call's fixed cost, not its arithmetic, is most of what a
+    step spends beyond reading the weights). For an int8 model the same step runs with
+    pakar.quant.Int8Row's attention, experts and head, one `torch._int_mm` per weight product.
   Why two CPU paths and not one: the row path is ~2x faster per token at batch 1 than decode_step
   but reads the stock (or int8) modules' weights directly, so it cannot run LoRA wrappers or
   several rows. benchmarks/bench_generate.py measures the paths against transformers; the tests

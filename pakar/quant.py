@@ -15,11 +15,13 @@ Design choices:
   against ~260-920 µs). Measured slower: fbgemm's `quantized.linear_dynamic` (~30 µs a call at one
   row, fixed overhead, and 7-bit per-tensor activations), `torch._weight_int8pack_mm` (slower than
   float32 at every shape), bfloat16 matrix-vector products (slower than float32 here), dequantising
-  to float32 per call (float16 `torch.mv` comes close from memory but is not 8-bit). The activation each product reads is quantised per row, symmetric, to 8 bits
-  (step max|x_row| / 127; int8_matmul): the accuracy cost measured by `pakar eval --quantize int8`
-  (bits per byte against float32) and bounded in tests/test_quant.py.
-- CPU and float32 only (measured and tested on the CPU). On a GPU `--quantize int8` stops with one line (use --dtype bfloat16 there; a GPU
-  is not bound by reading weights at these sizes the same way).
+  to float32 per call (float16 `torch.mv` comes close from memory, but it is not 8-bit). The
+  activation each product reads is quantised per row, symmetric, to 8 bits (step max|x_row| / 127;
+  int8_matmul): the accuracy cost measured by `pakar eval --quantize int8` (bits per byte against
+  float32) and bounded in tests/test_quant.py.
+- CPU and float32 only (measured and tested on the CPU). On a GPU `--quantize int8` stops with one
+  line (use --dtype bfloat16 there; a GPU is not bound by reading weights at these sizes the same
+  way).
 - Decoding: one row at a time through Int8Row on the engine's RowDecoder (the float32 row step's
   arithmetic, with one `torch._int_mm` per weight product, each input quantised once for all the
   products that read it); several rows through Transformer.decode_step, which calls the int8
