@@ -168,13 +168,14 @@ def matvec_floor(model: Transformer, tokens: int = 64, int8: bool = False):
 
 
 @torch.inference_mode()
-def row_step_anatomy(engine: Engine, prompt: list[int], products, steps: int = 64, rounds: int = 3) -> dict:
+def row_step_anatomy(engine: Engine, prompt: list[int], products, steps: int = 64, rounds: int = 5) -> dict:
     """Where a batch-1 decode step of `engine`'s RowDecoder goes: its time per step (the step alone,
     no sampling), the time of its weight products alone (`products`: a matvec_floor measurer), the
     torch calls it makes (counted with a TorchFunctionMode), and the time of as many trivial torch
     calls (an in-place add of two 256-float vectors, a Python loop around it): the fixed cost every
-    call pays, whatever its arithmetic. The three timings are interleaved, `rounds` times (medians),
-    so that a busy stretch of a shared machine hits them alike."""
+    call pays, whatever its arithmetic. The three timings are interleaved, `rounds` times, and each
+    reported as its least: on a shared machine the least disturbed run is the closest to the cost
+    itself, and all three are taken alike."""
     from torch.overrides import TorchFunctionMode
 
     from pakar.model import KVCache
@@ -211,7 +212,7 @@ def row_step_anatomy(engine: Engine, prompt: list[int], products, steps: int = 6
 
     run(8)
     times = [(run(steps), products(), trivial()) for _ in range(rounds)]
-    step, prod, triv = (statistics.median(t[i] for t in times) for i in range(3))
+    step, prod, triv = (min(t[i] for t in times) for i in range(3))
     return {"step_ms": round(1000 * step, 3), "products_ms": round(1000 * prod, 3), "torch_calls": count.n,
             "trivial_calls_ms": round(1000 * triv, 3)}
 
