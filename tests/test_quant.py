@@ -110,6 +110,38 @@ def test_refusals_and_cli(chat_ckpt, tmp_path, capsys):
     assert res["bits_per_byte"] == pytest.approx(res["float32_bits_per_byte"] * (1 + res["bits_per_byte_change"]))
 
 
+def assert_row_step_matches_module_step(q, prompt: list[int], steps: int = 12) -> float:
+    """Feed greedy tokens through the int8 row step (RowDecoder) and through q.decode_step from the
+    same prefilled cache, with and without left padding: the same argmax each step, the caches
+    equal; returns the worst relative RMS difference of the logits."""
+    from pakar.engine import RowDecoder
+    from pakar.model import KVCache
+
+    assert RowDecoder.applies(q)
+    decoder = RowDecoder(q)
+    worst = 0.0
+    for pad in (0, 5):
+        ids = torch.tensor([[0] * pad + prompt])
+        valid = torch.tensor([[False] * pad + [True] * len(prompt)])
+        with torch.no_grad():
+            size = pad + len(prompt) + steps
+            ref_cache, row_cache = KVCache(q.config, 1, size), KVCache(q.config, 1, size)
+            for c in (ref_cache, row_cache):
+                q(ids, kv_cache=c, attention_mask=valid, position_ids=(valid.long().cumsum(1) - 1).clamp_min(0))
+            tok_id = prompt[-1]
+            for step in range(steps):
+                n = len(prompt) + step + 1
+                valid = torch.cat([valid, torch.ones(1, 1, dtype=torch.bool)], 1)
+                ref = q.decode_step(torch.tensor([[tok_id]]), ref_cache, torch.tensor([[n - 1]]), valid)
+                got = decoder(tok_id, row_cache, n)
+                worst = max(worst, ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item())
+                assert got.argmax().item() == ref.argmax().item()
+                tok_id = int(got.argmax())
+        torch.testing.assert_close(row_cache.k, ref_cache.k, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(row_cache.v, ref_cache.v, rtol=1e-3, atol=1e-4)
+    return worst
+
+
 def test_int8_row_step_matches_int8_module_step(chat_ckpt):
     """The one-row int8 step (quant.Int8Row on the engine's RowDecoder) against the same model run as
     modules (Transformer.decode_step, int8_matmul per product): the same int8 weights and the same
@@ -118,35 +150,12 @@ def test_int8_row_step_matches_int8_module_step(chat_ckpt):
     RMS difference 1.7e-7 over these steps, bounded at 1e-4. Also with a left-padded cache, and the
     greedy tokens of whole generations are identical."""
     from pakar.checkpoint import build_model
-    from pakar.engine import Engine, RowDecoder, SamplingParams
-    from pakar.model import KVCache
+    from pakar.engine import Engine, SamplingParams
 
     ckpt = safe_load(chat_ckpt)
     model, tok = build_model(ckpt, "cpu", torch.float32)
     q = quantize_int8(model)
-    assert RowDecoder.applies(q)
-    decoder = RowDecoder(q)
-    cfg = q.config
-    prompt = tok.encode(TEXTS[0])[:12]
-    worst = 0.0
-    for pad in (0, 5):
-        ids = torch.tensor([[0] * pad + prompt])
-        valid = torch.tensor([[False] * pad + [True] * len(prompt)])
-        with torch.no_grad():
-            ref_cache, row_cache = KVCache(cfg, 1, 40), KVCache(cfg, 1, 40)
-            for c in (ref_cache, row_cache):
-                q(ids, kv_cache=c, attention_mask=valid, position_ids=(valid.long().cumsum(1) - 1).clamp_min(0))
-            tok_id = prompt[-1]
-            for step in range(12):
-                n = len(prompt) + step + 1
-                valid = torch.cat([valid, torch.ones(1, 1, dtype=torch.bool)], 1)
-                ref = q.decode_step(torch.tensor([[tok_id]]), ref_cache, torch.tensor([[n - 1]]), valid)
-                got = decoder(tok_id, row_cache, n)
-                worst = max(worst, ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item())
-                assert got.argmax().item() == ref.argmax().item()
-                tok_id = int(got.argmax())
-        assert worst < 1e-4, worst
-        torch.testing.assert_close(row_cache.k, ref_cache.k, rtol=1e-3, atol=1e-4)
+    assert assert_row_step_matches_module_step(q, tok.encode(TEXTS[0])[:12]) < 1e-4
     sp = SamplingParams(temperature=0, max_new_tokens=30)
     row, modules = Engine(q), Engine(q)
     modules.row_decoder = None  # every step through decode_step
@@ -154,3 +163,19 @@ def test_int8_row_step_matches_int8_module_step(chat_ckpt):
     for text in TEXTS:
         p = tok.encode(text)
         assert row.generate([p], sp) == modules.generate([p], sp)
+
+
+@pytest.mark.parametrize("k,norm,tied,bias", [(1, False, False, False), (2, True, False, False),
+                                               (2, False, True, False), (2, False, False, True)])
+def test_int8_row_step_routing_variants(k, norm, tied, bias):
+    """The same on random `tiny` models: top-1 and top-2 routing, renormalised gates, tied
+    embeddings (the head quantised from the shared table), a non-zero expert-selection bias."""
+    torch.manual_seed(3)
+    cfg = get_config("tiny", vocab_size=512, max_position_embeddings=64, num_experts_per_tok=k,
+                     norm_topk_prob=norm, tie_word_embeddings=tied)
+    model = Transformer(cfg).eval()
+    if bias:
+        for layer in model.layers:
+            layer.mlp.gate.expert_bias.copy_(torch.randn(cfg.num_experts) * 0.1)
+    prompt = torch.randint(3, 512, (9,), generator=torch.Generator().manual_seed(4)).tolist()
+    assert assert_row_step_matches_module_step(quantize_int8(model), prompt) < 1e-4
