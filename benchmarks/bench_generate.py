@@ -11,11 +11,11 @@ Target: decode at batch 1 at least 3x transformers on a CPU.
 
 Beside them, in the same run and with the same weights and thread count:
 - pakar with `--quantize int8` (pakar/quant.py), batch 1 and 8 (its greedy tokens are reported
-  against float32's: `int8_tokens_match`);
+  against float32's: `tokens_match_pakar_f32`; with random weights they part after some tokens);
 - llama.cpp through llama-cpp-python, on GGUF files of the same weights written by
   `pakar export --format gguf` (f32 and q8_0), greedy, through its low-level batch API: batch 8 is
   8 sequences (seq ids 0-7) decoded together, one `llama_decode` per step; argmax on the host. Its
-  f32 tokens are reported against pakar's (`llama_f32_tokens_match`). Skipped, with a note, where
+  f32 tokens are reported against pakar's (`tokens_match_pakar_f32`). Skipped, with a note, where
   `llama_cpp` or `gguf` is not importable. Targets: pakar int8 batch-1 decode on `small` >= 3x
   transformers and >= 1.0x llama.cpp q8_0; batch 8 aggregate >= llama.cpp's.
 The GGUF files need a tokenizer with the model's vocabulary: one is trained on the shared Indonesian
@@ -24,6 +24,23 @@ data when present (else the embedded sample), and the vocabulary is whatever siz
 Also measured at batch 1: the matrix-vector products alone (`matvec_floor_ms`: the weights a token
 reads, which every engine pays) and so the most any engine could gain over transformers here
 (`ceiling_speedup` = transformers' time per token / the floor).
+
+Where pakar's batch-1 step goes (`f32_row_step`, `int8_row_step`; row_step_anatomy): the row
+step alone (`step_ms`, no sampling), its weight products alone (`products_ms`: the float32 floor
+above, or for int8 the 37 `torch._int_mm` calls of pakar.quant.Int8Row on `small`, router in
+float32, inputs already int8), the torch calls one step makes (`torch_calls`) and the time of that
+many trivial torch calls (`trivial_calls_ms`: an in-place add of two 256-float vectors), the three
+interleaved. Reading them: int8 cuts the products of `small` to about a fifth of float32's, so the
+int8 step is no longer bound by reading weights but by its calls: 433 per token (float32: 248;
+each input vector is quantised once, 5 calls, and the int32 results rescaled), which cost about as
+much as the products even as trivial adds, and the step's remainder is those calls' own small work
+and the Python between them. llama.cpp's whole q8_0 token takes about what our int8 products alone
+take: it runs a planned graph of C loops over preallocated buffers, with no per-operator dispatch,
+allocation or interpreter. An eager PyTorch step pays ~1-2 µs per call before any arithmetic, so
+parity would need several ops fused into one compiled kernel (torch.compile's C++ code, which needs
+a compiler on the user's machine, or a C++ extension), not a different choice of operators. On
+`tiny` (64-wide products, in cache) the float32 products cost less than quantising their inputs,
+so int8 decodes slower than float32 there.
 
 Run: python benchmarks/bench_generate.py [--configs tiny small] [--new-tokens 64] [--repeats 3]
 The last line printed is one JSON object. Both engines run with the same --threads (default 1).
@@ -91,36 +108,113 @@ def measure(engine, hf, prompts, n_new, repeats):
     return (med["o1"], med["on"]), (med["h1"], med["hn"]), ours_tok, hf_tok
 
 
-@torch.inference_mode()
-def matvec_floor(model: Transformer, tokens: int = 64) -> float:
-    """Seconds per token of nothing but the matrix-vector products of a batch-1 decode step: q, k, v,
-    o, router, three per chosen expert (chosen at random per layer and token, so that, as in real
-    routing, all experts' weights take turns in the caches) and the head, on the model's own float32
-    weights. Any batch-1 engine reads these weights once per token, so transformers' step time over
-    this floor is the most any engine could gain over it here."""
+def matvec_floor(model: Transformer, tokens: int = 64, int8: bool = False):
+    """A function that measures the seconds per token of nothing but the matrix-vector products of a
+    batch-1 decode step: q, k, v, o, router, three per chosen expert (chosen at random per layer and
+    token, so that, as in real routing, all experts' weights take turns in the caches) and the head, on
+    the model's own float32 weights. Any batch-1 engine reads these weights once per token, so
+    transformers' step time over this floor is the most any engine could gain over it here. With `int8`:
+    the same products as pakar's int8 row step runs them (pakar.quant.Int8Row: one `torch._int_mm` each
+    for [q; k; v], o, each chosen expert's [gate; up] and down, and the head; the router in float32), on
+    int8 copies of the weights and an int8 input, without the quantisation of the inputs or anything
+    else: the int8 kernels' share of a token."""
+    from pakar.quant import quantize_weight
+
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     x, a = torch.randn(cfg.hidden_size), torch.randn(cfg.num_attention_heads * cfg.head_dim)
     h = torch.randn(cfg.moe_intermediate_size)
     choices = [[torch.randperm(cfg.num_experts, generator=g)[:cfg.num_experts_per_tok].tolist()
                 for _ in model.layers] for _ in range(tokens)]
+    if int8:
+        def q(w):  # the (in, out) transposed view Int8Row passes
+            return quantize_weight(w)[0].t()
 
-    def run(chosen_per_layer):
-        for layer, chosen in zip(model.layers, chosen_per_layer):
-            att, ex = layer.self_attn, layer.mlp.experts
-            for w in (att.q_proj.weight, att.k_proj.weight, att.v_proj.weight, layer.mlp.gate.weight):
-                torch.mv(w, x)
-            torch.mv(att.o_proj.weight, a)
-            for e in chosen:
-                torch.mv(ex.gate_proj[e], x), torch.mv(ex.up_proj[e], x), torch.mv(ex.down_proj[e], h)
-        torch.mv(model.lm_head.weight, x)
+        x8, a8, h8 = (torch.randint(-127, 128, (1, t.numel()), dtype=torch.int8, generator=g) for t in (x, a, h))
+        layers = [(q(torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight])),
+                   q(l.self_attn.o_proj.weight), l.mlp.gate.weight,
+                   [(q(torch.cat([gw, uw])), q(dw)) for gw, uw, dw in
+                    zip(l.mlp.experts.gate_proj, l.mlp.experts.up_proj, l.mlp.experts.down_proj)])
+                  for l in model.layers]
+        head = q(model.lm_head.weight)
 
-    for c in choices[:8]:
-        run(c)
-    t0 = time.perf_counter()
-    for c in choices:
-        run(c)
-    return (time.perf_counter() - t0) / tokens
+        def run(chosen_per_layer):
+            for (wqkv, wo, wr, experts), chosen in zip(layers, chosen_per_layer):
+                torch._int_mm(x8, wqkv), torch._int_mm(a8, wo), torch.mv(wr, x)
+                for e in chosen:
+                    torch._int_mm(x8, experts[e][0]), torch._int_mm(h8, experts[e][1])
+            torch._int_mm(x8, head)
+    else:
+        def run(chosen_per_layer):
+            for layer, chosen in zip(model.layers, chosen_per_layer):
+                att, ex = layer.self_attn, layer.mlp.experts
+                for w in (att.q_proj.weight, att.k_proj.weight, att.v_proj.weight, layer.mlp.gate.weight):
+                    torch.mv(w, x)
+                torch.mv(att.o_proj.weight, a)
+                for e in chosen:
+                    torch.mv(ex.gate_proj[e], x), torch.mv(ex.up_proj[e], x), torch.mv(ex.down_proj[e], h)
+            torch.mv(model.lm_head.weight, x)
+
+    @torch.inference_mode()
+    def measure() -> float:
+        for c in choices[:8]:
+            run(c)
+        t0 = time.perf_counter()
+        for c in choices:
+            run(c)
+        return (time.perf_counter() - t0) / tokens
+
+    return measure
+
+
+@torch.inference_mode()
+def row_step_anatomy(engine: Engine, prompt: list[int], products, steps: int = 64, rounds: int = 5) -> dict:
+    """Where a batch-1 decode step of `engine`'s RowDecoder goes: its time per step (the step alone,
+    no sampling), the time of its weight products alone (`products`: a matvec_floor measurer), the
+    torch calls it makes (counted with a TorchFunctionMode), and the time of as many trivial torch
+    calls (an in-place add of two 256-float vectors, a Python loop around it): the fixed cost every
+    call pays, whatever its arithmetic. The three timings are interleaved, `rounds` times, and each
+    reported as its least: on a shared machine the least disturbed run is the closest to the cost
+    itself, and all three are taken alike."""
+    from torch.overrides import TorchFunctionMode
+
+    from pakar.model import KVCache
+
+    class Count(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model, decoder = engine.model, engine.row_decoder
+    P = len(prompt)
+
+    def run(n):
+        cache = KVCache(model.config, 1, P + n)
+        model(torch.tensor([prompt]), kv_cache=cache, last_only=True)
+        t0 = time.perf_counter()
+        for i in range(n):
+            decoder(prompt[i % P], cache, P + i + 1)
+        return (time.perf_counter() - t0) / n
+
+    cache = KVCache(model.config, 1, P + 1)
+    model(torch.tensor([prompt]), kv_cache=cache, last_only=True)
+    with Count() as count:
+        decoder(prompt[0], cache, P + 1)
+    u, v = torch.randn(256), torch.randn(256)
+
+    def trivial():
+        t0 = time.perf_counter()
+        for _ in range(count.n * 20):
+            u.add_(v)
+        return (time.perf_counter() - t0) / 20
+
+    run(8)
+    times = [(run(steps), products(), trivial()) for _ in range(rounds)]
+    step, prod, triv = (min(t[i] for t in times) for i in range(3))
+    return {"step_ms": round(1000 * step, 3), "products_ms": round(1000 * prod, 3), "torch_calls": count.n,
+            "trivial_calls_ms": round(1000 * triv, 3)}
 
 
 def bench_tokenizer():
@@ -215,6 +309,8 @@ def bench_others(name: str, model: Transformer, tokenizer, prompts_by_B: dict, o
 
     res: dict = {}
     int8 = Engine(quantize_int8(copy.deepcopy(model)))
+    res["int8_row_step"] = row_step_anatomy(int8, prompts_by_B[1][0], matvec_floor(model, int8=True))
+    print(f"{name} batch 1: our int8 row step: {res['int8_row_step']}", flush=True)
     engines = {"pakar_int8": lambda p, n: int8.generate(p, SamplingParams(max_new_tokens=n, temperature=0.0))}
     try:
         files = llama_cpp_files(model, tokenizer, folder)
@@ -260,13 +356,15 @@ def bench_config(name: str, n_new: int, repeats: int, prompt_len: int, tokenizer
               f"({ours_rate / hf_rate:.2f}x); time to first token {1000 * o1:.1f} ms vs {1000 * h1:.1f} ms",
               flush=True)
         if B == 1:
-            floor = matvec_floor(model)
+            floor = matvec_floor(model)()
             b1 = res["batch1"]
             b1["matvec_floor_ms"] = round(1000 * floor, 3)
             b1["ceiling_speedup"] = round(1 / hf_rate / floor, 2)  # transformers' step / the floor
+            b1["f32_row_step"] = row_step_anatomy(engine, prompts[0], matvec_floor(model))
             print(f"{name} batch 1: the matrix-vector products alone take {1000 * floor:.2f} ms per token; "
-                  f"ours {1000 / ours_rate:.2f} ms, transformers {1000 / hf_rate:.2f} ms: no engine could "
-                  f"beat transformers by more than {b1['ceiling_speedup']:.2f}x here", flush=True)
+                  f"ours {1000 / ours_rate:.2f} ms, transformers {1000 / hf_rate:.2f} ms: no float32 engine "
+                  f"could beat transformers by more than {b1['ceiling_speedup']:.2f}x here; "
+                  f"our float32 row step: {b1['f32_row_step']}", flush=True)
     res["tokens_match"] = match
     res |= bench_others(name, model, tokenizer, prompts_by_B, tokens_by_B, n_new, repeats, threads, folder)
     for B in (1, 8):

@@ -28,18 +28,19 @@ live in pakar/generate.py). Design choices:
   model's forward. Then, per step:
   - on a GPU (or a model that is not a plain pakar Transformer, or in training mode): the model's
     forward with the KV cache (`last_only`);
-  - on a CPU, batch > 1, or a bfloat16, LoRA-wrapped or int8 model: `Transformer.decode_step`, the
-    model's modules called as modules (so wrappers and int8 modules run as they are), minus the
-    losses and expert-count bookkeeping, and with `MoE.forward_chosen` (three small matmuls per
-    expert actually chosen, read back to the host: free on a CPU, a sync on a GPU) in place of the
-    sort-by-expert grouped matmul that suits thousands of tokens;
-  - on a CPU, one row, a stock float32 model: `RowDecoder`, i.e. `Transformer.decode_row`, the same
-    weights and arithmetic as float32 vectors and matrix-vector products (Attention.decode_row,
-    MoE.decode_row), in ~41 torch calls per layer of `small` where the model's forward makes ~158
-    (at batch 1 each call's fixed cost, not its arithmetic, is most of what a step spends beyond
-    reading the weights).
+  - on a CPU, batch > 1, or a bfloat16 or LoRA-wrapped model (or a dense int8 one):
+    `Transformer.decode_step`, the model's modules called as modules (so wrappers and int8 modules run as
+    they are), minus the losses and expert-count bookkeeping, and with `MoE.forward_chosen` (three small
+    matmuls per expert actually chosen, read back to the host: free on a CPU, a sync on a GPU) in place
+    of the sort-by-expert grouped matmul that suits thousands of tokens;
+  - on a CPU, one row, a stock float32 model or an int8 MoE model: `RowDecoder`, i.e.
+    `Transformer.decode_row`, the same weights and arithmetic as float32 vectors and matrix-vector
+    products (Attention.decode_row, MoE.decode_row), in ~41 torch calls per layer of `small` where the
+    model's forward makes ~158 (at batch 1 each call's fixed cost, not its arithmetic, is most of what a
+    step spends beyond reading the weights). For an int8 model the same step runs with
+    pakar.quant.Int8Row's attention, experts and head, one `torch._int_mm` per weight product.
   Why two CPU paths and not one: the row path is ~2x faster per token at batch 1 than decode_step
-  but reads the stock modules' weights directly, so it cannot run LoRA wrappers, int8 modules or
+  but reads the stock (or int8) modules' weights directly, so it cannot run LoRA wrappers or
   several rows. benchmarks/bench_generate.py measures the paths against transformers; the tests
   hold both to the model's own logits and cache.
 
@@ -71,7 +72,7 @@ import torch
 from pakar import PakarError
 from pakar.model import MLP, Attention, Block, KVCache, RMSNorm, RowScratch, Transformer
 from pakar.moe import Experts, MoE, Router
-from pakar.quant import Int8Experts
+from pakar.quant import Int8Experts, Int8Linear, Int8Row
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 
@@ -223,21 +224,30 @@ class RowDecoder:
     beside each module's forward (Attention.decode_row, MoE.decode_row, Block.decode_row).
     Float32 only: at these sizes a bfloat16 matrix-vector product on a CPU (oneDNN) costs more than the
     float32 one (BLAS), so bfloat16 models take Transformer.decode_step. Stock modules only: it reads
-    the weights of the model's modules directly, which a LoRA wrapper or an int8 module would bypass.
-    The tests hold it to the model's own forward; `Engine` uses it when `applies(model)`.
+    the weights of the model's modules directly, which a LoRA wrapper would bypass.
+    An int8 MoE model (pakar.quant) runs the same step with Int8Row's products in place of the float32
+    ones. The tests hold it to the model's own forward (int8: to its module step); `Engine` uses it
+    when `applies(model)`.
     """
 
     def __init__(self, model):
         self.model = model
-        self.scratch = RowScratch(model)
+        if Int8Row.applies(model):
+            int8 = Int8Row(model)
+            self.scratch = RowScratch(model, int8.layers, int8.head)
+        else:
+            self.scratch = RowScratch(model)
 
     @staticmethod
     def applies(model) -> bool:
-        """A stock pakar Transformer (no LoRA or other wrapped modules), float32, eval mode, CPU."""
+        """A stock pakar Transformer (no LoRA or other wrapped modules), float32 (an int8 MoE model's
+        int8 modules included: pakar.quant.Int8Row), eval mode, CPU."""
         stock = (Transformer, torch.nn.ModuleList, Block, Attention, RMSNorm, torch.nn.Linear,
                  torch.nn.Embedding, MoE, Router, Experts, MLP)
-        return (lean_decode_ok(model) and all(type(m) in stock for m in model.modules())
-                and all(p.dtype == torch.float32 for p in model.parameters()))
+        return (lean_decode_ok(model) and all(p.dtype == torch.float32 for p in model.parameters())
+                and (all(type(m) in stock for m in model.modules())
+                     or (Int8Row.applies(model)
+                         and all(type(m) in stock + (Int8Linear, Int8Experts) for m in model.modules()))))
 
     def __call__(self, token: int, cache: KVCache, n: int) -> torch.Tensor:
         """Feed `token` as the n-th token of the only row in `cache` (its earlier n - 1 tokens fill the

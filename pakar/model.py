@@ -135,6 +135,14 @@ class Attention(nn.Module):
         torch.addmv(s.q, wq, h_D, beta=0, alpha=r, out=s.q)
         torch.addmv(s.k, wk, h_D, beta=0, alpha=r, out=s.k)
         torch.addmv(s.v, wv, h_D, beta=0, alpha=r, out=s.v)
+        return torch.addmv(x_D, wo, self.attend_row(s, l, qn, kn))
+
+    @staticmethod
+    def attend_row(s: "RowScratch", l: int, qn, kn) -> torch.Tensor:
+        """The part of decode_row between the projections, shared with the int8 row step
+        (pakar.quant): the per-head norms (weights qn, kn) and rotary embedding of the new q and k in
+        s.q and s.k, the new key and value (s.v) into layer l's cache column, attention over the
+        row's columns; returns the heads' outputs, s.att (H*K)."""
         r_X1 = torch.add(s.eps_X1, (s.qk_XK * s.qk_XK).sum(-1, keepdim=True), alpha=s.inv_K).rsqrt_()
         s.q_HK.mul_(qn)
         s.k_GK.mul_(kn)
@@ -143,7 +151,7 @@ class Attention(nn.Module):
         s.new_values[l].copy_(s.v_GK)
         scores = torch.baddbmm(s.zero, s.q_GJK, s.keys_T[l], beta=0, alpha=s.scale)
         torch.bmm(scores.softmax(-1), s.values[l], out=s.att_GJK)
-        return torch.addmv(x_D, wo, s.att)
+        return s.att
 
 
 class MLP(nn.Module):
@@ -205,17 +213,18 @@ class Block(nn.Module):
         return x_B1D + y_BD.view(B, 1, D).to(x_B1D.dtype)
 
     def row_views(self):
-        """What decode_row reads, taken once per decoder (RowScratch): the norms' weights and the
-        attention's and the feed-forward's (MoE or MLP) own row_views."""
-        return (self.input_layernorm.weight, self.self_attn, self.self_attn.row_views(),
-                self.post_attention_layernorm.weight, self.mlp, self.mlp.row_views())
+        """What decode_row reads, taken once per decoder (RowScratch): the norms' weights, and the
+        attention's and the feed-forward's (MoE or MLP) row steps with their own row_views (an int8
+        model's decoder puts pakar.quant's steps and views in their place)."""
+        return (self.input_layernorm.weight, self.self_attn.decode_row, self.self_attn.row_views(),
+                self.post_attention_layernorm.weight, self.mlp.decode_row, self.mlp.row_views())
 
     def decode_row(self, x_D, s: "RowScratch", l: int):
         """forward() for the one row of a float32 CPU decode step (see Transformer.decode_row): each
         RMSNorm as the product of x with its weight and a scalar 1/rms that the next products take."""
-        ln1, attn, attn_views, ln2, moe, moe_views = s.layers[l]
-        x_D = attn.decode_row(x_D, x_D * ln1, s.inv_rms(x_D), s, l, attn_views)
-        return moe.decode_row(x_D, x_D * ln2, s.inv_rms(x_D), moe_views, s.probs_E, s.gate_I)
+        ln1, attn_row, attn_views, ln2, ffn_row, ffn_views = s.layers[l]
+        x_D = attn_row(x_D, x_D * ln1, s.inv_rms(x_D), s, l, attn_views)
+        return ffn_row(x_D, x_D * ln2, s.inv_rms(x_D), ffn_views, s.probs_E, s.gate_I)
 
 
 class RowScratch:
@@ -223,21 +232,24 @@ class RowScratch:
     the weights (each module's `row_views`, e.g. each expert's matrices unbound once and whether a
     layer has a non-zero selection bias, read once), the rotary embedding as (K x K) matrices, and per
     step the cache's per-layer views. Views, not copies, so in-place weight updates (an optimizer step, a LoRA merge)
-    are seen. One per model, used from one thread (pakar.engine.RowDecoder holds it)."""
+    are seen. One per model, used from one thread (pakar.engine.RowDecoder holds it). `layers` and
+    `head` replace the float32 steps and views (pakar.quant's int8 row step passes its own): per
+    layer what Block.row_views returns, and head(h_D, r) -> logits (1, V) of the final-normed row
+    h_D / r."""
 
-    def __init__(self, model: "Transformer"):
+    def __init__(self, model: "Transformer", layers=None, head=None):
         cfg = model.config
         H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         HK, GK, half = H * K, G * K, K // 2
         self.D, self.eps, self.scale, self.inv_K = cfg.hidden_size, cfg.rms_norm_eps, 1.0 / math.sqrt(K), 1.0 / K
-        self.embed, self.final_norm, self.head = model.embed_tokens.weight, model.norm.weight, model.lm_head.weight
+        self.embed, self.final_norm = model.embed_tokens.weight, model.norm.weight
         self.cos, self.sin = model.rope_cos, model.rope_sin
         # y @ (diag(cos) + swap * sin) = y * cos + rotate_half(y) * sin
         i = torch.arange(half)
         self.swap = torch.zeros(K, K)
         self.swap[i + half, i], self.swap[i, i + half] = -1.0, 1.0
         self.eye = torch.eye(K)
-        qkv = torch.empty(HK + 2 * GK)
+        self.qkv = qkv = torch.empty(HK + 2 * GK)
         self.q, self.k, self.v = qkv[:HK], qkv[HK:HK + GK], qkv[HK + GK:]
         self.qk_XK = qkv[:HK + GK].view(H + G, K)  # X = H + G heads
         self.q_HK, self.k_GK, self.v_GK = self.qk_XK[:H], self.qk_XK[H:], self.v.view(G, K)
@@ -249,7 +261,13 @@ class RowScratch:
         self.zero = torch.zeros(1, 1, 1)  # baddbmm's ignored input
         self.probs_E = torch.empty(cfg.num_experts)
         self.gate_I = torch.empty(cfg.intermediate_size if cfg.dense else cfg.moe_intermediate_size)
-        self.layers = [layer.row_views() for layer in model.layers]
+        self.layers = layers if layers is not None else [layer.row_views() for layer in model.layers]
+        if head is None:
+            w_VD = model.lm_head.weight
+
+            def head(h_D, r):
+                return torch.mv(w_VD, h_D).mul_(r).view(1, -1)
+        self.head = head
         self.rope_KK = self.new_keys = self.new_values = self.keys_T = self.values = None  # set per step
 
     def begin(self, cache: KVCache, n: int) -> None:
@@ -431,4 +449,4 @@ class Transformer(nn.Module):
         for l, layer in enumerate(self.layers):
             x_D = layer.decode_row(x_D, s, l)
         kv_cache.pos += 1
-        return torch.mv(s.head, x_D * s.final_norm).mul_(s.inv_rms(x_D)).view(1, -1)
+        return s.head(x_D * s.final_norm, s.inv_rms(x_D))

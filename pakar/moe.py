@@ -230,9 +230,13 @@ class MoE(nn.Module):
         weights up in a tuple rather than through nn.Module attributes: the router's weight, its
         selection bias (None when all zero: adding zeros leaves the choice unchanged), and each
         expert's three matrices as separate views (no per-step indexing)."""
-        ex, bias = self.experts, self.gate.expert_bias
-        return (self.gate.weight, bias if bool(bias.any()) else None, self.gate.norm_topk_prob,
-                ex.gate_proj.unbind(0), ex.up_proj.unbind(0), ex.down_proj.unbind(0))
+        ex = self.experts
+        return self.router_views() + (ex.gate_proj.unbind(0), ex.up_proj.unbind(0), ex.down_proj.unbind(0))
+
+    def router_views(self):
+        """What route_row reads (the first three of row_views)."""
+        bias = self.gate.expert_bias
+        return self.gate.weight, bias if bool(bias.any()) else None, self.gate.norm_topk_prob
 
     def decode_row(self, x_D, h_D, r: float, views, probs_E, gate_I):
         """x + forward(RMSNorm(x)) for the one row of a float32 CPU decode step (pakar.model's
@@ -241,7 +245,17 @@ class MoE(nn.Module):
         (free on a CPU) and each chosen expert is three matrix-vector products, the down-projection
         accumulated into x with the gate weight folded into its alpha. `views`: row_views();
         probs_E, gate_I: work buffers."""
-        wr, bias, norm_topk_prob, gate, up, down = views
+        gate, up, down = views[3:]
+        for e, w in self.route_row(h_D, r, views, probs_E):
+            a = torch.addmv(gate_I, gate[e], h_D, beta=0, alpha=r, out=gate_I)
+            a = F.silu(a, inplace=True).mul_(torch.mv(up[e], h_D))
+            x_D = torch.addmv(x_D, down[e], a, alpha=w * r)  # (the up product still lacks its r)
+        return x_D
+
+    def route_row(self, h_D, r: float, views, probs_E):
+        """decode_row's router, shared with the int8 row step (pakar.quant): [(expert, gate weight)]
+        of the chosen experts, from the router's product with h_D times r (float32)."""
+        wr, bias, norm_topk_prob = views[:3]
         probs = torch.addmv(probs_E, wr, h_D, beta=0, alpha=r, out=probs_E).softmax(-1)
         if bias is None:
             weights, chosen = torch.topk(probs, self.top_k)
@@ -251,11 +265,7 @@ class MoE(nn.Module):
         weights = weights.tolist()
         if norm_topk_prob:
             weights = [w / sum(weights) for w in weights]
-        for e, w in zip(chosen.tolist(), weights):
-            a = torch.addmv(gate_I, gate[e], h_D, beta=0, alpha=r, out=gate_I)
-            a = F.silu(a, inplace=True).mul_(torch.mv(up[e], h_D))
-            x_D = torch.addmv(x_D, down[e], a, alpha=w * r)  # (the up product still lacks its r)
-        return x_D
+        return zip(chosen.tolist(), weights)
 
 
 @torch.no_grad()

@@ -8,19 +8,25 @@ lookup), the norms and the router (tiny, and it decides which experts run) stay 
 Design choices:
 - Weights: symmetric int8 with one float scale per output channel (per row of each (out, in)
   matrix, per expert): scale = max|w_row| / 127, so each weight is off by at most scale / 2.
-- Kernel, chosen by measured speed (benchmarks/bench_generate.py; the figures are in its output):
-  PyTorch's fbgemm int8 GEMM, `torch.ops.quantized.linear_dynamic`. The weight-only kernel
-  `torch._weight_int8pack_mm` measured slower than the float32 matrix-vector product at every
-  shape of `small` on this project's CPU (1 thread), so it buys nothing here. fbgemm also
-  quantises each call's input activations, per tensor, to 8 bits (with reduce_range, 7 bits, which
-  avoids the int16 saturation of its AVX2 kernels); that is the accuracy cost measured by
-  `pakar eval --quantize int8` (bits per byte against float32) and bounded in tests/test_quant.py.
-- CPU and float32 only: fbgemm is a CPU library. On a GPU `--quantize int8` stops with one line
-  (use --dtype bfloat16 there; a GPU is not bound by reading weights at these sizes the same way).
-- Decoding: the engine's CPU step for int8 models (Transformer.decode_step, at any batch size) calls
-  the model's modules, so it runs the int8 modules as they are (Int8Experts.swiglu is
-  MoE.forward_chosen's per-expert product); prefill runs the model's forward, where Int8Experts loops
-  over the experts that received rows.
+- Kernel, chosen by measured speed (1 thread, this project's CPU; interleaved against float32
+  `torch.mv`, per product of `small`): `torch._int_mm` (int8 x int8 -> exact int32) with the weight
+  passed as a transposed view of its (O, I) storage: ~3-5 µs for a 384x256 product from cache, ~5-11
+  µs when the weights come from memory (float32 gemv: ~8 / ~40 µs; the 8192x256 head: ~40-80 µs
+  against ~260-920 µs). Measured slower: fbgemm's `quantized.linear_dynamic` (~30 µs a call at one
+  row, fixed overhead, and 7-bit per-tensor activations), `torch._weight_int8pack_mm` (slower than
+  float32 at every shape), bfloat16 matrix-vector products (slower than float32 here), dequantising
+  to float32 per call (float16 `torch.mv` comes close from memory, but it is not 8-bit). The
+  activation each product reads is quantised per row, symmetric, to 8 bits (step max|x_row| / 127;
+  int8_matmul): the accuracy cost measured by `pakar eval --quantize int8` (bits per byte against
+  float32) and bounded in tests/test_quant.py.
+- CPU and float32 only (measured and tested on the CPU). On a GPU `--quantize int8` stops with one
+  line (use --dtype bfloat16 there; a GPU is not bound by reading weights at these sizes the same
+  way).
+- Decoding: one row at a time through Int8Row on the engine's RowDecoder (the float32 row step's
+  arithmetic, with one `torch._int_mm` per weight product, each input quantised once for all the
+  products that read it); several rows through Transformer.decode_step, which calls the int8
+  modules as modules (Int8Experts.swiglu is MoE.forward_chosen's per-expert product); prefill runs
+  the model's forward, where Int8Experts loops over the experts that received rows.
 - Training on a quantised model is refused (no gradients through packed weights).
 """
 
@@ -31,23 +37,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from pakar import PakarError
+from pakar.model import Attention
 
 QUANTIZE_CHOICES = ("none", "int8")
 
 
-def _pack(w_OI: torch.Tensor):
-    """fbgemm-packed int8 weight with per-output-channel scales (symmetric, zero point 0)."""
-    w = w_OI.detach().float().contiguous()
-    scale_O = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
-    q = torch.quantize_per_channel(w, scale_O, torch.zeros_like(scale_O, dtype=torch.long), 0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(q, None)
+INF = float("inf")
 
 
-def _mm(x: torch.Tensor, packed) -> torch.Tensor:
-    """x (..., in) float32 @ W.T through fbgemm's int8 GEMM -> (..., out) float32."""
+def quantize_weight(w_OI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 (O, I), float32 scale (O,)), w ≈ q * scale[:, None]."""
+    w = w_OI.detach().float()
+    scale_O = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    return torch.round(w / scale_O[:, None]).to(torch.int8), scale_O
+
+
+def int8_matmul(x: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
+    """x (..., I) float32 @ (q_OI * scale_O[:, None]).T -> (..., O) float32: each row of x quantised
+    to int8 with its own step max|x_row| / 127 (symmetric), the product in int32 (torch._int_mm, exact),
+    then both scales."""
     shape = x.shape
-    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).contiguous(), packed, True)
-    return y.view(*shape[:-1], y.shape[-1])
+    x_NI = x.reshape(-1, shape[-1])
+    step_N1 = torch.linalg.vector_norm(x_NI, INF, dim=1, keepdim=True).div_(127).clamp_min_(1e-30)
+    y_NO = torch._int_mm(torch.round(x_NI / step_N1).to(torch.int8), q_OI.t())
+    return (y_NO * (step_N1 * scale_O)).view(*shape[:-1], -1)
 
 
 class Int8Linear(nn.Module):
@@ -58,23 +71,31 @@ class Int8Linear(nn.Module):
         if linear.bias is not None:
             raise PakarError("int8: a Linear with a bias is not supported")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = _pack(linear.weight)
+        q, scale = quantize_weight(linear.weight)
+        self.register_buffer("weight_q", q)
+        self.register_buffer("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _mm(x, self.packed)
+        return int8_matmul(x, self.weight_q, self.scale)
 
 
 class Int8Experts(nn.Module):
-    """Stands in for moe.Experts: per expert, int8 gate/up (I, D) and down (D, I)."""
+    """Stands in for moe.Experts: per expert, int8 [gate; up] (2I, D), one product for both, and
+    down (D, I)."""
 
     def __init__(self, experts: nn.Module):
         super().__init__()
-        self.packed = [(_pack(g), _pack(u), _pack(d))
-                       for g, u, d in zip(experts.gate_proj, experts.up_proj, experts.down_proj)]
+        gate_up = torch.cat([experts.gate_proj, experts.up_proj], dim=1)  # (E, 2I, D)
+        pairs = [quantize_weight(w) for w in gate_up]
+        self.register_buffer("gate_up_q", torch.stack([q for q, _ in pairs]))
+        self.register_buffer("gate_up_scale", torch.stack([s for _, s in pairs]))
+        pairs = [quantize_weight(w) for w in experts.down_proj]
+        self.register_buffer("down_q", torch.stack([q for q, _ in pairs]))
+        self.register_buffer("down_scale", torch.stack([s for _, s in pairs]))
 
     def swiglu(self, x_ND: torch.Tensor, e: int) -> torch.Tensor:
-        g, u, d = self.packed[e]
-        return _mm(F.silu(_mm(x_ND, g)) * _mm(x_ND, u), d)
+        g, u = int8_matmul(x_ND, self.gate_up_q[e], self.gate_up_scale[e]).chunk(2, dim=-1)
+        return int8_matmul(F.silu(g) * u, self.down_q[e], self.down_scale[e])
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert (moe.Experts' contract): one int8 SwiGLU per expert that has rows."""
@@ -84,6 +105,99 @@ class Int8Experts(nn.Module):
                 outs.append(self.swiglu(x_MD[start:start + n], e))
             start += n
         return torch.cat(outs) if outs else x_MD.new_zeros(x_MD.shape)
+
+
+class Int8Row:
+    """The one-row decode step of an int8 MoE model (pakar.engine.RowDecoder): the float32 row step's
+    arithmetic (pakar.model's Transformer.decode_row, whose RowScratch, Attention.attend_row and
+    MoE.route_row it shares) with each weight product as one `torch._int_mm` on 1-D buffers.
+
+    Why: at batch 1 each product's fixed cost decides the step. `torch._int_mm` takes a (1, I) int8
+    row and the int8 (O, I) weight (transposed view) in a few microseconds (on `small`, 384x256: ~3 µs
+    where fbgemm's linear_dynamic takes ~30 µs and a float32 gemv ~8 µs from cache, ~40 µs
+    from memory), and its result is exact int32. Each input vector is quantised once to int8 (step
+    max|x| / 127, read back as a Python float), however many products read it: q, k and v are one
+    (HK + 2GK, D) product, each expert's gate and up one (2I, D) product; both scales and the norm's
+    1/rms are applied in one float32 op on the way out, the down and o products straight into the
+    residual stream (addcmul). Same quantisation as int8_matmul (per row, symmetric, 8 bits), so it
+    computes what the module path (Transformer.decode_step) computes, up to float32 rounding
+    (tests/test_quant.py)."""
+
+    def __init__(self, model: nn.Module):
+        cfg = model.config
+        D, I, V = cfg.hidden_size, cfg.moe_intermediate_size, cfg.vocab_size
+        A = cfg.num_attention_heads * cfg.head_dim
+        X = A + 2 * cfg.num_key_value_heads * cfg.head_dim
+
+        def buf(n, dtype=torch.float32):  # (1, n) for _int_mm and its 1-D view for the rest
+            t = torch.zeros(1, n, dtype=dtype)
+            return t, t.view(n)
+
+        self.f_D, self.f_A, self.f_I = torch.empty(D), torch.empty(A), torch.empty(I)
+        (self.q_1D, self.q_D), (self.q_1A, self.q_A), (self.q_1I, self.q_I) = (
+            buf(n, torch.int8) for n in (D, A, I))
+        (self.y_1X, self.y_X), (self.y_1D, self.y_D), (self.y_1J, self.y_J) = (
+            buf(n, torch.int32) for n in (X, D, 2 * I))
+        self.gu_J = torch.empty(2 * I)
+        self.g_I, self.u_I = self.gu_J[:I], self.gu_J[I:]
+        self.layers = []
+        for layer in model.layers:
+            a, moe = layer.self_attn, layer.mlp
+            wqkv = torch.cat([a.q_proj.weight_q, a.k_proj.weight_q, a.v_proj.weight_q])  # (X, D): one product
+            sqkv = torch.cat([a.q_proj.scale, a.k_proj.scale, a.v_proj.scale])
+            ex = moe.experts
+            experts = [(ex.gate_up_q[e].t(), ex.gate_up_scale[e], ex.down_q[e].t(), ex.down_scale[e])
+                       for e in range(ex.gate_up_q.shape[0])]
+            self.layers.append((layer.input_layernorm.weight, self.attention, (
+                wqkv.t(), sqkv, a.q_norm.weight, a.k_norm.weight, a.o_proj.weight_q.t(), a.o_proj.scale),
+                layer.post_attention_layernorm.weight, self.moe, (moe.route_row, moe.router_views(), experts)))
+        self.head_w, self.head_scale = model.lm_head.weight_q.t(), model.lm_head.scale
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        """An int8 MoE model as quantize_int8 leaves it (dense int8 models take decode_step)."""
+        return type(model.lm_head) is Int8Linear and all(
+            type(getattr(layer.mlp, "experts", None)) is Int8Experts
+            and all(type(getattr(layer.self_attn, n)) is Int8Linear for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            for layer in model.layers)
+
+    @staticmethod
+    def quantize(x, f, q) -> float:
+        """x (float32, 1-D) into the int8 buffer q (through f), symmetric; returns the step."""
+        m = torch.linalg.vector_norm(x, INF).item()
+        torch.mul(x, 127.0 / m if m > 0 else 0.0, out=f).round_()
+        q.copy_(f)
+        return m / 127.0
+
+    def attention(self, x_D, h_D, r: float, s, l: int, views):
+        """Attention.decode_row's contract."""
+        wqkv, sqkv, qn, kn, wo, so = views
+        step = self.quantize(h_D, self.f_D, self.q_D)
+        torch._int_mm(self.q_1D, wqkv, out=self.y_1X)
+        torch.mul(self.y_X, sqkv, out=s.qkv).mul_(step * r)
+        step = self.quantize(Attention.attend_row(s, l, qn, kn), self.f_A, self.q_A)
+        torch._int_mm(self.q_1A, wo, out=self.y_1D)
+        return torch.addcmul(x_D, self.y_D, so, value=step)
+
+    def moe(self, x_D, h_D, r: float, views, probs_E, gate_I):
+        """MoE.decode_row's contract."""
+        route, route_views, experts = views
+        chosen = route(h_D, r, route_views, probs_E)
+        step = self.quantize(h_D, self.f_D, self.q_D) * r
+        for e, w in chosen:
+            gu, sgu, down, sdown = experts[e]
+            torch._int_mm(self.q_1D, gu, out=self.y_1J)
+            torch.mul(self.y_J, sgu, out=self.gu_J).mul_(step)
+            a = F.silu(self.g_I, inplace=True).mul_(self.u_I)
+            step_a = self.quantize(a, self.f_I, self.q_I)
+            torch._int_mm(self.q_1I, down, out=self.y_1D)
+            x_D = torch.addcmul(x_D, self.y_D, sdown, value=w * step_a)
+        return x_D
+
+    def head(self, h_D, r: float):
+        """RowScratch's head contract: logits (1, V)."""
+        step = self.quantize(h_D, self.f_D, self.q_D)
+        return torch.mul(torch._int_mm(self.q_1D, self.head_w), self.head_scale).mul_(step * r)
 
 
 def check_int8(device: torch.device | str, dtype: torch.dtype | None) -> None:
