@@ -32,6 +32,14 @@ expert matmuls and the scatter/combine, and the optimizer step.
 
 Threads and OpenMP wait policy are pakar train's (`--threads N` as there; default all cores, PASSIVE).
 Default: `small`, 3 learning rates x 2 seeds x 2 models x 75 s, about 20 minutes on a quiet 2-core CPU.
+
+`--paired` trains the two models of each (learning rate, seed) at the same time instead, each in its
+own spawned process with one thread, pinned to its own core where the OS allows (Linux): both see the
+same machine at the same moments (memory bandwidth and other programs included), each measures its
+step time at the same time as the other to fit its --max-steps, and the comparison takes half the wall
+time. `--schedule wsd` holds the peak rate until the last 20% of each run, so the curves' earlier
+points compare the models at the same learning rate; a long paired WSD run shows whether and when the
+curves cross (README, "Does the MoE pay?").
 """
 
 from __future__ import annotations
@@ -68,6 +76,12 @@ def parse_args(argv=None):
                    "(default 3)")
     p.add_argument("--out", default=None, help="work folder for the runs (default: a temporary folder)")
     p.add_argument("--png", default="moe_vs_dense.png", help="plot file (default moe_vs_dense.png)")
+    p.add_argument("--paired", action="store_true", help="train the two models of each (lr, seed) at the same time, "
+                   "one process with one thread each (pinned to its own core where the OS allows), instead of one "
+                   "after the other with all threads: the same machine state for both, half the wall time")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "wsd"],
+                   help="learning-rate schedule (default cosine; wsd holds the peak until the last 20%%, so the "
+                        "curves' earlier points compare at the same learning rate)")
     p.add_argument("--breakdown", action="store_true", help="time the parts of a training step instead")
     p.add_argument("--reps", type=int, default=8, help="--breakdown repetitions (default 8)")
     args = p.parse_args(argv)
@@ -253,6 +267,7 @@ def one_run(args, name: str, lr: float, seed: int, max_steps: int, limit_s: floa
     out = work / f"{name}_lr{lr:g}_seed{seed}"
     targs = TrainArgs(config=name, data=[args.data], out=str(out), batch=args.batch, seq_len=args.seq_len,
                       lr=lr, seed=seed, epochs=100, max_steps=max_steps, time_limit=limit_s / 60,
+                      schedule=args.schedule,
                       eval_every=max(1, max_steps // (args.evals + 1)) if args.evals else 0, save_every=0,
                       log_every=50, val_fraction=args.val_fraction, device="cpu", dtype=args.dtype,
                       overwrite=True)
@@ -267,6 +282,36 @@ def one_run(args, name: str, lr: float, seed: int, max_steps: int, limit_s: floa
             # training tokens per second of training time (the evaluations' time left out)
             "tokens_per_s": round(summary["tokens_seen"] / max(train_s, 1e-9), 1), "final_bpb": summary["val_bpb"],
             "stopped": summary["stopped"], "curve": curve}
+
+
+def fit_plan(args, step_s: float, fwd_s: float, val_tokens: int) -> tuple[int, float]:
+    """(--max-steps, --time-limit in seconds) for a run of args.seconds of training: --max-steps fills
+    the budget at the measured step time (so the schedule ends with it, 3% spare for the loop's own
+    work), and --time-limit, which also counts the evaluations (the loop's clock), gets their estimated
+    time on top: (evals + 1) passes over the held-out slice."""
+    val_batches = val_tokens / (args.batch * args.seq_len)
+    return max(2, int(0.97 * args.seconds / step_s)), args.seconds + (args.evals + 1) * val_batches * fwd_s
+
+
+def paired_child(args, name: str, lr: float, seed: int, core: int | None, work: Path) -> dict:
+    """One run of --paired, in its own spawned process: one thread, pinned to `core` where the OS
+    allows (Linux), its step time measured here, at the same time as the other model's, so both
+    plans see the same machine."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    import torch
+
+    from pakar.data import prepare
+
+    torch.set_num_threads(1)
+    tokenizer, tokens = prepare([args.data], work / "shared", vocab_size=args.vocab_size,
+                                val_fraction=args.val_fraction, log=lambda m: None)  # cached: the parent made it
+    secs, fwd = step_seconds([name], tokenizer.vocab_size, args.batch, args.seq_len, dtype=args.dtype, forward_too=True)
+    max_steps, limit = fit_plan(args, secs[name], fwd[name], len(tokens.val))
+    return one_run(args, name, lr, seed, max_steps, limit, tokenizer, work) | {"step_s_measured": secs[name]}
 
 
 def plot(runs: list[dict], best: dict[str, float], path: Path, title: str) -> None:
@@ -313,31 +358,46 @@ def compare(args) -> dict:
     # one tokenizer for every run, trained on the training documents (prepare keeps the split's rule)
     tokenizer, tokens = prepare([args.data], work / "shared", vocab_size=args.vocab_size,
                                 val_fraction=args.val_fraction, log=lambda m: None)
-    secs, fwd = step_seconds([moe_name, dense_name], tokenizer.vocab_size, args.batch, args.seq_len,
-                             dtype=args.dtype, forward_too=True)
-    # --seconds is training time: --max-steps fills it (so the schedule ends with it, with 3% spare for
-    # the loop's own work), and --time-limit, which also counts the evaluations (the loop's clock),
-    # gets their estimated time on top: (evals + 1) passes over the held-out slice
-    val_batches = len(tokens.val) / (args.batch * args.seq_len)
-    plan = {name: max(2, int(0.97 * args.seconds / s)) for name, s in secs.items()}
-    limit = {name: args.seconds + (args.evals + 1) * val_batches * fwd[name] for name in secs}
-    print(f"{moe_name} vs {dense_name}: {args.seconds:g} s of training per run, lrs {args.lrs}, seeds {args.seeds}, "
-          f"batch {args.batch} x {args.seq_len}, {len(tokens.val):,} held-out tokens; measured step "
-          f"{', '.join(f'{n} {s:.3f} s' for n, s in secs.items())} -> --max-steps {plan}, --time-limit "
-          f"{', '.join(f'{n} {t:.0f} s' for n, t in limit.items())}", flush=True)
+    if args.paired:
+        secs = None  # each child measures its own step, at the same time as the other's
+        print(f"{moe_name} vs {dense_name}, paired (both at once, one thread each): {args.seconds:g} s of training "
+              f"per run, lrs {args.lrs}, seeds {args.seeds}, batch {args.batch} x {args.seq_len}, {args.schedule}, "
+              f"{len(tokens.val):,} held-out tokens", flush=True)
+    else:
+        secs, fwd = step_seconds([moe_name, dense_name], tokenizer.vocab_size, args.batch, args.seq_len,
+                                 dtype=args.dtype, forward_too=True)
+        plan = {name: fit_plan(args, secs[name], fwd[name], len(tokens.val)) for name in secs}
+        print(f"{moe_name} vs {dense_name}: {args.seconds:g} s of training per run, lrs {args.lrs}, seeds "
+              f"{args.seeds}, batch {args.batch} x {args.seq_len}, {args.schedule}, {len(tokens.val):,} held-out "
+              f"tokens; measured step {', '.join(f'{n} {s:.3f} s' for n, s in secs.items())} -> --max-steps "
+              f"{ {n: m for n, (m, _) in plan.items()} }, --time-limit "
+              f"{', '.join(f'{n} {t:.0f} s' for n, (_, t) in plan.items())}", flush=True)
     runs = []
+
+    def report(r):
+        runs.append(r)
+        print(f"  {r['config']:14s} lr {r['lr']:<8g} seed {r['seed']}: {r['steps']:5d} steps, {r['train_seconds']:6.1f} s "
+              f"training ({r['seconds']:.1f} s with evaluations), {r['tokens_per_s']:8,.0f} tok/s, held-out bpb "
+              f"{r['final_bpb']:.4f} ({r['stopped']})", flush=True)
+
     order = 0
     for seed in args.seeds:
         for lr in args.lrs:
             pair = [moe_name, dense_name] if order % 2 == 0 else [dense_name, moe_name]  # alternate who goes first
             order += 1
-            for name in pair:
-                r = one_run(args, name, lr, seed, plan[name], limit[name], tokenizer, work)
-                runs.append(r)
-                print(f"  {name:14s} lr {lr:<8g} seed {seed}: {r['steps']:5d} steps, {r['train_seconds']:6.1f} s "
-                      f"training ({r['seconds']:.1f} s with evaluations), "
-                      f"{r['tokens_per_s']:8,.0f} tok/s, held-out bpb {r['final_bpb']:.4f} ({r['stopped']})",
-                      flush=True)
+            if args.paired:
+                import multiprocessing as mp
+
+                with mp.get_context("spawn").Pool(2) as pool:  # spawn: what Windows does anyway
+                    jobs = [pool.apply_async(paired_child, (args, name, lr, seed, core, work))
+                            for core, name in enumerate(pair)]
+                    for job in jobs:
+                        report(job.get())
+                    pool.close()  # let the workers exit on their own (terminate would leak their semaphores)
+                    pool.join()
+            else:
+                for name in pair:
+                    report(one_run(args, name, lr, seed, *plan[name], tokenizer, work))
 
     def final(name, lr):
         return [r["final_bpb"] for r in runs if r["config"] == name and r["lr"] == lr]
@@ -351,8 +411,9 @@ def compare(args) -> dict:
               f"(seeds: {', '.join(f'{b:.4f}' for b in per_seed[name])}), {tps[name]:,.0f} tokens/s")
     wins = all(m < d for m, d in zip(per_seed[moe_name], per_seed[dense_name]))
     png = Path(args.png)
-    plot(runs, best, png, f"pakar {moe_name} vs {dense_name}, {args.seconds:g} s of training per run, best lr of "
-                          f"{args.lrs} each, seeds {args.seeds}")
+    plot(runs, best, png, f"pakar {moe_name} vs {dense_name}, {args.seconds:g} s of training per run"
+                          f"{' (paired: both at once, one core each)' if args.paired else ''}, {args.schedule}, best "
+                          f"lr of {args.lrs} each, seeds {args.seeds}")
     print(f"plot: {png}")
     if work_ctx is not None:
         work_ctx.cleanup()
@@ -362,8 +423,9 @@ def compare(args) -> dict:
             "seconds_each": args.seconds, "moe_lr": best[moe_name], "dense_lr": best[dense_name],
             "moe_bpb_per_seed": per_seed[moe_name], "dense_bpb_per_seed": per_seed[dense_name],
             "moe_tokens_per_s": round(tps[moe_name], 1), "dense_tokens_per_s": round(tps[dense_name], 1),
-            "moe_wins_every_seed": wins, "seeds": args.seeds, "lrs": args.lrs, "batch": args.batch,
-            "seq_len": args.seq_len, "dtype": args.dtype, "step_seconds_measured": secs, "png": str(png),
+            "moe_wins_every_seed": wins, "paired": args.paired, "schedule": args.schedule, "seeds": args.seeds, "lrs": args.lrs, "batch": args.batch,
+            "seq_len": args.seq_len, "dtype": args.dtype, "step_seconds_measured": secs or {name: statistics.mean(
+                r["step_s_measured"] for r in runs if r["config"] == name) for name in (moe_name, dense_name)}, "png": str(png),
             "runs": [{k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]} for r in runs]}
 
 

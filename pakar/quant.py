@@ -201,9 +201,10 @@ class Int8Row:
 
 
 def check_int8(device: torch.device | str, dtype: torch.dtype | None) -> None:
-    """One-line refusal where fbgemm's int8 kernels do not run."""
+    """One-line refusal off the CPU: the int8 path is measured and tested there only (a GPU is not bound
+    by reading weights at these sizes, and CUDA's `_int_mm` needs at least 17 rows)."""
     if torch.device(device).type != "cpu":
-        raise PakarError(f"--quantize int8 runs on the CPU (PyTorch's fbgemm int8 kernels), not on {device}; "
+        raise PakarError(f"--quantize int8 runs on the CPU (PyTorch's int8 matrix products), not on {device}; "
                          f"on a GPU use --dtype bfloat16, or add --device cpu")
     if dtype not in (None, torch.float32):
         raise PakarError(f"--quantize int8 computes in float32 between its int8 products; drop --dtype {dtype}")
