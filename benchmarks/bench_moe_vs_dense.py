@@ -423,9 +423,11 @@ def compare(args) -> dict:
             "seconds_each": args.seconds, "moe_lr": best[moe_name], "dense_lr": best[dense_name],
             "moe_bpb_per_seed": per_seed[moe_name], "dense_bpb_per_seed": per_seed[dense_name],
             "moe_tokens_per_s": round(tps[moe_name], 1), "dense_tokens_per_s": round(tps[dense_name], 1),
-            "moe_wins_every_seed": wins, "paired": args.paired, "schedule": args.schedule, "seeds": args.seeds, "lrs": args.lrs, "batch": args.batch,
-            "seq_len": args.seq_len, "dtype": args.dtype, "step_seconds_measured": secs or {name: statistics.mean(
-                r["step_s_measured"] for r in runs if r["config"] == name) for name in (moe_name, dense_name)}, "png": str(png),
+            "moe_wins_every_seed": wins, "paired": args.paired, "schedule": args.schedule, "seeds": args.seeds,
+            "lrs": args.lrs, "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype,
+            "step_seconds_measured": secs or {name: statistics.mean(r["step_s_measured"] for r in runs
+                                                                    if r["config"] == name) for name in best},
+            "png": str(png),
             "runs": [{k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]} for r in runs]}
 
 
