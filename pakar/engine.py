@@ -242,12 +242,12 @@ class RowDecoder:
     def applies(model) -> bool:
         """A stock pakar Transformer (no LoRA or other wrapped modules), float32 (an int8 MoE model's
         int8 modules included: pakar.quant.Int8Row), eval mode, CPU."""
-        stock = (Transformer, torch.nn.ModuleList, Block, Attention, RMSNorm, torch.nn.Linear,
-                 torch.nn.Embedding, MoE, Router, Experts, MLP)
+        stock = {Transformer, torch.nn.ModuleList, Block, Attention, RMSNorm, torch.nn.Linear,
+                 torch.nn.Embedding, MoE, Router, Experts, MLP}
+        int8 = {Int8Linear, Int8Experts}
+        types = {type(m) for m in model.modules()}
         return (lean_decode_ok(model) and all(p.dtype == torch.float32 for p in model.parameters())
-                and (all(type(m) in stock for m in model.modules())
-                     or (Int8Row.applies(model)
-                         and all(type(m) in stock + (Int8Linear, Int8Experts) for m in model.modules()))))
+                and types <= stock | int8 and (types.isdisjoint(int8) or Int8Row.applies(model)))
 
     def __call__(self, token: int, cache: KVCache, n: int) -> torch.Tensor:
         """Feed `token` as the n-th token of the only row in `cache` (its earlier n - 1 tokens fill the

@@ -379,8 +379,9 @@ def top_k(scores: np.ndarray, k: int, stride: int = 8) -> np.ndarray:
     """Indices of the k highest positive scores: score descending, then index ascending.
 
     np.argpartition over all scores was a query's costliest step (18-66 µs over 5,462 passages, most
-    scores 0; numpy with and without its AVX-512 sort). The k-th best of every `stride`-th score is the k-th best of a subset, so at most the
-    k-th best of all: only scores at least that (~150 of 5,462 on the benchmark) are sorted. The
+    scores 0; numpy with and without its AVX-512 sort). The k-th best of every `stride`-th score is the
+    k-th best of a subset, so at most the k-th best of all: only scores at least that (~150 of 5,462 on
+    the benchmark) are sorted. The
     subset is partitioned negated, at its low end: numpy's partition was 10x slower at the high end
     of these zero-heavy vectors."""
     sample = scores[::stride]
