@@ -7,7 +7,8 @@ lookup), the norms and the router (tiny, and it decides which experts run) stay 
 
 Design choices:
 - Weights: symmetric int8 with one float scale per output channel (per row of each (out, in)
-  matrix, per expert): scale = max|w_row| / 127, so each weight is off by at most scale / 2.
+  matrix, per expert): scale = max|w_row| / 127, so each weight is off by at most scale / 2 (63 levels
+  instead of 127 on CPUs whose int8 kernels would saturate: weight_levels).
 - Kernel, chosen by measured speed (1 thread, this project's CPU; interleaved against float32
   `torch.mv`, per product of `small`): `torch._int_mm` (int8 x int8 -> exact int32) with the weight
   passed as a transposed view of its (O, I) storage: ~3-5 µs for a 384x256 product from cache, ~5-11
@@ -32,6 +33,8 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,10 +48,24 @@ QUANTIZE_CHOICES = ("none", "int8")
 INF = float("inf")
 
 
+@functools.lru_cache(maxsize=None)
+def weight_levels() -> int:
+    """The largest int8 weight magnitude whose products `torch._int_mm` computes exactly on this CPU:
+    127, or 63 where its kernels add pairs of u8 x s8 products in saturating int16 (x86 without VNNI,
+    e.g. oneDNN capped to AVX2: wrong at 127, exact at 63 whatever the activations, measured). Probed
+    once with the worst case: full-scale activations against full-scale weights of both signs."""
+    a = torch.full((1, 64), 127, dtype=torch.int8)
+    w = torch.full((2, 64), 127, dtype=torch.int8)
+    w[1] = -127
+    exact = torch.tensor([[127 * 127 * 64, -127 * 127 * 64]], dtype=torch.int32)
+    return 127 if torch.equal(torch._int_mm(a, w.t()), exact) else 63
+
+
 def quantize_weight(w_OI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (int8 (O, I), float32 scale (O,)), w ≈ q * scale[:, None]."""
+    """Symmetric per-output-channel int8: (int8 (O, I), float32 scale (O,)), w ≈ q * scale[:, None],
+    |q| <= weight_levels()."""
     w = w_OI.detach().float()
-    scale_O = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    scale_O = (w.abs().amax(dim=1) / weight_levels()).clamp_min(1e-12)
     return torch.round(w / scale_O[:, None]).to(torch.int8), scale_O
 
 
