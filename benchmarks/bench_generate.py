@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pakar.config import get_config  # noqa: E402
-from pakar.engine import Engine, SamplingParams  # noqa: E402
+from pakar.engine import Engine, RowDecoder, SamplingParams  # noqa: E402
 from pakar.model import Transformer  # noqa: E402
 
 
@@ -217,6 +217,26 @@ def row_step_anatomy(engine: Engine, prompt: list[int], products, steps: int = 6
             "trivial_calls_ms": round(1000 * triv, 3)}
 
 
+@torch.inference_mode()
+def c_step_ms(engine: Engine, prompt: list[int], steps: int = 64, rounds: int = 5) -> float:
+    """The compiled int8 step alone (pakar.quant.Int8Step: one C call per token, no sampling), batch 1:
+    the least of `rounds` runs of `steps` steps, ms per step."""
+    from pakar.model import KVCache
+
+    model, P = engine.model, len(prompt)
+
+    def run():
+        cache = KVCache(model.config, 1, P + steps)
+        model(torch.tensor([prompt]), kv_cache=cache, last_only=True)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            engine.int8_step(torch.tensor([prompt[i % P]]), torch.tensor([P + i]), cache, None)
+        return (time.perf_counter() - t0) / steps
+
+    run()
+    return round(1000 * min(run() for _ in range(rounds)), 3)
+
+
 def bench_tokenizer():
     """A byte-level BPE with (up to) 8192 tokens for the GGUF files' vocabulary."""
     from pakar.corpus import embedded_sample_path, iter_documents
@@ -291,13 +311,22 @@ def time_call(fn, prompts, n_new):
     return time.perf_counter() - t0, out
 
 
-def rate_and_ttft(fn, prompts, n_new, repeats) -> tuple[float, float, list[list[int]]]:
-    """(aggregate decode tokens/s, time to first token in s, tokens) of fn(prompts, n) -> tokens."""
-    fn(prompts, 2)  # warm-up
-    t1 = statistics.median(time_call(fn, prompts, 1)[0] for _ in range(repeats))
-    runs = [time_call(fn, prompts, n_new) for _ in range(repeats)]
-    tn = statistics.median(t for t, _ in runs)
-    return len(prompts) * (n_new - 1) / (tn - t1), t1, runs[-1][1]
+def rates_and_ttfts(engines: dict, prompts, n_new, repeats) -> dict:
+    """{name: (aggregate decode tokens/s, time to first token in s, tokens)} of each fn(prompts, n) ->
+    tokens, the engines taking turns within each repeat (a slower stretch of a shared machine slows
+    them all alike): per repeat, each times 1 new token then n_new; medians over the repeats."""
+    for fn in engines.values():
+        fn(prompts, 2)  # warm-up
+    t1: dict = {k: [] for k in engines}
+    tn: dict = {k: [] for k in engines}
+    out = {}
+    for _ in range(repeats):
+        for k, fn in engines.items():
+            t1[k].append(time_call(fn, prompts, 1)[0])
+            t, out[k] = time_call(fn, prompts, n_new)
+            tn[k].append(t)
+    return {k: (len(prompts) * (n_new - 1) / (statistics.median(tn[k]) - statistics.median(t1[k])),
+                statistics.median(t1[k]), out[k]) for k in engines}
 
 
 def bench_others(name: str, model: Transformer, tokenizer, prompts_by_B: dict, ours_tokens: dict, n_new: int,
@@ -308,10 +337,17 @@ def bench_others(name: str, model: Transformer, tokenizer, prompts_by_B: dict, o
     from pakar.quant import quantize_int8
 
     res: dict = {}
-    int8 = Engine(quantize_int8(copy.deepcopy(model)))
-    res["int8_row_step"] = row_step_anatomy(int8, prompts_by_B[1][0], matvec_floor(model, int8=True))
-    print(f"{name} batch 1: our int8 row step: {res['int8_row_step']}", flush=True)
-    engines = {"pakar_int8": lambda p, n: int8.generate(p, SamplingParams(max_new_tokens=n, temperature=0.0))}
+    q = quantize_int8(copy.deepcopy(model))
+    int8, eager = Engine(q), Engine(q)
+    eager.int8_step, eager.row_decoder = None, RowDecoder(q)  # PyTorch ops only: Int8Row, decode_step
+    res["int8_step"] = "compiled" if int8.int8_step is not None else "eager (pakar._int8step not built)"
+    res["int8_row_step"] = row_step_anatomy(eager, prompts_by_B[1][0], matvec_floor(model, int8=True))
+    print(f"{name} batch 1: our eager int8 row step: {res['int8_row_step']}", flush=True)
+    if int8.int8_step is not None:
+        res["int8_c_step_ms"] = c_step_ms(int8, prompts_by_B[1][0])
+        print(f"{name} batch 1: our compiled int8 step alone: {res['int8_c_step_ms']} ms", flush=True)
+    engines = {"pakar_int8": lambda p, n: int8.generate(p, SamplingParams(max_new_tokens=n, temperature=0.0)),
+               "pakar_int8_eager": lambda p, n: eager.generate(p, SamplingParams(max_new_tokens=n, temperature=0.0))}
     try:
         files = llama_cpp_files(model, tokenizer, folder)
         for t, path in files.items():
@@ -320,10 +356,9 @@ def bench_others(name: str, model: Transformer, tokenizer, prompts_by_B: dict, o
     except ImportError as e:
         res["llama_cpp_note"] = f"llama.cpp not measured: {e}"
     for B, prompts in prompts_by_B.items():
-        for key, fn in engines.items():
-            rate, ttft, toks = rate_and_ttft(fn, prompts, n_new, repeats)
+        for key, (rate, ttft, toks) in rates_and_ttfts(engines, prompts, n_new, repeats).items():
             res.setdefault(key, {})[f"batch{B}"] = {"decode_tok_s": round(rate, 1), "ttft_ms": round(1000 * ttft, 2)}
-            if key in ("pakar_int8", "llama_cpp_f32"):
+            if key in ("pakar_int8", "pakar_int8_eager", "llama_cpp_f32"):
                 res[key][f"batch{B}"]["tokens_match_pakar_f32"] = toks == ours_tokens[B]
             print(f"{name} batch {B}: {key} {rate:,.0f} tok/s, time to first token {1000 * ttft:.1f} ms", flush=True)
     return res

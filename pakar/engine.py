@@ -28,12 +28,14 @@ live in pakar/generate.py). Design choices:
   model's forward. Then, per step:
   - on a GPU (or a model that is not a plain pakar Transformer, or in training mode): the model's
     forward with the KV cache (`last_only`);
-  - on a CPU, batch > 1, or a bfloat16 or LoRA-wrapped model (or a dense int8 one):
+  - an int8 model (pakar.quant) on a CPU where pakar._int8step was built: pakar.quant.Int8Step, every
+    row of the step in one C call (pakar/_int8step.c), with the int8 modules' weights and arithmetic;
+  - on a CPU, batch > 1, or a bfloat16 or LoRA-wrapped model (or an int8 one without the C step):
     `Transformer.decode_step`, the model's modules called as modules (so wrappers and int8 modules run as
     they are), minus the losses and expert-count bookkeeping, and with `MoE.forward_chosen` (three small
     matmuls per expert actually chosen, read back to the host: free on a CPU, a sync on a GPU) in place
     of the sort-by-expert grouped matmul that suits thousands of tokens;
-  - on a CPU, one row, a stock float32 model or an int8 MoE model: `RowDecoder`, i.e.
+  - on a CPU, one row, a stock float32 model or an int8 MoE model without the C step: `RowDecoder`, i.e.
     `Transformer.decode_row`, the same weights and arithmetic as float32 vectors and matrix-vector
     products (Attention.decode_row, MoE.decode_row), in ~41 torch calls per layer of `small` where the
     model's forward makes ~158 (at batch 1 each call's fixed cost, not its arithmetic, is most of what a
@@ -72,7 +74,7 @@ import torch
 from pakar import PakarError
 from pakar.model import MLP, Attention, Block, KVCache, RMSNorm, RowScratch, Transformer
 from pakar.moe import Experts, MoE, Router
-from pakar.quant import Int8Experts, Int8Linear, Int8Row
+from pakar.quant import Int8Experts, Int8Linear, Int8Row, Int8Step
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 
@@ -269,7 +271,10 @@ class Engine:
         # decode steps through Transformer.decode_step where it applies (None = decide from the model), and
         # single-row steps through a RowDecoder where that applies too
         self.lean = lean_decode_ok(model) if lean is None else lean
-        self.row_decoder = RowDecoder(model) if self.lean and RowDecoder.applies(model) else None
+        # an int8 model's steps, any number of rows, through one C call where pakar._int8step was built
+        self.int8_step = Int8Step(model) if self.lean and Int8Step.applies(model) else None
+        self.row_decoder = (RowDecoder(model) if self.int8_step is None and self.lean and RowDecoder.applies(model)
+                            else None)
 
     def check_prompt(self, prompt_ids: Sequence[int], what: str = "prompt") -> None:
         """Raise ContextLengthError (or PakarError for an empty/invalid prompt) if it cannot be run."""
@@ -458,7 +463,13 @@ class Batch:
         S = cache.pos
         self.mask_BC[:, S] = True
         lengths = [r.length for r in self.rows]
-        if len(lengths) == 1 and self.engine.row_decoder is not None:
+        if self.engine.int8_step is not None:
+            _check_window(self.model, S + 1)
+            padded = len(lengths) > 1 and any(n != S + 1 for n in lengths)
+            pos_B = torch.tensor([n - 1 for n in lengths])
+            self.logits_BV = self.engine.int8_step(self.last_B1.view(-1), pos_B, cache,
+                                                   self.mask_BC if padded else None)
+        elif len(lengths) == 1 and self.engine.row_decoder is not None:
             self.logits_BV = self.engine.row_decoder(int(self.last_B1), cache, lengths[0])
         else:
             mask_BS = pos_B1 = None

@@ -23,16 +23,25 @@ Design choices:
 - CPU and float32 only (measured and tested on the CPU). On a GPU `--quantize int8` stops with one
   line (use --dtype bfloat16 there; a GPU is not bound by reading weights at these sizes the same
   way).
-- Decoding: one row at a time through Int8Row on the engine's RowDecoder (the float32 row step's
-  arithmetic, with one `torch._int_mm` per weight product, each input quantised once for all the
-  products that read it); several rows through Transformer.decode_step, which calls the int8
-  modules as modules (Int8Experts.swiglu is MoE.forward_chosen's per-expert product); prefill runs
-  the model's forward, where Int8Experts loops over the experts that received rows.
+- Decoding, chosen by the engine (pakar.engine):
+  - Int8Step, where pakar/_int8step.c was compiled at install (setup.py; any C compiler): every step,
+    one row or several, is one C call over the model's own int8 buffers. Why: an eager PyTorch step of
+    `small` is ~430 operator calls, and their fixed cost, not the arithmetic, was most of its time
+    (benchmarks/bench_generate.py's `int8_row_step`); the C step does the same arithmetic in plain
+    loops, with its own int8 dot products (int8 weights widened to 16 bits against the int8-level
+    input, pairs of products summed in exact 32-bit lanes: AVX-512 VNNI, AVX-512, AVX2 or scalar,
+    whichever the compiler was given), so weight_levels' limit does not concern it.
+  - Otherwise (no compiler at install), PyTorch ops: Int8Row on the engine's RowDecoder for one row (the
+    float32 row step's arithmetic, one `torch._int_mm` per weight product, each input quantised once
+    for all the products that read it); several rows through Transformer.decode_step, which calls the
+    int8 modules as modules (Int8Experts.swiglu is MoE.forward_chosen's per-expert product).
+  Prefill always runs the model's forward, where Int8Experts loops over the experts that received rows.
 - Training on a quantised model is refused (no gradients through packed weights).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -215,6 +224,113 @@ class Int8Row:
         """RowScratch's head contract: logits (1, V)."""
         step = self.quantize(h_D, self.f_D, self.q_D)
         return torch.mul(torch._int_mm(self.q_1D, self.head_w), self.head_scale).mul_(step * r)
+
+
+class _Layer(ctypes.Structure):  # pakar/_int8step.c's Layer, field for field
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "ln1", "ln2", "qkv", "qkv_scale", "q_norm", "k_norm", "o", "o_scale", "router", "bias",
+        "gate_up", "gate_up_scale", "down", "down_scale")]
+
+
+class _Model(ctypes.Structure):  # pakar/_int8step.c's Model
+    _fields_ = ([(name, ctypes.c_int64) for name in ("D", "H", "G", "K", "E", "top_k", "I", "V", "L", "norm_topk")]
+                + [("eps", ctypes.c_double)]
+                + [(name, ctypes.c_void_p) for name in ("embed", "final_norm", "cos", "sin", "head", "head_scale")]
+                + [("layers", ctypes.POINTER(_Layer))])
+
+
+def _c_step():
+    """pakar._int8step (built with the package where a C compiler was found), or None."""
+    try:
+        from pakar import _int8step
+    except ImportError:
+        return None
+    return _int8step
+
+
+class Int8Step:
+    """The decode step of an int8 model (MoE or dense), all rows at once, as one C call
+    (pakar/_int8step.c: the arithmetic of Int8Row and of the int8 modules, in plain loops, single-threaded,
+    releasing the GIL). The C struct it passes points into the model's own buffers, and into the
+    few concatenations (q/k/v, a dense MLP's gate/up) this object keeps alive: weights changed in
+    place after it is built are seen, except in those."""
+
+    def __init__(self, model: nn.Module):
+        self.lib = _c_step()
+        cfg = model.config
+        keep = self.keep = []
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            t = t.detach().contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        L = cfg.num_hidden_layers
+        self.layers = (_Layer * L)()
+        for l, layer in enumerate(model.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            if hasattr(mlp, "experts"):
+                ex, gate = mlp.experts, mlp.gate
+                ffn = dict(router=ptr(gate.weight.float()),
+                           bias=ptr(gate.expert_bias) if bool(gate.expert_bias.any()) else None,
+                           gate_up=ptr(ex.gate_up_q), gate_up_scale=ptr(ex.gate_up_scale),
+                           down=ptr(ex.down_q), down_scale=ptr(ex.down_scale))
+            else:  # a dense MLP: one expert that every row takes
+                ffn = dict(router=None, bias=None,
+                           gate_up=ptr(torch.cat([mlp.gate_proj.weight_q, mlp.up_proj.weight_q])),
+                           gate_up_scale=ptr(torch.cat([mlp.gate_proj.scale, mlp.up_proj.scale])),
+                           down=ptr(mlp.down_proj.weight_q), down_scale=ptr(mlp.down_proj.scale))
+            self.layers[l] = _Layer(
+                ln1=ptr(layer.input_layernorm.weight), ln2=ptr(layer.post_attention_layernorm.weight),
+                qkv=ptr(torch.cat([a.q_proj.weight_q, a.k_proj.weight_q, a.v_proj.weight_q])),
+                qkv_scale=ptr(torch.cat([a.q_proj.scale, a.k_proj.scale, a.v_proj.scale])),
+                q_norm=ptr(a.q_norm.weight), k_norm=ptr(a.k_norm.weight),
+                o=ptr(a.o_proj.weight_q), o_scale=ptr(a.o_proj.scale), **ffn)
+        self.model = _Model(
+            D=cfg.hidden_size, H=cfg.num_attention_heads, G=cfg.num_key_value_heads, K=cfg.head_dim,
+            E=max(cfg.num_experts, 1), top_k=max(cfg.num_experts_per_tok, 1),
+            I=cfg.intermediate_size if cfg.dense else cfg.moe_intermediate_size, V=cfg.vocab_size, L=L,
+            norm_topk=int(bool(cfg.norm_topk_prob)), eps=cfg.rms_norm_eps,
+            embed=ptr(model.embed_tokens.weight), final_norm=ptr(model.norm.weight),
+            cos=ptr(model.rope_cos), sin=ptr(model.rope_sin),
+            head=ptr(model.lm_head.weight_q), head_scale=ptr(model.lm_head.scale), layers=self.layers)
+        self.addr = ctypes.addressof(self.model)
+        self.work, self.work_shape = None, None
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        """pakar._int8step was built, and `model` is an int8 pakar Transformer as quantize_int8 leaves
+        it (no LoRA or other wrapped modules), float32, eval mode, on the CPU."""
+        from pakar.model import MLP, Block, RMSNorm, Transformer
+        from pakar.moe import MoE, Router
+
+        types = {type(m) for m in model.modules()}  # no float32 Linear or Experts left, nothing wrapped
+        return (_c_step() is not None and type(model) is Transformer and not model.training
+                and types <= {Transformer, nn.ModuleList, nn.Embedding, Block, Attention, RMSNorm, MoE, Router,
+                              Int8Experts, MLP, Int8Linear}
+                and type(model.lm_head) is Int8Linear and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters()))
+
+    def __call__(self, tok_B: torch.Tensor, pos_B: torch.Tensor, cache, mask_BC: torch.Tensor | None) -> torch.Tensor:
+        """Feed tok_B (int64) at positions pos_B into column cache.pos of every row, attending over the
+        columns mask_BC marks (None: each row's last pos + 1 columns); returns the logits (B, V) and
+        advances cache.pos."""
+        B, S, C = tok_B.shape[0], cache.pos, cache.k.shape[3]
+        tok_B = tok_B.contiguous()  # the C step reads raw pointers: contiguous int64, float32, bool
+        assert tok_B.dtype == pos_B.dtype == torch.int64 and pos_B.is_contiguous() and cache.k.is_contiguous()
+        assert cache.v.is_contiguous() and cache.k.dtype == torch.float32 and cache.k.shape[1] == B
+        assert mask_BC is None or (mask_BC.dtype == torch.bool and mask_BC.stride(1) == 1)
+        if (B, C) != self.work_shape:  # the scratch a step of this shape needs
+            self.work = torch.empty(self.lib.work_bytes(self.addr, B, C), dtype=torch.uint8)
+            self.work_shape = (B, C)
+        logits = torch.empty(B, self.model.V)
+        mask = 0 if mask_BC is None else mask_BC.data_ptr()
+        stride = 0 if mask_BC is None else mask_BC.stride(0)
+        self.lib.step(self.addr, self.work.data_ptr(), B, S, C, tok_B.data_ptr(), pos_B.data_ptr(), mask, stride,
+                      cache.k.data_ptr(), cache.v.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+        cache.pos = S + 1
+        return logits
 
 
 def check_int8(device: torch.device | str, dtype: torch.dtype | None) -> None:

@@ -4,6 +4,7 @@ decode paths, eval's bits-per-byte report and the one-line refusals."""
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from pakar import PakarError
 from pakar.checkpoint import safe_load
 from pakar.config import get_config
 from pakar.model import Transformer
-from pakar.quant import Int8Experts, Int8Linear, quantize_int8, weight_levels
+from pakar.quant import Int8Experts, Int8Linear, _c_step, quantize_int8, weight_levels
 
 from test_serve import CHAT_PAIRS, TEXTS, tiny_chat_checkpoint  # noqa: E402  (shared trained test model)
 
@@ -118,72 +119,160 @@ def test_refusals_and_cli(chat_ckpt, tmp_path, capsys):
 ROW_TOL = 1e-2
 
 
-def assert_row_step_matches_module_step(q, prompt: list[int], steps: int = 12) -> float:
-    """Feed greedy tokens through the int8 row step (RowDecoder) and through q.decode_step from the
-    same prefilled cache, with and without left padding: the same argmax each step, the caches
-    equal; returns the worst relative RMS difference of the logits."""
-    from pakar.engine import RowDecoder
+def assert_step_matches_module_step(q, prompts: list[list[int]], step, steps: int = 12, pad: int = 0) -> float:
+    """Feed greedy tokens through `step(tokens, lengths, cache, mask_BC)` -> logits (B, V) and through
+    q.decode_step from the same prefilled cache (rows left-padded to the longest prompt, plus `pad`
+    columns): the same argmax for every row at every step, the caches equal; returns the worst
+    relative RMS difference of a row's logits."""
     from pakar.model import KVCache
 
-    assert RowDecoder.applies(q)
-    decoder = RowDecoder(q)
+    B, P = len(prompts), max(map(len, prompts)) + pad
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts])
     worst = 0.0
-    for pad in (0, 5):
-        ids = torch.tensor([[0] * pad + prompt])
-        valid = torch.tensor([[False] * pad + [True] * len(prompt)])
-        with torch.no_grad():
-            size = pad + len(prompt) + steps
-            ref_cache, row_cache = KVCache(q.config, 1, size), KVCache(q.config, 1, size)
-            for c in (ref_cache, row_cache):
-                q(ids, kv_cache=c, attention_mask=valid, position_ids=(valid.long().cumsum(1) - 1).clamp_min(0))
-            tok_id = prompt[-1]
-            for step in range(steps):
-                n = len(prompt) + step + 1
-                valid = torch.cat([valid, torch.ones(1, 1, dtype=torch.bool)], 1)
-                ref = q.decode_step(torch.tensor([[tok_id]]), ref_cache, torch.tensor([[n - 1]]), valid)
-                got = decoder(tok_id, row_cache, n)
-                worst = max(worst, ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item())
-                assert got.argmax().item() == ref.argmax().item()
-                tok_id = int(got.argmax())
-        torch.testing.assert_close(row_cache.k, ref_cache.k, rtol=1e-3, atol=1e-4)
-        torch.testing.assert_close(row_cache.v, ref_cache.v, rtol=1e-3, atol=1e-4)
+    with torch.no_grad():
+        ref_cache, got_cache = KVCache(q.config, B, P + steps), KVCache(q.config, B, P + steps)
+        for c in (ref_cache, got_cache):
+            q(ids, kv_cache=c, attention_mask=valid, position_ids=(valid.long().cumsum(1) - 1).clamp_min(0))
+        tokens, lengths = [p[-1] for p in prompts], [len(p) for p in prompts]
+        for _ in range(steps):
+            lengths = [n + 1 for n in lengths]
+            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
+            pos = torch.tensor(lengths)[:, None] - 1
+            ref = q.decode_step(torch.tensor(tokens)[:, None], ref_cache, pos, valid)
+            got = step(tokens, lengths, got_cache, valid)
+            worst = max(worst, ((got - ref).pow(2).mean(1).sqrt() / ref.pow(2).mean(1).sqrt()).max().item())
+            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+            tokens = got.argmax(-1).tolist()
+    torch.testing.assert_close(got_cache.k, ref_cache.k, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(got_cache.v, ref_cache.v, rtol=1e-3, atol=1e-4)
     return worst
 
 
-def test_int8_row_step_matches_int8_module_step(chat_ckpt):
-    """The one-row int8 step (quant.Int8Row on the engine's RowDecoder) against the same model run as
-    modules (Transformer.decode_step, int8_matmul per product): the same int8 weights and the same
-    per-row activation quantisation, so the logits differ only by float32 rounding order (and the
-    rare activation that lands on a rounding boundary and moves one int8 step); measured relative
-    RMS difference 1.7e-7 over these steps, bounded at 1e-4. Also with a left-padded cache, and the
-    greedy tokens of whole generations are identical."""
+def assert_row_step_matches_module_step(q, prompt: list[int]) -> float:
+    """The eager int8 row step (quant.Int8Row on a RowDecoder: the engine's path where pakar._int8step
+    was not built), one row, with and without left padding."""
+    from pakar.engine import RowDecoder
+
+    assert RowDecoder.applies(q)
+    decoder = RowDecoder(q)
+    return max(assert_step_matches_module_step(q, [prompt], lambda t, n, c, m: decoder(t[0], c, n[0]), pad=pad)
+               for pad in (0, 5))
+
+
+def assert_c_step_matches_module_step(q, prompts: list[list[int]]) -> float:
+    """The compiled step (quant.Int8Step, pakar/_int8step.c): one row with and without left padding
+    (mask None: the row's own last columns), and all rows together, left-padded, through the mask."""
+    from pakar.quant import Int8Step
+
+    assert Int8Step.applies(q)
+    c_step = Int8Step(q)
+
+    def step(tokens, lengths, cache, mask):
+        return c_step(torch.tensor(tokens), torch.tensor(lengths) - 1, cache, mask if len(tokens) > 1 else None)
+
+    return max([assert_step_matches_module_step(q, prompts[:1], step, pad=pad) for pad in (0, 5)]
+               + [assert_step_matches_module_step(q, prompts, step)])
+
+
+needs_c_step = pytest.mark.skipif(_c_step() is None, reason="pakar._int8step was not built (no C compiler at install)")
+
+
+def test_c_step_is_built_where_a_compiler_is():
+    """setup.py builds pakar/_int8step.c wherever pip finds a C compiler (optional only for machines
+    without one): on such a machine a missing module is a broken build, not a skip."""
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "cl")):
+        pytest.skip("no C compiler on this machine")
+    assert _c_step() is not None, "pakar._int8step missing: run pip install -e . again and read its build log"
+
+
+def test_int8_steps_match_int8_module_step(chat_ckpt):
+    """The engine's int8 decode steps against the same model run as modules (Transformer.decode_step,
+    int8_matmul per product): the compiled step (all rows, one C call) and the eager one-row step
+    (quant.Int8Row). The same int8 weights and per-row activation quantisation, so the logits differ
+    only by float32 rounding order (and the rare activation on a rounding boundary that moves one
+    int8 step): measured relative RMS 1.7e-7 (eager) and ~1e-7 to 3.5e-3 (compiled, batched), bounded
+    at ROW_TOL. Whole greedy generations are identical, one row and several."""
     from pakar.checkpoint import build_model
     from pakar.engine import Engine, SamplingParams
 
     ckpt = safe_load(chat_ckpt)
     model, tok = build_model(ckpt, "cpu", torch.float32)
     q = quantize_int8(model)
-    assert assert_row_step_matches_module_step(q, tok.encode(TEXTS[0])[:12]) < ROW_TOL
+    prompts = [tok.encode(t)[:12] for t in TEXTS[:3]]
+    assert assert_row_step_matches_module_step(q, prompts[0]) < ROW_TOL
+    engine, modules = Engine(q), Engine(q)
+    modules.int8_step = modules.row_decoder = None  # every step through decode_step
+    if _c_step() is not None:
+        assert assert_c_step_matches_module_step(q, prompts) < ROW_TOL
+        assert engine.int8_step is not None and engine.row_decoder is None
+    else:
+        assert engine.row_decoder is not None
     sp = SamplingParams(temperature=0, max_new_tokens=30)
-    row, modules = Engine(q), Engine(q)
-    modules.row_decoder = None  # every step through decode_step
-    assert row.row_decoder is not None
     for text in TEXTS:
         p = tok.encode(text)
-        assert row.generate([p], sp) == modules.generate([p], sp)
+        assert engine.generate([p], sp) == modules.generate([p], sp)
+    batch = [tok.encode(t) for t in TEXTS]
+    assert engine.generate(batch, sp) == modules.generate(batch, sp)
 
 
-@pytest.mark.parametrize("k,norm,tied,bias", [(1, False, False, False), (2, True, False, False),
-                                               (2, False, True, False), (2, False, False, True)])
-def test_int8_row_step_routing_variants(k, norm, tied, bias):
+def random_int8_model(**overrides):
+    torch.manual_seed(3)
+    cfg = get_config(overrides.pop("config", "tiny"), vocab_size=512, max_position_embeddings=64, **overrides)
+    return quantize_int8(Transformer(cfg).eval())
+
+
+ROUTING_VARIANTS = [dict(num_experts_per_tok=1), dict(norm_topk_prob=True), dict(tie_word_embeddings=True),
+                    dict(bias=True)]
+
+
+@pytest.mark.parametrize("variant", ROUTING_VARIANTS, ids=["top1", "top2-norm", "tied", "bias"])
+def test_int8_row_step_routing_variants(variant):
     """The same on random `tiny` models: top-1 and top-2 routing, renormalised gates, tied
     embeddings (the head quantised from the shared table), a non-zero expert-selection bias."""
-    torch.manual_seed(3)
-    cfg = get_config("tiny", vocab_size=512, max_position_embeddings=64, num_experts_per_tok=k,
-                     norm_topk_prob=norm, tie_word_embeddings=tied)
-    model = Transformer(cfg).eval()
-    if bias:
-        for layer in model.layers:
-            layer.mlp.gate.expert_bias.copy_(torch.randn(cfg.num_experts) * 0.1)
+    q = random_int8_model(**{k: v for k, v in variant.items() if k != "bias"})
+    if variant.get("bias"):
+        for layer in q.layers:
+            layer.mlp.gate.expert_bias.copy_(torch.randn(q.config.num_experts) * 0.1)
     prompt = torch.randint(3, 512, (9,), generator=torch.Generator().manual_seed(4)).tolist()
-    assert assert_row_step_matches_module_step(quantize_int8(model), prompt) < ROW_TOL
+    assert assert_row_step_matches_module_step(q, prompt) < ROW_TOL
+    if _c_step() is not None:
+        prompts = [prompt, prompt[:4], prompt[2:7][::-1]]
+        assert assert_c_step_matches_module_step(q, prompts) < ROW_TOL
+
+
+@needs_c_step
+def test_int8_c_step_threads_do_not_change_results():
+    """The compiled step splits big products' weight rows over PyTorch's thread count (each row whole
+    on one thread): 1 and 2 threads give bit-identical logits and caches, and both match the module
+    step, at `small` widths with 8 rows (every product above the split threshold)."""
+    from pakar.model import KVCache
+    from pakar.quant import Int8Step
+
+    q = random_int8_model(config="small")
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (9, 5, 7, 9, 2, 8, 9, 6)]
+    c_step = Int8Step(q)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            cache = KVCache(q.config, 8, 12)
+            cache.pos = 11  # the step reads and writes only the cache, so filler keys and values will do
+            torch.manual_seed(7)
+            cache.k.normal_(), cache.v.normal_()
+            tok, pos = torch.randint(3, 512, (8,), generator=torch.Generator().manual_seed(8)), torch.full((8,), 11)
+            outs.append((c_step(tok, pos, cache, None), cache.k.clone(), cache.v.clone()))
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+        assert assert_c_step_matches_module_step(q, prompts) < ROW_TOL
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_c_step
+def test_int8_c_step_dense_model():
+    """A dense twin's int8 model (one SwiGLU MLP per layer, no router) through the compiled step."""
+    q = random_int8_model(config="tiny-dense")
+    prompt = torch.randint(3, 512, (9,), generator=torch.Generator().manual_seed(5)).tolist()
+    assert assert_c_step_matches_module_step(q, [prompt, prompt[:3]]) < ROW_TOL
