@@ -9,9 +9,13 @@ Both must produce the same greedy tokens (checked and reported: `tokens_match`).
 runs are interleaved, so a slower stretch of a shared machine slows both.
 Target: decode at batch 1 at least 3x transformers on a CPU.
 
-Beside them, in the same run and with the same weights and thread count:
-- pakar with `--quantize int8` (pakar/quant.py), batch 1 and 8 (its greedy tokens are reported
-  against float32's: `tokens_match_pakar_f32`; with random weights they part after some tokens);
+Beside them, in the same run and with the same weights and thread count, the engines taking turns
+within each repeat (rates_and_ttfts):
+- pakar with `--quantize int8` (pakar/quant.py), batch 1 and 8: `pakar_int8` is what the engine runs,
+  the compiled step (pakar/_int8step.c through quant.Int8Step, one C call per step) where it was built;
+  `pakar_int8_eager` the PyTorch-ops path it falls back to without a C compiler (quant.Int8Row for
+  one row, Transformer.decode_step for several). Their greedy tokens are reported against float32's
+  (`tokens_match_pakar_f32`; with random weights they part after some tokens);
 - llama.cpp through llama-cpp-python, on GGUF files of the same weights written by
   `pakar export --format gguf` (f32 and q8_0), greedy, through its low-level batch API: batch 8 is
   8 sequences (seq ids 0-7) decoded together, one `llama_decode` per step; argmax on the host. Its
@@ -25,22 +29,17 @@ Also measured at batch 1: the matrix-vector products alone (`matvec_floor_ms`: t
 reads, which every engine pays) and so the most any engine could gain over transformers here
 (`ceiling_speedup` = transformers' time per token / the floor).
 
-Where pakar's batch-1 step goes (`f32_row_step`, `int8_row_step`; row_step_anatomy): the row
-step alone (`step_ms`, no sampling), its weight products alone (`products_ms`: the float32 floor
-above, or for int8 the 37 `torch._int_mm` calls of pakar.quant.Int8Row on `small`, router in
-float32, inputs already int8), the torch calls one step makes (`torch_calls`) and the time of that
-many trivial torch calls (`trivial_calls_ms`: an in-place add of two 256-float vectors), the three
-interleaved. Reading them: int8 cuts the products of `small` to about a fifth of float32's, so the
-int8 step is no longer bound by reading weights but by its calls: 433 per token (float32: 248;
-each input vector is quantised once, 5 calls, and the int32 results rescaled), which cost about as
-much as the products even as trivial adds, and the step's remainder is those calls' own small work
-and the Python between them. llama.cpp's whole q8_0 token takes about what our int8 products alone
-take: it runs a planned graph of C loops over preallocated buffers, with no per-operator dispatch,
-allocation or interpreter. An eager PyTorch step pays ~1-2 µs per call before any arithmetic, so
-parity would need several ops fused into one compiled kernel (torch.compile's C++ code, which needs
-a compiler on the user's machine, or a C++ extension), not a different choice of operators. On
-`tiny` (64-wide products, in cache) the float32 products cost less than quantising their inputs,
-so int8 decodes slower than float32 there.
+Where pakar's batch-1 step goes (`f32_row_step`, `int8_row_step`: the eager row steps;
+row_step_anatomy): the row step alone (`step_ms`, no sampling), its weight products alone
+(`products_ms`: the float32 floor above, or for int8 the 37 `torch._int_mm` calls of
+pakar.quant.Int8Row on `small`, router in float32, inputs already int8), the torch calls one step
+makes (`torch_calls`) and the time of that many trivial torch calls (`trivial_calls_ms`: an in-place
+add of two 256-float vectors), the three interleaved. Reading them: int8 cuts the products of `small`
+to about a fifth of float32's, so the eager int8 step is bound by its 433 calls per token, not by
+reading weights. That is why the compiled step exists: `int8_c_step_ms` is the same step as one C
+call (no sampling), against which llama.cpp's whole q8_0 token (a planned graph of C loops) is the
+fair comparison. On `tiny` (64-wide products, in cache) the eager int8 step is slower than float32:
+quantising the inputs costs more than the products save.
 
 Run: python benchmarks/bench_generate.py [--configs tiny small] [--new-tokens 64] [--repeats 3]
 The last line printed is one JSON object. Both engines run with the same --threads (default 1).

@@ -9,8 +9,8 @@ Design choices:
 - Weights: symmetric int8 with one float scale per output channel (per row of each (out, in)
   matrix, per expert): scale = max|w_row| / 127, so each weight is off by at most scale / 2 (63 levels
   instead of 127 on CPUs whose int8 kernels would saturate: weight_levels).
-- Kernel, chosen by measured speed (1 thread, this project's CPU; interleaved against float32
-  `torch.mv`, per product of `small`): `torch._int_mm` (int8 x int8 -> exact int32) with the weight
+- Kernel of the modules (prefill, and decoding where the C step was not built), chosen by measured
+  speed (1 thread, this project's CPU; interleaved against float32 `torch.mv`, per product of `small`): `torch._int_mm` (int8 x int8 -> exact int32) with the weight
   passed as a transposed view of its (O, I) storage: ~3-5 µs for a 384x256 product from cache, ~5-11
   µs when the weights come from memory (float32 gemv: ~8 / ~40 µs; the 8192x256 head: ~40-80 µs
   against ~260-920 µs). Measured slower: fbgemm's `quantized.linear_dynamic` (~30 µs a call at one
@@ -30,7 +30,9 @@ Design choices:
     (benchmarks/bench_generate.py's `int8_row_step`); the C step does the same arithmetic in plain
     loops, with its own int8 dot products (int8 weights widened to 16 bits against the int8-level
     input, pairs of products summed in exact 32-bit lanes: AVX-512 VNNI, AVX-512, AVX2 or scalar,
-    whichever the compiler was given), so weight_levels' limit does not concern it.
+    whichever the compiler was given), so weight_levels' limit does not concern it. Products of more
+    than 2^18 multiply-adds are split over PyTorch's thread count (POSIX threads; one thread on
+    Windows): a model whose weights do not fit the caches needs several cores' memory bandwidth.
   - Otherwise (no compiler at install), PyTorch ops: Int8Row on the engine's RowDecoder for one row (the
     float32 row step's arithmetic, one `torch._int_mm` per weight product, each input quantised once
     for all the products that read it); several rows through Transformer.decode_step, which calls the
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -370,4 +373,7 @@ def maybe_quantize(model: nn.Module, quantize: str | None) -> nn.Module:
         return model
     if quantize != "int8":
         raise PakarError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if _c_step() is None:
+        print("pakar: int8 decodes through PyTorch operators, several times slower than its compiled step "
+              "(pakar._int8step was not built: no C compiler when pakar was installed)", file=sys.stderr)
     return quantize_int8(model)
