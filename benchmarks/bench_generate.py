@@ -90,6 +90,32 @@ def time_hf(hf, prompts: list[list[int]], n_new: int) -> tuple[float, list[list[
     return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
 
 
+def hf_generate(hf):
+    """transformers' greedy `generate` as fn(prompts, n) -> (tokens, perf_counter() at the first token):
+    a streamer's second put() is the first generated token (its first is the prompt)."""
+
+    class FirstToken:
+        def __init__(self):
+            self.puts, self.time = 0, None
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:
+                self.time = time.perf_counter()
+
+        def end(self):
+            pass
+
+    def fn(prompts: list[list[int]], n_new: int) -> tuple[list[list[int]], float]:
+        ids, stamp = torch.tensor(prompts), FirstToken()
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                              do_sample=False, eos_token_id=None, pad_token_id=0, streamer=stamp)
+        return out[:, ids.shape[1]:].tolist(), stamp.time
+
+    return fn
+
+
 def measure(engine, hf, prompts, n_new, repeats):
     """Medians of the time for 1 and for n_new new tokens, for both engines, runs interleaved (ours,
     then transformers, then again) so that a slower stretch of a shared machine hits both alike.
@@ -293,44 +319,58 @@ class LlamaCpp:
         return [int(np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.V,)).argmax())
                 for i in last]
 
-    def generate(self, prompts: list[list[int]], n_new: int) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], n_new: int) -> tuple[list[list[int]], float]:
+        """(the new tokens of each prompt, perf_counter() when every row had its first)."""
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
         nxt = self._decode([(s, p, 0) for s, p in enumerate(prompts)])
         out = [[t] for t in nxt]
+        first = time.perf_counter()
         for k in range(1, n_new):
             nxt = self._decode([(s, [out[s][-1]], len(p) + k - 1) for s, p in enumerate(prompts)])
             for s, t in enumerate(nxt):
                 out[s].append(t)
-        return out
+        return out, first
 
 
-def time_call(fn, prompts, n_new):
-    t0 = time.perf_counter()
-    out = fn(prompts, n_new)
-    return time.perf_counter() - t0, out
+def pakar_generate(engine: Engine):
+    """engine's greedy generation as fn(prompts, n) -> (tokens, perf_counter() at the first token)."""
+
+    def fn(prompts: list[list[int]], n_new: int) -> tuple[list[list[int]], float]:
+        out: list[list[int]] = [[] for _ in prompts]
+        first = None
+        for events in engine.stream(prompts, SamplingParams(max_new_tokens=n_new, temperature=0.0)):
+            first = first or time.perf_counter()
+            for ev in events:
+                out[ev.row].append(ev.token)
+        return out, first
+
+    return fn
 
 
 def rates_and_ttfts(engines: dict, prompts, n_new, repeats) -> dict:
-    """{name: (aggregate decode tokens/s, time to first token in s, tokens)} of each fn(prompts, n) ->
-    tokens, the engines taking turns within each repeat (a slower stretch of a shared machine slows
-    them all alike): per repeat, each times 1 new token then n_new; medians over the repeats."""
+    """{name: (aggregate decode tokens/s, time to first token in s, tokens)} of each
+    fn(prompts, n) -> (tokens, perf_counter() when every row had its first token): decode tokens/s
+    counts the tokens after the first over the time after it, so prefill's own noise stays out of
+    it. The engines take turns within each repeat (a slower stretch of a shared machine slows them
+    all alike); medians over the repeats."""
     for fn in engines.values():
         fn(prompts, 2)  # warm-up
-    t1: dict = {k: [] for k in engines}
-    tn: dict = {k: [] for k in engines}
+    rates: dict = {k: [] for k in engines}
+    ttfts: dict = {k: [] for k in engines}
     out = {}
     for _ in range(repeats):
         for k, fn in engines.items():
-            t1[k].append(time_call(fn, prompts, 1)[0])
-            t, out[k] = time_call(fn, prompts, n_new)
-            tn[k].append(t)
-    return {k: (len(prompts) * (n_new - 1) / (statistics.median(tn[k]) - statistics.median(t1[k])),
-                statistics.median(t1[k]), out[k]) for k in engines}
+            t0 = time.perf_counter()
+            out[k], first = fn(prompts, n_new)
+            rates[k].append(len(prompts) * (n_new - 1) / (time.perf_counter() - first))
+            ttfts[k].append(first - t0)
+    return {k: (statistics.median(rates[k]), statistics.median(ttfts[k]), out[k]) for k in engines}
 
 
-def bench_others(name: str, model: Transformer, tokenizer, prompts_by_B: dict, ours_tokens: dict, n_new: int,
-                 repeats: int, threads: int, folder: Path) -> dict:
-    """pakar int8 and llama.cpp f32 / q8_0, batch 1 and 8; figures per engine and batch."""
+def bench_others(name: str, model: Transformer, engine: Engine, hf, tokenizer, prompts_by_B: dict, ours_tokens: dict,
+                 n_new: int, repeats: int, threads: int, folder: Path) -> dict:
+    """pakar int8 (compiled and eager), llama.cpp f32 / q8_0, and again pakar float32 and transformers,
+    batch 1 and 8, all timed alike in turns (rates_and_ttfts); figures per engine and batch."""
     import copy
 
     from pakar.quant import quantize_int8
@@ -345,8 +385,8 @@ def bench_others(name: str, model: Transformer, tokenizer, prompts_by_B: dict, o
     if int8.int8_step is not None:
         res["int8_c_step_ms"] = c_step_ms(int8, prompts_by_B[1][0])
         print(f"{name} batch 1: our compiled int8 step alone: {res['int8_c_step_ms']} ms", flush=True)
-    engines = {"pakar_int8": lambda p, n: int8.generate(p, SamplingParams(max_new_tokens=n, temperature=0.0)),
-               "pakar_int8_eager": lambda p, n: eager.generate(p, SamplingParams(max_new_tokens=n, temperature=0.0))}
+    engines = {"transformers": hf_generate(hf), "pakar_f32": pakar_generate(engine),
+               "pakar_int8": pakar_generate(int8), "pakar_int8_eager": pakar_generate(eager)}
     try:
         files = llama_cpp_files(model, tokenizer, folder)
         for t, path in files.items():
@@ -357,7 +397,7 @@ def bench_others(name: str, model: Transformer, tokenizer, prompts_by_B: dict, o
     for B, prompts in prompts_by_B.items():
         for key, (rate, ttft, toks) in rates_and_ttfts(engines, prompts, n_new, repeats).items():
             res.setdefault(key, {})[f"batch{B}"] = {"decode_tok_s": round(rate, 1), "ttft_ms": round(1000 * ttft, 2)}
-            if key in ("pakar_int8", "pakar_int8_eager", "llama_cpp_f32"):
+            if key in ("transformers", "pakar_int8", "pakar_int8_eager", "llama_cpp_f32"):
                 res[key][f"batch{B}"]["tokens_match_pakar_f32"] = toks == ours_tokens[B]
             print(f"{name} batch {B}: {key} {rate:,.0f} tok/s, time to first token {1000 * ttft:.1f} ms", flush=True)
     return res
@@ -400,14 +440,16 @@ def bench_config(name: str, n_new: int, repeats: int, prompt_len: int, tokenizer
                   f"could beat transformers by more than {b1['ceiling_speedup']:.2f}x here; "
                   f"our float32 row step: {b1['f32_row_step']}", flush=True)
     res["tokens_match"] = match
-    res |= bench_others(name, model, tokenizer, prompts_by_B, tokens_by_B, n_new, repeats, threads, folder)
-    for B in (1, 8):
-        int8 = res["pakar_int8"][f"batch{B}"]["decode_tok_s"]
-        res[f"batch{B}"]["int8_vs_hf"] = round(int8 / res[f"batch{B}"]["hf_decode_tok_s"], 2)
+    res |= bench_others(name, model, engine, hf, tokenizer, prompts_by_B, tokens_by_B, n_new, repeats, threads, folder)
+    for B in (1, 8):  # the int8 ratios from the turns above, every engine timed alike
+
+        def rate(key):
+            return res[key][f"batch{B}"]["decode_tok_s"]
+
+        res[f"batch{B}"]["int8_vs_hf"] = round(rate("pakar_int8") / rate("transformers"), 2)
         if "llama_cpp_q8_0" in res:
-            res[f"batch{B}"]["int8_vs_llama_q8_0"] = round(int8 / res["llama_cpp_q8_0"][f"batch{B}"]["decode_tok_s"], 2)
-            res[f"batch{B}"]["f32_vs_llama_f32"] = round(
-                res[f"batch{B}"]["ours_decode_tok_s"] / res["llama_cpp_f32"][f"batch{B}"]["decode_tok_s"], 2)
+            res[f"batch{B}"]["int8_vs_llama_q8_0"] = round(rate("pakar_int8") / rate("llama_cpp_q8_0"), 2)
+            res[f"batch{B}"]["f32_vs_llama_f32"] = round(rate("pakar_f32") / rate("llama_cpp_f32"), 2)
     return res
 
 

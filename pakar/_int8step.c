@@ -44,7 +44,7 @@ typedef struct {
 } Layer;
 
 typedef struct {
-    int64_t D, H, G, K, E, top_k, I, V, L, norm_topk;
+    int64_t D, H, G, K, E, top_k, I, V, L, norm_topk, W;  /* W: rows of the rotary tables */
     double eps;
     const float *embed, *final_norm, *cos, *sin;
     const int8_t *head;
@@ -557,6 +557,14 @@ static PyObject *step(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize
     st.logits = (float *)PyLong_AsVoidPtr(args[11]);
     st.threads = (int)PyLong_AsLong(args[12]);
     if (PyErr_Occurred()) return NULL;
+    /* what the loops index with: out of range would read or write outside the tensors */
+    int ok = st.B >= 1 && 0 <= st.S && st.S < st.C && (st.mask || st.mask_stride == 0) && (!st.mask || st.mask_stride > st.S);
+    for (int64_t b = 0; ok && b < st.B; b++)
+        ok = 0 <= st.tokens[b] && st.tokens[b] < m->V && 0 <= st.pos[b] && st.pos[b] < m->W && st.pos[b] <= st.S;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "int8 step: a token, position or cache column out of range");
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
     LOCK_STEP();
     run(m, &st, work);

@@ -236,7 +236,7 @@ class _Layer(ctypes.Structure):  # pakar/_int8step.c's Layer, field for field
 
 
 class _Model(ctypes.Structure):  # pakar/_int8step.c's Model
-    _fields_ = ([(name, ctypes.c_int64) for name in ("D", "H", "G", "K", "E", "top_k", "I", "V", "L", "norm_topk")]
+    _fields_ = ([(name, ctypes.c_int64) for name in ("D", "H", "G", "K", "E", "top_k", "I", "V", "L", "norm_topk", "W")]
                 + [("eps", ctypes.c_double)]
                 + [(name, ctypes.c_void_p) for name in ("embed", "final_norm", "cos", "sin", "head", "head_scale")]
                 + [("layers", ctypes.POINTER(_Layer))])
@@ -295,7 +295,7 @@ class Int8Step:
             D=cfg.hidden_size, H=cfg.num_attention_heads, G=cfg.num_key_value_heads, K=cfg.head_dim,
             E=max(cfg.num_experts, 1), top_k=max(cfg.num_experts_per_tok, 1),
             I=cfg.intermediate_size if cfg.dense else cfg.moe_intermediate_size, V=cfg.vocab_size, L=L,
-            norm_topk=int(bool(cfg.norm_topk_prob)), eps=cfg.rms_norm_eps,
+            norm_topk=int(bool(cfg.norm_topk_prob)), W=model.rope_cos.shape[0], eps=cfg.rms_norm_eps,
             embed=ptr(model.embed_tokens.weight), final_norm=ptr(model.norm.weight),
             cos=ptr(model.rope_cos), sin=ptr(model.rope_sin),
             head=ptr(model.lm_head.weight_q), head_scale=ptr(model.lm_head.scale), layers=self.layers)

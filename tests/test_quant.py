@@ -268,6 +268,13 @@ def test_int8_c_step_threads_do_not_change_results():
         assert assert_c_step_matches_module_step(q, prompts) < ROW_TOL
     finally:
         torch.set_num_threads(threads)
+    # what the C loops index with is checked before they run: an error, not a read outside a tensor
+    for bad_tok, bad_pos, column in ((512, 11, 11), (-1, 11, 11), (3, 12, 11), (3, -1, 11), (3, 11, 12)):
+        cache.pos = column
+        with pytest.raises(ValueError, match="out of range"):
+            c_step(torch.full((8,), bad_tok), torch.full((8,), bad_pos), cache, None)
+    cache.pos = 11
+    assert c_step(torch.full((8,), 3), torch.full((8,), 11), cache, None).isfinite().all()
 
 
 @needs_c_step
