@@ -102,13 +102,22 @@ static inline void tail4(const int16_t *x, const int8_t *w, int64_t n, int64_t f
 #if defined(__AVX512BW__)
 #include <immintrin.h>
 #define LANES 32
-static inline __m512i mac(__m512i acc, __m512i x, const int8_t *w) {
-    const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w));
 #if defined(__AVX512VNNI__)
-    return _mm512_dpwssd_epi32(acc, x, wv);
+#define DP(acc, x, w) _mm512_dpwssd_epi32(acc, x, w)
 #else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(x, wv));
+#define DP(acc, x, w) _mm512_add_epi32(acc, _mm512_madd_epi16(x, w))
 #endif
+static inline __m512i mac(__m512i acc, __m512i x, const int8_t *w) {
+    return DP(acc, x, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w)));
+}
+/* y[0..3] = the lane sums of a0..a3, as one tree (four separate reductions cost as much as the
+   products at these widths) */
+static inline void reduce4(__m512i a0, __m512i a1, __m512i a2, __m512i a3, int32_t *y) {
+#define HALVES(a) _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1))
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(HALVES(a0), HALVES(a1)),
+                                        _mm256_hadd_epi32(HALVES(a2), HALVES(a3)));
+#undef HALVES
+    _mm_storeu_si128((__m128i *)y, _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
 }
 static void dot4(const int16_t *x, const int8_t *w, int64_t n, int32_t *y) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
@@ -120,11 +129,29 @@ static void dot4(const int16_t *x, const int8_t *w, int64_t n, int32_t *y) {
         a2 = mac(a2, xv, w + 2 * n + i);
         a3 = mac(a3, xv, w + 3 * n + i);
     }
-    y[0] = _mm512_reduce_add_epi32(a0);
-    y[1] = _mm512_reduce_add_epi32(a1);
-    y[2] = _mm512_reduce_add_epi32(a2);
-    y[3] = _mm512_reduce_add_epi32(a3);
+    reduce4(a0, a1, a2, a3, y);
     tail4(x, w, n, i, y);
+}
+/* dot4 for two input rows at once: each weight vector is widened once for both */
+#define HAVE_DOT4X2
+static void dot4x2(const int16_t *x, const int16_t *z, const int8_t *w, int64_t n, int32_t *y, int32_t *u) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const __m512i xv = _mm512_loadu_si512((const void *)(x + i)), zv = _mm512_loadu_si512((const void *)(z + i));
+        __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
+        a0 = DP(a0, xv, wv), b0 = DP(b0, zv, wv);
+        wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + n + i)));
+        a1 = DP(a1, xv, wv), b1 = DP(b1, zv, wv);
+        wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 2 * n + i)));
+        a2 = DP(a2, xv, wv), b2 = DP(b2, zv, wv);
+        wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 3 * n + i)));
+        a3 = DP(a3, xv, wv), b3 = DP(b3, zv, wv);
+    }
+    reduce4(a0, a1, a2, a3, y);
+    reduce4(b0, b1, b2, b3, u);
+    tail4(x, w, n, i, y);
+    tail4(z, w, n, i, u);
 }
 #elif defined(__AVX2__)
 #include <immintrin.h>
@@ -133,11 +160,9 @@ static inline __m256i mac(__m256i acc, __m256i x, const int8_t *w) {
     const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(x, wv));
 }
-static inline int32_t hsum(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+static inline void reduce4(__m256i a0, __m256i a1, __m256i a2, __m256i a3, int32_t *y) {
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+    _mm_storeu_si128((__m128i *)y, _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
 }
 static void dot4(const int16_t *x, const int8_t *w, int64_t n, int32_t *y) {
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
@@ -149,10 +174,7 @@ static void dot4(const int16_t *x, const int8_t *w, int64_t n, int32_t *y) {
         a2 = mac(a2, xv, w + 2 * n + i);
         a3 = mac(a3, xv, w + 3 * n + i);
     }
-    y[0] = hsum(a0);
-    y[1] = hsum(a1);
-    y[2] = hsum(a2);
-    y[3] = hsum(a3);
+    reduce4(a0, a1, a2, a3, y);
     tail4(x, w, n, i, y);
 }
 #else
@@ -169,11 +191,21 @@ static void matmul_rows(const int16_t *x, int64_t B, const int8_t *w, int64_t O,
                         int64_t o0, int64_t o1) {
     int32_t t[4];
     int64_t o = o0;
-    for (; o + 4 <= o1; o += 4)
-        for (int64_t b = 0; b < B; b++) {
+    for (; o + 4 <= o1; o += 4) {
+        int64_t b = 0;
+#if defined(HAVE_DOT4X2)
+        int32_t t2[4];
+        for (; b + 2 <= B; b += 2) {
+            dot4x2(x + b * n, x + (b + 1) * n, w + o * n, n, t, t2);
+            memcpy(y + b * O + o, t, sizeof t);
+            memcpy(y + (b + 1) * O + o, t2, sizeof t2);
+        }
+#endif
+        for (; b < B; b++) {
             dot4(x + b * n, w + o * n, n, t);
             memcpy(y + b * O + o, t, sizeof t);
         }
+    }
     for (; o < o1; o++)  /* the last (o1 - o0) % 4 rows */
         for (int64_t b = 0; b < B; b++) {
             int32_t s = 0;

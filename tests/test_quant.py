@@ -111,42 +111,53 @@ def test_refusals_and_cli(chat_ckpt, tmp_path, capsys):
     assert res["bits_per_byte"] == pytest.approx(res["float32_bits_per_byte"] * (1 + res["bits_per_byte_change"]))
 
 
-# Row step vs module step, relative RMS of the logits. The two paths quantise the same activations
-# from float32 values rounded differently (the row step folds each norm's 1/rms into later products),
-# so now and then one activation lands on the neighbouring int8 level: 1.7e-7 measured with AVX-512,
-# 2.7e-3 with oneDNN capped to AVX2 (one such flip). A wrong scale is caught anyway: by the caches
-# (rtol 1e-3) and the argmax checks below.
-ROW_TOL = 1e-2
+# Decode step vs module step, relative RMS of a row's logits. The paths quantise the same activations
+# from float32 values rounded differently (the row steps fold each norm's 1/rms into later products;
+# the compiled step's float32 arithmetic is its own, with or without FMA), so now and then one
+# activation lands on the neighbouring int8 level and the row's later logits move by about 1e-2:
+# measured 1.7e-7 with no such flip, 2.7e-3 (eager, oneDNN capped to AVX2) and 1.03e-2 (compiled
+# without FMA, `small`) with one. A wrong scale or mask is caught anyway: by the caches (nearly all
+# entries within rtol 1e-3) and the argmax checks below.
+ROW_TOL = 3e-2
 
 
 def assert_step_matches_module_step(q, prompts: list[list[int]], step, steps: int = 12, pad: int = 0) -> float:
     """Feed greedy tokens through `step(tokens, lengths, cache, mask_BC)` -> logits (B, V) and through
     q.decode_step from the same prefilled cache (rows left-padded to the longest prompt, plus `pad`
-    columns): the same argmax for every row at every step, the caches equal; returns the worst
-    relative RMS difference of a row's logits."""
+    columns), each step from the same cache (the reference's is copied over after each step, so that
+    a rounding flip, see ROW_TOL, stays in its own step): the same argmax for every row at every step;
+    the new keys and values and the logits equal to float32 rounding but for rare flips (a wrong scale
+    or mask moves them at every step). Returns the worst relative RMS difference of a row's logits."""
     from pakar.model import KVCache
 
     B, P = len(prompts), max(map(len, prompts)) + pad
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
     valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts])
-    worst = 0.0
+    errors, new_kv_close = [], []
     with torch.no_grad():
         ref_cache, got_cache = KVCache(q.config, B, P + steps), KVCache(q.config, B, P + steps)
         for c in (ref_cache, got_cache):
             q(ids, kv_cache=c, attention_mask=valid, position_ids=(valid.long().cumsum(1) - 1).clamp_min(0))
         tokens, lengths = [p[-1] for p in prompts], [len(p) for p in prompts]
         for _ in range(steps):
+            S = ref_cache.pos
             lengths = [n + 1 for n in lengths]
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
             pos = torch.tensor(lengths)[:, None] - 1
             ref = q.decode_step(torch.tensor(tokens)[:, None], ref_cache, pos, valid)
             got = step(tokens, lengths, got_cache, valid)
-            worst = max(worst, ((got - ref).pow(2).mean(1).sqrt() / ref.pow(2).mean(1).sqrt()).max().item())
+            errors += ((got - ref).pow(2).mean(1).sqrt() / ref.pow(2).mean(1).sqrt()).tolist()
             assert torch.equal(got.argmax(-1), ref.argmax(-1))
+            for g, r in ((got_cache.k, ref_cache.k), (got_cache.v, ref_cache.v)):
+                new_kv_close.append(torch.isclose(g[..., S, :], r[..., S, :], rtol=1e-3, atol=1e-4).flatten())
+                g.copy_(r)
             tokens = got.argmax(-1).tolist()
-    torch.testing.assert_close(got_cache.k, ref_cache.k, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(got_cache.v, ref_cache.v, rtol=1e-3, atol=1e-4)
-    return worst
+    # a flip moves about one row's keys and values in a layer or two (measured: 1.4% of `small`'s
+    # entries with the flip carried on; here each step starts afresh); a wrong scale or mask moves most
+    close = torch.cat(new_kv_close).float().mean().item()
+    assert close > 0.95, f"{1 - close:.1%} of the new keys and values differ"
+    assert sorted(errors)[len(errors) // 2] < 1e-4, "the logits differ at most steps, beyond float32 rounding"
+    return max(errors)
 
 
 def assert_row_step_matches_module_step(q, prompt: list[int]) -> float:
