@@ -89,7 +89,8 @@ static double quantize(const float *x, int64_t n, int16_t *q) {
 }
 
 /* sum_i x[i] * w_r[i] for four int8 weight rows w_r = w + r * n against one int16 row x (values
-   within +-127, so each pair of products fits the 32-bit lanes of madd exactly), into y[0..3]. */
+   within +-127, so each pair of products fits the 32-bit lanes of madd exactly), into y[0..3]: dot4,
+   with tail4 for what is left after the vector loop. */
 static inline void tail4(const int16_t *x, const int8_t *w, int64_t n, int64_t from, int32_t *y) {
     for (int64_t i = from; i < n; i++) {
         y[0] += x[i] * w[i];
@@ -99,82 +100,52 @@ static inline void tail4(const int16_t *x, const int8_t *w, int64_t n, int64_t f
     }
 }
 
+/* The vector kernel, one source for two widths: a vector of 16-bit inputs (VEC), its load (LOAD_X),
+   the widening load of int8 weights (LOAD_W), the pairwise multiply-add into 32-bit lanes (DP), and
+   the lane sums of four accumulators as one tree (SUM4: four separate reductions cost as much as the
+   products at these widths). */
 #if defined(__AVX512BW__)
 #include <immintrin.h>
+#define VEC __m512i
 #define LANES 32
+#define ZERO() _mm512_setzero_si512()
+#define LOAD_X(p) _mm512_loadu_si512((const void *)(p))
+#define LOAD_W(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
 #if defined(__AVX512VNNI__)
 #define DP(acc, x, w) _mm512_dpwssd_epi32(acc, x, w)
 #else
 #define DP(acc, x, w) _mm512_add_epi32(acc, _mm512_madd_epi16(x, w))
 #endif
-static inline __m512i mac(__m512i acc, __m512i x, const int8_t *w) {
-    return DP(acc, x, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w)));
-}
-/* y[0..3] = the lane sums of a0..a3, as one tree (four separate reductions cost as much as the
-   products at these widths) */
-static inline void reduce4(__m512i a0, __m512i a1, __m512i a2, __m512i a3, int32_t *y) {
 #define HALVES(a) _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1))
-    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(HALVES(a0), HALVES(a1)),
-                                        _mm256_hadd_epi32(HALVES(a2), HALVES(a3)));
-#undef HALVES
-    _mm_storeu_si128((__m128i *)y, _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
-}
-static void dot4(const int16_t *x, const int8_t *w, int64_t n, int32_t *y) {
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        const __m512i xv = _mm512_loadu_si512((const void *)(x + i));
-        a0 = mac(a0, xv, w + i);
-        a1 = mac(a1, xv, w + n + i);
-        a2 = mac(a2, xv, w + 2 * n + i);
-        a3 = mac(a3, xv, w + 3 * n + i);
-    }
-    reduce4(a0, a1, a2, a3, y);
-    tail4(x, w, n, i, y);
-}
-/* dot4 for two input rows at once: each weight vector is widened once for both */
-#define HAVE_DOT4X2
-static void dot4x2(const int16_t *x, const int16_t *z, const int8_t *w, int64_t n, int32_t *y, int32_t *u) {
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        const __m512i xv = _mm512_loadu_si512((const void *)(x + i)), zv = _mm512_loadu_si512((const void *)(z + i));
-        __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
-        a0 = DP(a0, xv, wv), b0 = DP(b0, zv, wv);
-        wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + n + i)));
-        a1 = DP(a1, xv, wv), b1 = DP(b1, zv, wv);
-        wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 2 * n + i)));
-        a2 = DP(a2, xv, wv), b2 = DP(b2, zv, wv);
-        wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 3 * n + i)));
-        a3 = DP(a3, xv, wv), b3 = DP(b3, zv, wv);
-    }
-    reduce4(a0, a1, a2, a3, y);
-    reduce4(b0, b1, b2, b3, u);
-    tail4(x, w, n, i, y);
-    tail4(z, w, n, i, u);
-}
 #elif defined(__AVX2__)
 #include <immintrin.h>
+#define VEC __m256i
 #define LANES 16
-static inline __m256i mac(__m256i acc, __m256i x, const int8_t *w) {
-    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(x, wv));
-}
-static inline void reduce4(__m256i a0, __m256i a1, __m256i a2, __m256i a3, int32_t *y) {
-    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+#define ZERO() _mm256_setzero_si256()
+#define LOAD_X(p) _mm256_loadu_si256((const __m256i *)(p))
+#define LOAD_W(p) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p)))
+#define DP(acc, x, w) _mm256_add_epi32(acc, _mm256_madd_epi16(x, w))
+#define HALVES(a) (a)
+#endif
+
+#if defined(VEC)
+static inline void sum4(VEC a0, VEC a1, VEC a2, VEC a3, int32_t *y) {
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(HALVES(a0), HALVES(a1)),
+                                        _mm256_hadd_epi32(HALVES(a2), HALVES(a3)));
     _mm_storeu_si128((__m128i *)y, _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
 }
+
 static void dot4(const int16_t *x, const int8_t *w, int64_t n, int32_t *y) {
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    VEC a0 = ZERO(), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + i));
-        a0 = mac(a0, xv, w + i);
-        a1 = mac(a1, xv, w + n + i);
-        a2 = mac(a2, xv, w + 2 * n + i);
-        a3 = mac(a3, xv, w + 3 * n + i);
+        const VEC xv = LOAD_X(x + i);
+        a0 = DP(a0, xv, LOAD_W(w + i));
+        a1 = DP(a1, xv, LOAD_W(w + n + i));
+        a2 = DP(a2, xv, LOAD_W(w + 2 * n + i));
+        a3 = DP(a3, xv, LOAD_W(w + 3 * n + i));
     }
-    reduce4(a0, a1, a2, a3, y);
+    sum4(a0, a1, a2, a3, y);
     tail4(x, w, n, i, y);
 }
 #else
@@ -191,21 +162,11 @@ static void matmul_rows(const int16_t *x, int64_t B, const int8_t *w, int64_t O,
                         int64_t o0, int64_t o1) {
     int32_t t[4];
     int64_t o = o0;
-    for (; o + 4 <= o1; o += 4) {
-        int64_t b = 0;
-#if defined(HAVE_DOT4X2)
-        int32_t t2[4];
-        for (; b + 2 <= B; b += 2) {
-            dot4x2(x + b * n, x + (b + 1) * n, w + o * n, n, t, t2);
-            memcpy(y + b * O + o, t, sizeof t);
-            memcpy(y + (b + 1) * O + o, t2, sizeof t2);
-        }
-#endif
-        for (; b < B; b++) {
+    for (; o + 4 <= o1; o += 4)
+        for (int64_t b = 0; b < B; b++) {
             dot4(x + b * n, w + o * n, n, t);
             memcpy(y + b * O + o, t, sizeof t);
         }
-    }
     for (; o < o1; o++)  /* the last (o1 - o0) % 4 rows */
         for (int64_t b = 0; b < B; b++) {
             int32_t s = 0;
@@ -590,7 +551,7 @@ static PyObject *step(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize
     st.threads = (int)PyLong_AsLong(args[12]);
     if (PyErr_Occurred()) return NULL;
     /* what the loops index with: out of range would read or write outside the tensors */
-    int ok = st.B >= 1 && 0 <= st.S && st.S < st.C && (st.mask || st.mask_stride == 0) && (!st.mask || st.mask_stride > st.S);
+    int ok = st.B >= 1 && 0 <= st.S && st.S < st.C && (st.mask ? st.mask_stride > st.S : st.mask_stride == 0);
     for (int64_t b = 0; ok && b < st.B; b++)
         ok = 0 <= st.tokens[b] && st.tokens[b] < m->V && 0 <= st.pos[b] && st.pos[b] < m->W && st.pos[b] <= st.S;
     if (!ok) {

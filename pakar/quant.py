@@ -9,17 +9,17 @@ Design choices:
 - Weights: symmetric int8 with one float scale per output channel (per row of each (out, in)
   matrix, per expert): scale = max|w_row| / 127, so each weight is off by at most scale / 2 (63 levels
   instead of 127 on CPUs whose int8 kernels would saturate: weight_levels).
-- Kernel of the modules (prefill, and decoding where the C step was not built), chosen by measured
-  speed (1 thread, this project's CPU; interleaved against float32 `torch.mv`, per product of `small`): `torch._int_mm` (int8 x int8 -> exact int32) with the weight
-  passed as a transposed view of its (O, I) storage: ~3-5 µs for a 384x256 product from cache, ~5-11
-  µs when the weights come from memory (float32 gemv: ~8 / ~40 µs; the 8192x256 head: ~40-80 µs
-  against ~260-920 µs). Measured slower: fbgemm's `quantized.linear_dynamic` (~30 µs a call at one
-  row, fixed overhead, and 7-bit per-tensor activations), `torch._weight_int8pack_mm` (slower than
-  float32 at every shape), bfloat16 matrix-vector products (slower than float32 here), dequantising
-  to float32 per call (float16 `torch.mv` comes close from memory, but it is not 8-bit). The
-  activation each product reads is quantised per row, symmetric, to 8 bits (step max|x_row| / 127;
-  int8_matmul): the accuracy cost measured by `pakar eval --quantize int8` (bits per byte against
-  float32) and bounded in tests/test_quant.py.
+- Kernel of the modules (prefill, and decoding where the C step was not built), chosen by measured speed
+  (1 thread, this project's CPU; interleaved against float32 `torch.mv`, per product of `small`):
+  `torch._int_mm` (int8 x int8 -> exact int32) with the weight passed as a transposed view of its (O, I)
+  storage: ~3-5 µs for a 384x256 product from cache, ~5-11 µs when the weights come from memory (float32
+  gemv: ~8 / ~40 µs; the 8192x256 head: ~40-80 µs against ~260-920 µs). Measured slower: fbgemm's
+  `quantized.linear_dynamic` (~30 µs a call at one row, fixed overhead, and 7-bit per-tensor
+  activations), `torch._weight_int8pack_mm` (slower than float32 at every shape), bfloat16 matrix-vector
+  products (slower than float32 here), dequantising to float32 per call (float16 `torch.mv` comes close
+  from memory, but it is not 8-bit). The activation each product reads is quantised per row, symmetric,
+  to 8 bits (step max|x_row| / 127; int8_matmul): the accuracy cost measured by `pakar eval --quantize
+  int8` (bits per byte against float32) and bounded in tests/test_quant.py.
 - CPU and float32 only (measured and tested on the CPU). On a GPU `--quantize int8` stops with one
   line (use --dtype bfloat16 there; a GPU is not bound by reading weights at these sizes the same
   way).
@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pakar import PakarError
-from pakar.model import Attention
+from pakar.model import MLP, Attention, Block, RMSNorm, Transformer
+from pakar.moe import MoE, Router
 
 QUANTIZE_CHOICES = ("none", "int8")
 
@@ -252,11 +253,11 @@ def _c_step():
 
 
 class Int8Step:
-    """The decode step of an int8 model (MoE or dense), all rows at once, as one C call
-    (pakar/_int8step.c: the arithmetic of Int8Row and of the int8 modules, in plain loops, single-threaded,
-    releasing the GIL). The C struct it passes points into the model's own buffers, and into the
-    few concatenations (q/k/v, a dense MLP's gate/up) this object keeps alive: weights changed in
-    place after it is built are seen, except in those."""
+    """The decode step of an int8 model (MoE or dense), all rows at once, as one C call (pakar/_int8step.c:
+    the arithmetic of Int8Row and of the int8 modules, in plain loops, the big products over PyTorch's
+    thread count, the GIL released). The C struct it passes points into the model's own buffers, and into
+    the few concatenations (q/k/v, a dense MLP's gate/up) this object keeps alive: weights changed in place
+    after it is built are seen, except in those."""
 
     def __init__(self, model: nn.Module):
         self.lib = _c_step()
@@ -306,14 +307,12 @@ class Int8Step:
     def applies(model: nn.Module) -> bool:
         """pakar._int8step was built, and `model` is an int8 pakar Transformer as quantize_int8 leaves
         it (no LoRA or other wrapped modules), float32, eval mode, on the CPU."""
-        from pakar.model import MLP, Block, RMSNorm, Transformer
-        from pakar.moe import MoE, Router
-
         types = {type(m) for m in model.modules()}  # no float32 Linear or Experts left, nothing wrapped
         return (_c_step() is not None and type(model) is Transformer and not model.training
                 and types <= {Transformer, nn.ModuleList, nn.Embedding, Block, Attention, RMSNorm, MoE, Router,
                               Int8Experts, MLP, Int8Linear}
-                and type(model.lm_head) is Int8Linear and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters()))
+                and type(model.lm_head) is Int8Linear
+                and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters()))
 
     def __call__(self, tok_B: torch.Tensor, pos_B: torch.Tensor, cache, mask_BC: torch.Tensor | None) -> torch.Tensor:
         """Feed tok_B (int64) at positions pos_B into column cache.pos of every row, attending over the
