@@ -1,18 +1,19 @@
 /* pakar._int8step: the decode step of an int8 pakar model (pakar/quant.py) as one C call.
 
-Why C: at batch 1 an eager PyTorch step of `small` spends ~1.3 of its ~1.7 ms on ~430 operator
+Why C: at batch 1 an eager PyTorch step of `small` spends ~1.3 of its ~1.8 ms on ~430 operator
 calls (dispatch, allocation, the interpreter between them), not on arithmetic; llama.cpp's whole
-q8_0 token takes ~0.8 ms because it runs plain loops over preallocated buffers. This file is that
-step's arithmetic in plain loops, called once per step for all rows, and nothing else: no
-allocation beyond one scratch block, no threads, no intrinsics (the compiler vectorises the int8
-dot products: -O3, and -march=native where setup.py may use it).
+q8_0 token takes ~0.6 ms because it runs plain loops over preallocated buffers. This file is that
+step's arithmetic in plain loops, called once per step for all rows (~0.3 ms on `small`), and
+nothing else: one scratch block passed in, int8 dot products with AVX-512 (VNNI) or AVX2 intrinsics
+where the compiler was told the CPU has them (setup.py: -march=native) and plain C otherwise, and
+the big products split over worker threads (POSIX; see matmul_i8_mt).
 
 It computes what pakar.quant.Int8Row (one row) and Transformer.decode_step over the int8 modules
 (several rows) compute, with the same quantisation: each input vector rounded to int8 with its own
 symmetric step max|x| / 127 (round half to even, as torch.round), int8 x int8 products summed in
 exact int32, then the weight's per-output-channel scale, the input's step and the RMSNorm's 1/rms;
-everything between the products in float32 (norms' sums of squares and softmax sums in double).
-tests/test_quant.py holds it to the module path's logits, cache and greedy tokens.
+everything between the products in float32 (softmax sums in double). tests/test_quant.py holds it
+to the module path's logits, keys and values and greedy tokens.
 
 Layout (all contiguous, row-major, pointers into the model's own tensors, kept alive by Python):
   embed (V, D) f32; final_norm (D); cos, sin (W, K) rotate-half tables; head (V, D) i8 + scale (V)
@@ -199,12 +200,15 @@ typedef struct {
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t wake;
-    int started, parts;  /* workers running; parts of the current product (caller included) */
-    unsigned long birth; /* gen when the newest worker was started (pthread_create orders it) */
-    atomic_ulong gen;    /* bumped once per product */
+    int started;          /* workers running */
+    unsigned long birth;  /* gen when the newest worker was started (pthread_create orders it) */
+    /* one value per product: a count times 256 plus the product's parts (caller included), so that a
+       worker reads which product is out and whether it takes part in one load; the task it then reads
+       stays as it is until every part is done */
+    atomic_ulong gen;
     atomic_int done, sleepers;
     Product task;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, {0}};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, {0}};
 static pthread_mutex_t step_lock = PTHREAD_MUTEX_INITIALIZER;  /* one step at a time uses the pool */
 
 static inline void relax(void) {
@@ -220,9 +224,9 @@ static void part(const Product *t, int64_t k) {
 
 static void *worker(void *arg) {
     const int me = (int)(intptr_t)arg;  /* 1, 2, ...: the caller does part 0 */
-    unsigned long seen = pool.birth;  /* not a fresh load: the first product may be out already */
+    unsigned long seen = pool.birth, g;  /* not a fresh load: the first product may be out already */
     for (;;) {
-        for (int spins = 0; atomic_load(&pool.gen) == seen; spins++) {
+        for (int spins = 0; (g = atomic_load(&pool.gen)) == seen; spins++) {
             if (spins < SPINS) {
                 relax();
                 continue;
@@ -233,8 +237,8 @@ static void *worker(void *arg) {
             atomic_fetch_sub(&pool.sleepers, 1);
             pthread_mutex_unlock(&pool.mu);
         }
-        seen = atomic_load(&pool.gen);
-        if (me < pool.parts) {
+        seen = g;
+        if (me < (int)(g % 256)) {
             part(&pool.task, me);
             atomic_fetch_add(&pool.done, 1);
         }
@@ -259,9 +263,8 @@ static void matmul_i8_mt(const int16_t *x, int64_t B, const int8_t *w, int64_t O
     }
     const int64_t rows = ((O + threads - 1) / threads + 3) / 4 * 4;
     pool.task = (Product){x, B, O, n, rows, w, y};
-    pool.parts = threads;
     atomic_store(&pool.done, 0);
-    atomic_fetch_add(&pool.gen, 1);  /* publishes the task */
+    atomic_store(&pool.gen, (atomic_load(&pool.gen) / 256 + 1) * 256 + threads);  /* publishes the task */
     if (atomic_load(&pool.sleepers) > 0) {
         pthread_mutex_lock(&pool.mu);
         pthread_cond_broadcast(&pool.wake);
