@@ -305,6 +305,18 @@ static void times(const float *x, const float *w, int64_t n, float *h) {
     for (int64_t i = 0; i < n; i++) h[i] = x[i] * w[i];
 }
 
+/* Each row b of x (B, D) before a product: r[b] = its 1/rms, h = x * weight (the norm without its
+   1/rms, which the product's output takes as a scale), q = h rounded to int8 levels, step[b] their
+   step. */
+static void norm_quantize(const float *x, const float *weight, int64_t B, int64_t D, double eps, float *h,
+                          int16_t *q, double *r, double *step) {
+    for (int64_t b = 0; b < B; b++) {
+        r[b] = inv_rms(x + b * D, D, eps);
+        times(x + b * D, weight, D, h + b * D);
+        step[b] = quantize(h + b * D, D, q + b * D);
+    }
+}
+
 /* Per-head RMSNorm (weight w) then rotary embedding (rotate-half, position's cos/sin), in place. */
 static void norm_rope(float *v, int64_t K, const float *w, double eps, const float *cos, const float *sin) {
     const float r = (float)inv_rms(v, K, eps);
@@ -389,11 +401,7 @@ static void run(const Model *m, const Step *st, char *block) {
         const Layer *ly = &m->layers[l];
         float *kc = st->cache_k + l * B * G * C * K, *vc = st->cache_v + l * B * G * C * K;
         /* attention: q, k and v as one product of the normed input */
-        for (int64_t b = 0; b < B; b++) {
-            r[b] = inv_rms(x + b * D, D, eps);
-            times(x + b * D, ly->ln1, D, h + b * D);
-            step[b] = quantize(h + b * D, D, q8 + b * D);
-        }
+        norm_quantize(x, ly->ln1, B, D, eps, h, q8, r, step);
         matmul_i8_mt(q8, B, ly->qkv, X, D, y, st->threads);
         for (int64_t b = 0; b < B; b++) {
             float *qb = w.qkv + b * X;
@@ -441,11 +449,10 @@ static void run(const Model *m, const Step *st, char *block) {
         }
 
         /* feed-forward: the router in float32, then per expert the rows that chose it, together */
+        norm_quantize(x, ly->ln2, B, D, eps, h, q8, r, step);
         for (int64_t b = 0; b < B; b++) {
             float *hb = h + b * D;
-            r[b] = inv_rms(x + b * D, D, eps);
-            times(x + b * D, ly->ln2, D, hb);
-            step[b] = quantize(hb, D, q8 + b * D) * r[b];
+            step[b] *= r[b];  /* the experts' input scale: the norm's 1/rms with the input's step */
             int64_t *ch = w.chosen + b * TK;
             float *cw = w.gate_w + b * TK;
             if (!ly->router) {  /* a dense MLP: one expert, weight 1 */
@@ -507,11 +514,7 @@ static void run(const Model *m, const Step *st, char *block) {
             }
         }
     }
-    for (int64_t b = 0; b < B; b++) {
-        r[b] = inv_rms(x + b * D, D, eps);
-        times(x + b * D, m->final_norm, D, h + b * D);
-        step[b] = quantize(h + b * D, D, q8 + b * D);
-    }
+    norm_quantize(x, m->final_norm, B, D, eps, h, q8, r, step);
     matmul_i8_mt(q8, B, m->head, V, D, y, st->threads);
     for (int64_t b = 0; b < B; b++) {
         const float s = (float)(step[b] * r[b]);
