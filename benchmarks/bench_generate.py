@@ -1,16 +1,15 @@
 """Decode speed of pakar's engine against Hugging Face transformers' `generate` on the same weights.
 
 For the `tiny` and `small` presets (random weights, vocabulary 8192, a 64-token prompt), greedy:
-- time to first token (prefill + first token), batch 1;
-- decode tokens/s at batch 1 and at batch 8 (aggregate), from the time of N new tokens minus the
-  time of 1, so prefill does not count;
+- time to first token (prefill + first token), batch 1 and 8;
+- decode tokens/s at batch 1 and at batch 8 (aggregate), counting the tokens after the first over the
+  time after it, so prefill does not count (rates_and_ttfts);
 - the same for Qwen3MoeForCausalLM (sdpa attention) holding the same weights, in the same run.
-Both must produce the same greedy tokens (checked and reported: `tokens_match`). The two engines'
-runs are interleaved, so a slower stretch of a shared machine slows both.
+Both must produce the same greedy tokens (checked and reported: `tokens_match`). All engines take
+turns within each repeat, so a slower stretch of a shared machine slows them alike.
 Target: decode at batch 1 at least 3x transformers on a CPU.
 
-Beside them, in the same run and with the same weights and thread count, the engines taking turns
-within each repeat (rates_and_ttfts):
+Beside them, in the same turns, with the same weights and thread count:
 - pakar with `--quantize int8` (pakar/quant.py), batch 1 and 8: `pakar_int8` is what the engine runs,
   the compiled step (pakar/_int8step.c through quant.Int8Step, one C call per step) where it was built;
   `pakar_int8_eager` the PyTorch-ops path it falls back to without a C compiler (quant.Int8Row for
@@ -74,22 +73,6 @@ def hf_copy(model: Transformer):
     return hf_model_from_pakar(model, attn_implementation="sdpa").eval()
 
 
-def time_ours(engine: Engine, prompts: list[list[int]], n_new: int) -> tuple[float, list[list[int]]]:
-    sp = SamplingParams(max_new_tokens=n_new, temperature=0.0)
-    t0 = time.perf_counter()
-    out = engine.generate(prompts, sp)
-    return time.perf_counter() - t0, out
-
-
-def time_hf(hf, prompts: list[list[int]], n_new: int) -> tuple[float, list[list[int]]]:
-    ids = torch.tensor(prompts)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
-    return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
-
-
 def hf_generate(hf):
     """transformers' greedy `generate` as fn(prompts, n) -> (tokens, perf_counter() at the first token):
     a streamer's second put() is the first generated token (its first is the prompt)."""
@@ -114,23 +97,6 @@ def hf_generate(hf):
         return out[:, ids.shape[1]:].tolist(), stamp.time
 
     return fn
-
-
-def measure(engine, hf, prompts, n_new, repeats):
-    """Medians of the time for 1 and for n_new new tokens, for both engines, runs interleaved (ours,
-    then transformers, then again) so that a slower stretch of a shared machine hits both alike.
-    Returns ((ours_1, ours_n), (hf_1, hf_n), our tokens, transformers' tokens) of the last long runs."""
-    time_ours(engine, prompts, 2), time_hf(hf, prompts, 2)  # warm-up
-    runs = {k: [] for k in ("o1", "h1", "on", "hn")}
-    for _ in range(repeats):
-        runs["o1"].append(time_ours(engine, prompts, 1)[0])
-        runs["h1"].append(time_hf(hf, prompts, 1)[0])
-        t, ours_tok = time_ours(engine, prompts, n_new)
-        runs["on"].append(t)
-        t, hf_tok = time_hf(hf, prompts, n_new)
-        runs["hn"].append(t)
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    return (med["o1"], med["on"]), (med["h1"], med["hn"]), ours_tok, hf_tok
 
 
 def matvec_floor(model: Transformer, tokens: int = 64, int8: bool = False):
@@ -193,6 +159,21 @@ def matvec_floor(model: Transformer, tokens: int = 64, int8: bool = False):
 
 
 @torch.inference_mode()
+def step_seconds(model: Transformer, prompt: list[int], step, n: int) -> float:
+    """Seconds per call of step(token, cache, length) feeding n tokens after `prompt`'s prefill (the
+    step alone, no sampling)."""
+    from pakar.model import KVCache
+
+    P = len(prompt)
+    cache = KVCache(model.config, 1, P + n)
+    model(torch.tensor([prompt]), kv_cache=cache, last_only=True)
+    t0 = time.perf_counter()
+    for i in range(n):
+        step(prompt[i % P], cache, P + i + 1)
+    return (time.perf_counter() - t0) / n
+
+
+@torch.inference_mode()
 def row_step_anatomy(engine: Engine, prompt: list[int], products, steps: int = 64, rounds: int = 5) -> dict:
     """Where a batch-1 decode step of `engine`'s RowDecoder goes: its time per step (the step alone,
     no sampling), the time of its weight products alone (`products`: a matvec_floor measurer), the
@@ -216,12 +197,7 @@ def row_step_anatomy(engine: Engine, prompt: list[int], products, steps: int = 6
     P = len(prompt)
 
     def run(n):
-        cache = KVCache(model.config, 1, P + n)
-        model(torch.tensor([prompt]), kv_cache=cache, last_only=True)
-        t0 = time.perf_counter()
-        for i in range(n):
-            decoder(prompt[i % P], cache, P + i + 1)
-        return (time.perf_counter() - t0) / n
+        return step_seconds(model, prompt, decoder, n)
 
     cache = KVCache(model.config, 1, P + 1)
     model(torch.tensor([prompt]), kv_cache=cache, last_only=True)
@@ -242,24 +218,15 @@ def row_step_anatomy(engine: Engine, prompt: list[int], products, steps: int = 6
             "trivial_calls_ms": round(1000 * triv, 3)}
 
 
-@torch.inference_mode()
 def c_step_ms(engine: Engine, prompt: list[int], steps: int = 64, rounds: int = 5) -> float:
-    """The compiled int8 step alone (pakar.quant.Int8Step: one C call per token, no sampling), batch 1:
-    the least of `rounds` runs of `steps` steps, ms per step."""
-    from pakar.model import KVCache
+    """The compiled int8 step alone (pakar.quant.Int8Step: one C call per token), batch 1: the least
+    of `rounds` runs of `steps` steps, ms per step."""
 
-    model, P = engine.model, len(prompt)
+    def step(token, cache, n):
+        engine.int8_step(torch.tensor([token]), torch.tensor([n - 1]), cache, None)
 
-    def run():
-        cache = KVCache(model.config, 1, P + steps)
-        model(torch.tensor([prompt]), kv_cache=cache, last_only=True)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            engine.int8_step(torch.tensor([prompt[i % P]]), torch.tensor([P + i]), cache, None)
-        return (time.perf_counter() - t0) / steps
-
-    run()
-    return round(1000 * min(run() for _ in range(rounds)), 3)
+    step_seconds(engine.model, prompt, step, steps)  # warm-up
+    return round(1000 * min(step_seconds(engine.model, prompt, step, steps) for _ in range(rounds)), 3)
 
 
 def bench_tokenizer():
@@ -367,10 +334,10 @@ def rates_and_ttfts(engines: dict, prompts, n_new, repeats) -> dict:
     return {k: (statistics.median(rates[k]), statistics.median(ttfts[k]), out[k]) for k in engines}
 
 
-def bench_others(name: str, model: Transformer, engine: Engine, hf, tokenizer, prompts_by_B: dict, ours_tokens: dict,
-                 n_new: int, repeats: int, threads: int, folder: Path) -> dict:
-    """pakar int8 (compiled and eager), llama.cpp f32 / q8_0, and again pakar float32 and transformers,
-    batch 1 and 8, all timed alike in turns (rates_and_ttfts); figures per engine and batch."""
+def int8_and_llama_cpp(name: str, model: Transformer, tokenizer, prompt: list[int], n_ctx: int, threads: int,
+                       folder: Path) -> tuple[dict, dict]:
+    """(engines, figures): pakar int8 (compiled and eager) and llama.cpp f32 / q8_0 as fn(prompts, n)
+    -> (tokens, first-token time), and where the int8 steps' time goes (batch 1, `prompt`)."""
     import copy
 
     from pakar.quant import quantize_int8
@@ -380,27 +347,18 @@ def bench_others(name: str, model: Transformer, engine: Engine, hf, tokenizer, p
     int8, eager = Engine(q), Engine(q)
     eager.int8_step, eager.row_decoder = None, RowDecoder(q)  # PyTorch ops only: Int8Row, decode_step
     res["int8_step"] = "compiled" if int8.int8_step is not None else "eager (pakar._int8step not built)"
-    res["int8_row_step"] = row_step_anatomy(eager, prompts_by_B[1][0], matvec_floor(model, int8=True))
+    res["int8_row_step"] = row_step_anatomy(eager, prompt, matvec_floor(model, int8=True))
     print(f"{name} batch 1: our eager int8 row step: {res['int8_row_step']}", flush=True)
     if int8.int8_step is not None:
-        res["int8_c_step_ms"] = c_step_ms(int8, prompts_by_B[1][0])
+        res["int8_c_step_ms"] = c_step_ms(int8, prompt)
         print(f"{name} batch 1: our compiled int8 step alone: {res['int8_c_step_ms']} ms", flush=True)
-    engines = {"transformers": hf_generate(hf), "pakar_f32": pakar_generate(engine),
-               "pakar_int8": pakar_generate(int8), "pakar_int8_eager": pakar_generate(eager)}
+    engines = {"pakar_int8": pakar_generate(int8), "pakar_int8_eager": pakar_generate(eager)}
     try:
-        files = llama_cpp_files(model, tokenizer, folder)
-        for t, path in files.items():
-            runner = LlamaCpp(path, n_ctx=8 * (len(prompts_by_B[8][0]) + n_new + 2), n_seq=8, threads=threads)
-            engines[f"llama_cpp_{t}"] = runner.generate
+        for t, path in llama_cpp_files(model, tokenizer, folder).items():
+            engines[f"llama_cpp_{t}"] = LlamaCpp(path, n_ctx=n_ctx, n_seq=8, threads=threads).generate
     except ImportError as e:
         res["llama_cpp_note"] = f"llama.cpp not measured: {e}"
-    for B, prompts in prompts_by_B.items():
-        for key, (rate, ttft, toks) in rates_and_ttfts(engines, prompts, n_new, repeats).items():
-            res.setdefault(key, {})[f"batch{B}"] = {"decode_tok_s": round(rate, 1), "ttft_ms": round(1000 * ttft, 2)}
-            if key in ("transformers", "pakar_int8", "pakar_int8_eager", "llama_cpp_f32"):
-                res[key][f"batch{B}"]["tokens_match_pakar_f32"] = toks == ours_tokens[B]
-            print(f"{name} batch {B}: {key} {rate:,.0f} tok/s, time to first token {1000 * ttft:.1f} ms", flush=True)
-    return res
+    return engines, res
 
 
 def bench_config(name: str, n_new: int, repeats: int, prompt_len: int, tokenizer, threads: int,
@@ -415,41 +373,46 @@ def bench_config(name: str, n_new: int, repeats: int, prompt_len: int, tokenizer
     with torch.inference_mode():
         x = torch.randint(3, V, (1, prompt_len), generator=g)
         res["max_logit_diff_vs_hf"] = (model(x).logits - hf(x).logits).abs().max().item()
+    prompts_by_B = {B: torch.randint(3, V, (B, prompt_len), generator=g).tolist() for B in (1, 8)}
+    others, figures = int8_and_llama_cpp(name, model, tokenizer, prompts_by_B[1][0], 8 * (prompt_len + n_new + 2),
+                                         threads, folder)
+    res |= figures
+    engines = {"transformers": hf_generate(hf), "pakar_f32": pakar_generate(engine)} | others
     match = True
-    prompts_by_B, tokens_by_B = {}, {}
-    for B in (1, 8):
-        prompts = prompts_by_B[B] = torch.randint(3, V, (B, prompt_len), generator=g).tolist()
-        (o1, oN), (h1, hN), ours_tok, hf_tok = measure(engine, hf, prompts, n_new, repeats)
-        tokens_by_B[B] = ours_tok
-        match &= ours_tok == hf_tok
-        ours_rate, hf_rate = B * (n_new - 1) / (oN - o1), B * (n_new - 1) / (hN - h1)
-        res[f"batch{B}"] = {"ours_decode_tok_s": round(ours_rate, 1), "hf_decode_tok_s": round(hf_rate, 1),
-                            "speedup": round(ours_rate / hf_rate, 2),
-                            "ours_ttft_ms": round(1000 * o1, 2), "hf_ttft_ms": round(1000 * h1, 2)}
+    for B, prompts in prompts_by_B.items():
+        timed = rates_and_ttfts(engines, prompts, n_new, repeats)
+        ours_tokens = timed["pakar_f32"][2]
+        for key, (rate, ttft, toks) in timed.items():
+            res.setdefault(key, {})[f"batch{B}"] = {"decode_tok_s": round(rate, 1), "ttft_ms": round(1000 * ttft, 2)}
+            if key in ("transformers", "pakar_int8", "pakar_int8_eager", "llama_cpp_f32"):
+                res[key][f"batch{B}"]["tokens_match_pakar_f32"] = toks == ours_tokens
+            print(f"{name} batch {B}: {key} {rate:,.0f} tok/s, time to first token {1000 * ttft:.1f} ms", flush=True)
+        (ours_rate, o1, _), (hf_rate, h1, hf_tokens) = timed["pakar_f32"], timed["transformers"]
+        match &= ours_tokens == hf_tokens
+
+        def rate(key):
+            return timed[key][0]
+
+        summary = res[f"batch{B}"] = {
+            "ours_decode_tok_s": round(ours_rate, 1), "hf_decode_tok_s": round(hf_rate, 1),
+            "speedup": round(ours_rate / hf_rate, 2), "ours_ttft_ms": round(1000 * o1, 2),
+            "hf_ttft_ms": round(1000 * h1, 2), "int8_vs_hf": round(rate("pakar_int8") / hf_rate, 2)}
+        if "llama_cpp_q8_0" in timed:
+            summary["int8_vs_llama_q8_0"] = round(rate("pakar_int8") / rate("llama_cpp_q8_0"), 2)
+            summary["f32_vs_llama_f32"] = round(ours_rate / rate("llama_cpp_f32"), 2)
         print(f"{name} batch {B}: ours {ours_rate:,.0f} tok/s, transformers {hf_rate:,.0f} tok/s "
               f"({ours_rate / hf_rate:.2f}x); time to first token {1000 * o1:.1f} ms vs {1000 * h1:.1f} ms",
               flush=True)
         if B == 1:
             floor = matvec_floor(model)()
-            b1 = res["batch1"]
-            b1["matvec_floor_ms"] = round(1000 * floor, 3)
-            b1["ceiling_speedup"] = round(1 / hf_rate / floor, 2)  # transformers' step / the floor
-            b1["f32_row_step"] = row_step_anatomy(engine, prompts[0], matvec_floor(model))
+            summary["matvec_floor_ms"] = round(1000 * floor, 3)
+            summary["ceiling_speedup"] = round(1 / hf_rate / floor, 2)  # transformers' step / the floor
+            summary["f32_row_step"] = row_step_anatomy(engine, prompts[0], matvec_floor(model))
             print(f"{name} batch 1: the matrix-vector products alone take {1000 * floor:.2f} ms per token; "
                   f"ours {1000 / ours_rate:.2f} ms, transformers {1000 / hf_rate:.2f} ms: no float32 engine "
-                  f"could beat transformers by more than {b1['ceiling_speedup']:.2f}x here; "
-                  f"our float32 row step: {b1['f32_row_step']}", flush=True)
+                  f"could beat transformers by more than {summary['ceiling_speedup']:.2f}x here; "
+                  f"our float32 row step: {summary['f32_row_step']}", flush=True)
     res["tokens_match"] = match
-    res |= bench_others(name, model, engine, hf, tokenizer, prompts_by_B, tokens_by_B, n_new, repeats, threads, folder)
-    for B in (1, 8):  # the int8 ratios from the turns above, every engine timed alike
-
-        def rate(key):
-            return res[key][f"batch{B}"]["decode_tok_s"]
-
-        res[f"batch{B}"]["int8_vs_hf"] = round(rate("pakar_int8") / rate("transformers"), 2)
-        if "llama_cpp_q8_0" in res:
-            res[f"batch{B}"]["int8_vs_llama_q8_0"] = round(rate("pakar_int8") / rate("llama_cpp_q8_0"), 2)
-            res[f"batch{B}"]["f32_vs_llama_f32"] = round(rate("pakar_f32") / rate("llama_cpp_f32"), 2)
     return res
 
 

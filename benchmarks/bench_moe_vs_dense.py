@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -386,8 +387,6 @@ def compare(args) -> dict:
             pair = [moe_name, dense_name] if order % 2 == 0 else [dense_name, moe_name]  # alternate who goes first
             order += 1
             if args.paired:
-                import multiprocessing as mp
-
                 with mp.get_context("spawn").Pool(2) as pool:  # spawn: what Windows does anyway
                     jobs = [pool.apply_async(paired_child, (args, name, lr, seed, core, work))
                             for core, name in enumerate(pair)]

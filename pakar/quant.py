@@ -109,6 +109,12 @@ class Int8Linear(nn.Module):
         return int8_matmul(x, self.weight_q, self.scale)
 
 
+def stacked(*linears: Int8Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several Int8Linears reading the same input as one: (int8 weight rows, their scales), in order
+    (q, k and v as one product; a dense MLP's gate and up)."""
+    return torch.cat([lin.weight_q for lin in linears]), torch.cat([lin.scale for lin in linears])
+
+
 class Int8Experts(nn.Module):
     """Stands in for moe.Experts: per expert, int8 [gate; up] (2I, D), one product for both, and
     down (D, I)."""
@@ -173,8 +179,7 @@ class Int8Row:
         self.layers = []
         for layer in model.layers:
             a, moe = layer.self_attn, layer.mlp
-            wqkv = torch.cat([a.q_proj.weight_q, a.k_proj.weight_q, a.v_proj.weight_q])  # (X, D): one product
-            sqkv = torch.cat([a.q_proj.scale, a.k_proj.scale, a.v_proj.scale])
+            wqkv, sqkv = stacked(a.q_proj, a.k_proj, a.v_proj)  # (X, D): one product
             ex = moe.experts
             experts = [(ex.gate_up_q[e].t(), ex.gate_up_scale[e], ex.down_q[e].t(), ex.down_scale[e])
                        for e in range(ex.gate_up_q.shape[0])]
@@ -277,19 +282,18 @@ class Int8Step:
             a, mlp = layer.self_attn, layer.mlp
             if hasattr(mlp, "experts"):
                 ex, gate = mlp.experts, mlp.gate
-                ffn = dict(router=ptr(gate.weight.float()),
+                ffn = dict(router=ptr(gate.weight),
                            bias=ptr(gate.expert_bias) if bool(gate.expert_bias.any()) else None,
                            gate_up=ptr(ex.gate_up_q), gate_up_scale=ptr(ex.gate_up_scale),
                            down=ptr(ex.down_q), down_scale=ptr(ex.down_scale))
             else:  # a dense MLP: one expert that every row takes
-                ffn = dict(router=None, bias=None,
-                           gate_up=ptr(torch.cat([mlp.gate_proj.weight_q, mlp.up_proj.weight_q])),
-                           gate_up_scale=ptr(torch.cat([mlp.gate_proj.scale, mlp.up_proj.scale])),
+                gate_up, gate_up_scale = stacked(mlp.gate_proj, mlp.up_proj)
+                ffn = dict(router=None, bias=None, gate_up=ptr(gate_up), gate_up_scale=ptr(gate_up_scale),
                            down=ptr(mlp.down_proj.weight_q), down_scale=ptr(mlp.down_proj.scale))
+            qkv, qkv_scale = stacked(a.q_proj, a.k_proj, a.v_proj)
             self.layers[l] = _Layer(
                 ln1=ptr(layer.input_layernorm.weight), ln2=ptr(layer.post_attention_layernorm.weight),
-                qkv=ptr(torch.cat([a.q_proj.weight_q, a.k_proj.weight_q, a.v_proj.weight_q])),
-                qkv_scale=ptr(torch.cat([a.q_proj.scale, a.k_proj.scale, a.v_proj.scale])),
+                qkv=ptr(qkv), qkv_scale=ptr(qkv_scale),
                 q_norm=ptr(a.q_norm.weight), k_norm=ptr(a.k_norm.weight),
                 o=ptr(a.o_proj.weight_q), o_scale=ptr(a.o_proj.scale), **ffn)
         self.model = _Model(

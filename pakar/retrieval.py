@@ -381,9 +381,8 @@ def top_k(scores: np.ndarray, k: int, stride: int = 8) -> np.ndarray:
     np.argpartition over all scores was a query's costliest step (18-66 µs over 5,462 passages, most
     scores 0; numpy with and without its AVX-512 sort). The k-th best of every `stride`-th score is the
     k-th best of a subset, so at most the k-th best of all: only scores at least that (~150 of 5,462 on
-    the benchmark) are sorted. The
-    subset is partitioned negated, at its low end: numpy's partition was 10x slower at the high end
-    of these zero-heavy vectors."""
+    the benchmark) are sorted. The subset is partitioned negated, at its low end: numpy's partition
+    was 10x slower at the high end of these zero-heavy vectors."""
     sample = scores[::stride]
     floor = -np.partition(-sample, k - 1)[k - 1] if 0 < k <= len(sample) else 0
     ids = np.flatnonzero(scores >= floor) if floor > 0 else np.flatnonzero(scores > 0)
